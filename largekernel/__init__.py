@@ -1,0 +1,6 @@
+"""largekernel: large-kernel ConvNets with fast depthwise kernels, registered in timm."""
+from largekernel import models  # noqa: F401  (registers the models with timm)
+from largekernel.layers.reparam import reparameterize
+
+__version__ = "0.1.0"
+__all__ = ["reparameterize", "__version__"]

@@ -1,0 +1,16 @@
+"""Reusable blocks; each re-parameterizable block owns its ``reparameterize()``."""
+from largekernel.layers.conv import (
+    ConvNorm,
+    DepthwiseConv2d,
+    conv_bn,
+    conv_bn_relu,
+    create_conv2d,
+    fuse_bn,
+    pad_kernel_to,
+)
+from largekernel.layers.reparam import reparameterize
+
+__all__ = [
+    "ConvNorm", "DepthwiseConv2d", "conv_bn", "conv_bn_relu", "create_conv2d", "fuse_bn", "pad_kernel_to",
+    "reparameterize",
+]

@@ -1,0 +1,111 @@
+"""Convolution building blocks: the depthwise conv that routes through our kernels, and conv-BN units."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from largekernel.ops import depthwise_conv2d
+
+
+def _pair(k: int | tuple[int, int]) -> tuple[int, int]:
+    return (k, k) if isinstance(k, int) else (int(k[0]), int(k[1]))
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """Drop-in for ``nn.Conv2d(C, C, k, padding=k//2, groups=C)`` whose stride-1 forward goes through
+    :func:`largekernel.ops.depthwise_conv2d` (the fast-kernel dispatch point).
+
+    Parameters keep ``nn.Conv2d``'s names (``weight`` (C, 1, kh, kw), ``bias``) so official checkpoints load.
+    Input (N, C, H, W) -> output (N, C, H/stride, W/stride).
+    """
+
+    def __init__(self, channels: int, kernel_size: int | tuple[int, int], stride: int = 1,
+                 bias: bool = False, padding: int | tuple[int, int] | None = None) -> None:
+        kh, kw = _pair(kernel_size)
+        if padding is None:
+            padding = (kh // 2, kw // 2)
+        super().__init__(channels, channels, (kh, kw), stride=stride, padding=padding, groups=channels, bias=bias)
+
+    def _is_same(self) -> bool:
+        kh, kw = self.kernel_size
+        return (self.stride == (1, 1) and self.dilation == (1, 1) and kh % 2 == 1 and kw % 2 == 1
+                and self.padding == (kh // 2, kw // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._is_same():
+            return depthwise_conv2d(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def create_conv2d(in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int = 1,
+                  padding: int | tuple[int, int] | None = None, groups: int = 1, bias: bool = False,
+                  dilation: int = 1) -> nn.Conv2d:
+    """A conv; depthwise ones (in == out == groups) become :class:`DepthwiseConv2d`."""
+    kh, kw = _pair(kernel_size)
+    if padding is None:
+        padding = (kh // 2 * dilation, kw // 2 * dilation)
+    if in_channels == out_channels == groups and dilation == 1:
+        return DepthwiseConv2d(in_channels, (kh, kw), stride=stride, bias=bias, padding=padding)
+    return nn.Conv2d(in_channels, out_channels, (kh, kw), stride=stride, padding=padding, groups=groups,
+                     bias=bias, dilation=dilation)
+
+
+def fuse_bn(weight: torch.Tensor, bn: nn.BatchNorm2d,
+            bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold an eval-mode BN that follows a conv into (weight, bias). Exact."""
+    std = (bn.running_var + bn.eps).sqrt()
+    scale = bn.weight / std
+    shift = bn.bias - bn.running_mean * scale
+    if bias is not None:
+        shift = shift + bias * scale
+    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1))), shift
+
+
+class ConvNorm(nn.Sequential):
+    """conv -> BN (-> activation). Keys ``conv.*``, ``bn.*``, as in the official releases.
+
+    ``fold_bn()`` folds the BN into the conv (the activation, if any, stays as ``nonlinear``); it is not
+    part of ``reparameterize()``, whose deploy form keeps the official merged layout.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int = 1,
+                 padding: int | tuple[int, int] | None = None, groups: int = 1, dilation: int = 1,
+                 act_layer: type[nn.Module] | None = None, norm_layer: type[nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.add_module("conv", create_conv2d(in_channels, out_channels, kernel_size, stride, padding, groups,
+                                              bias=False, dilation=dilation))
+        self.add_module("bn", norm_layer(out_channels))
+        if act_layer is not None:
+            self.add_module("nonlinear", act_layer())
+
+    @torch.no_grad()
+    def fold_bn(self) -> None:
+        if not hasattr(self, "bn"):
+            return
+        conv: nn.Conv2d = self.conv
+        weight, bias = fuse_bn(conv.weight, self.bn, conv.bias)
+        fused = create_conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride[0],
+                              conv.padding, conv.groups, bias=True, dilation=conv.dilation[0])
+        fused = fused.to(device=weight.device, dtype=weight.dtype)
+        fused.weight.copy_(weight)
+        fused.bias.copy_(bias)
+        self.conv = fused
+        del self.bn
+
+
+def conv_bn(in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int = 1,
+            padding: int | tuple[int, int] | None = None, groups: int = 1, dilation: int = 1) -> ConvNorm:
+    return ConvNorm(in_channels, out_channels, kernel_size, stride, padding, groups, dilation)
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int = 1,
+                 padding: int | tuple[int, int] | None = None, groups: int = 1, dilation: int = 1) -> ConvNorm:
+    return ConvNorm(in_channels, out_channels, kernel_size, stride, padding, groups, dilation, act_layer=nn.ReLU)
+
+
+def pad_kernel_to(kernel: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Zero-pad a (.., kh, kw) kernel symmetrically to (.., H, W) (centres aligned; odd sizes)."""
+    kh, kw = kernel.shape[-2:]
+    ph, pw = (size[0] - kh) // 2, (size[1] - kw) // 2
+    return F.pad(kernel, [pw, size[1] - kw - pw, ph, size[0] - kh - ph])

@@ -1,0 +1,1 @@
+"""Model families, one file each; importing registers every model with timm."""
