@@ -1,0 +1,71 @@
+"""Shared small blocks (GRN, SE, LayerNorm) against explicit float64 formulas."""
+import pytest
+import torch
+import torch.nn as nn
+
+from largekernel.layers.blocks import GRN, LayerNorm, SEBlock, get_bn
+
+
+def test_grn_matches_formula_and_keys():
+    torch.manual_seed(0)
+    grn = GRN(6).double()
+    nn.init.normal_(grn.gamma)
+    nn.init.normal_(grn.beta)
+    assert set(grn.state_dict()) == {"gamma", "beta"}
+    assert grn.gamma.shape == (1, 1, 1, 6)
+    x = torch.randn(2, 5, 4, 6, dtype=torch.float64)
+    # ConvNeXt V2 Alg. 1, written with explicit sums.
+    gx = (x ** 2).sum(dim=(1, 2), keepdim=True).sqrt()
+    nx = gx / (gx.sum(dim=-1, keepdim=True) / 6 + 1e-6)
+    ref = grn.gamma * (x * nx) + grn.beta + x
+    torch.testing.assert_close(grn(x), ref, rtol=1e-12, atol=1e-12)
+    nobias = GRN(6, use_bias=False)
+    assert set(nobias.state_dict()) == {"gamma"}
+
+
+def test_grn_zero_init_is_identity():
+    x = torch.randn(1, 3, 3, 4)
+    torch.testing.assert_close(GRN(4)(x), x)
+
+
+def test_se_matches_formula():
+    torch.manual_seed(1)
+    se = SEBlock(8, 2).double()
+    assert set(se.state_dict()) == {"down.weight", "down.bias", "up.weight", "up.bias"}
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    pooled = x.sum(dim=(2, 3)) / 25
+    hidden = torch.clamp(pooled @ se.down.weight[:, :, 0, 0].T + se.down.bias, min=0)
+    scale = 1 / (1 + torch.exp(-(hidden @ se.up.weight[:, :, 0, 0].T + se.up.bias)))
+    torch.testing.assert_close(se(x), x * scale[:, :, None, None], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("data_format", ["channels_first", "channels_last"])
+def test_layernorm_matches_formula(data_format):
+    torch.manual_seed(2)
+    ln = LayerNorm(5, data_format=data_format).double()
+    nn.init.normal_(ln.weight)
+    nn.init.normal_(ln.bias)
+    assert set(ln.state_dict()) == {"weight", "bias"}
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64) * 3 + 1
+    u = x.mean(1, keepdim=True)
+    s = ((x - u) ** 2).mean(1, keepdim=True)
+    ref = ln.weight[:, None, None] * (x - u) / torch.sqrt(s + 1e-6) + ln.bias[:, None, None]
+    if data_format == "channels_last":
+        out = ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    else:
+        out = ln(x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="data_format"):
+        LayerNorm(4, data_format="nchw")
+    with pytest.raises(ValueError, match="dim"):
+        GRN(0)
+    with pytest.raises(ValueError, match="channels"):
+        SEBlock(4, 0)
+
+
+def test_get_bn_without_process_group_is_plain_bn():
+    assert type(get_bn(4, use_sync_bn=True)) is nn.BatchNorm2d
+    assert type(get_bn(4)) is nn.BatchNorm2d
