@@ -8,9 +8,10 @@ from largekernel.layers.conv import (
     fuse_bn,
     pad_kernel_to,
 )
+from largekernel.layers.large_kernel import ReparamLargeKernelConv, check_kernel_pair
 from largekernel.layers.reparam import reparameterize
 
 __all__ = [
     "ConvNorm", "DepthwiseConv2d", "conv_bn", "conv_bn_relu", "create_conv2d", "fuse_bn", "pad_kernel_to",
-    "reparameterize",
+    "ReparamLargeKernelConv", "check_kernel_pair", "reparameterize",
 ]
