@@ -1,0 +1,290 @@
+"""Shift-wise convolution (ShiftwiseConv, CVPR 2025, Sec. 3): a big depthwise kernel from small ones.
+
+Exact re-implementation of the official ``ShifthWiseConv2dImplicit`` (lidc54/shift-wiseConv, commit 2202e6b;
+``docs``: shared/reference/shiftwise-semantics.md). Per layer, for input (B, C, H, W):
+
+1. the channels split into R shift-wise ("rep") and C-R ghost channels (fixed draw, NumPy seed 123);
+2. ``n_path`` grouped small convs R -> R*nk (k x k, padding k-1, nk = ceil(K/k)) are summed;
+3. shift-add (:func:`largekernel.ops.shiftadd.shift_add`) places the nk kernels of each channel at the nk
+   slots of a horizontal (k x K) and a vertical (K x k) band, once per each of ``n_rep`` index groups with
+   shuffled slot orders, plus one random kernel per group at the centre (tables: torch seed 123);
+4. BN on each of the three terms, + the rep input (identity); output = cat([rep part, ghost channels]).
+
+Ours stores the channel split and the tables as persistent buffers, keeps the official state-dict names
+(``LoRAs.{p}.weight``, merged ``LoRA.weight``, ``bn_lora1``, ``bn_lora2``, ``bn_small``) and adds a sparsity
+mask per whole small kernel (``LoRAs.{p}.weight_mask``, (R*nk, 1, 1, 1)).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from largekernel.layers.conv import DepthwiseConv2d
+from largekernel.ops.shiftadd import shift_add
+
+_SEED = 123
+
+
+def shiftwise_channel_split(channels: int, ghost_ratio: float) -> tuple[list[int], list[int]]:
+    """(rep, ghost) channel indices, both ascending, as the official v2 layer draws them.
+
+    R = int(C * (1 - ghost_ratio)) // 2 * 2 (float arithmetic, rounded down to even); the C - R ghost channels
+    are ``np.random.seed(123); np.random.choice(C, C - R, replace=False)`` (here a local RandomState).
+    """
+    n_rep = int(channels * (1 - ghost_ratio)) // 2 * 2
+    ghost = sorted(np.random.RandomState(_SEED).choice(channels, channels - n_rep, replace=False).tolist())
+    ghost_set = set(ghost)
+    return [c for c in range(channels) if c not in ghost_set], ghost
+
+
+def shiftwise_slot_shifts(big_kernel: int, small_kernel: int) -> list[int]:
+    """Shift of slot i (official ``real_pad``): K//2 - i*k - (k-1), i < nk."""
+    nk = math.ceil(big_kernel / small_kernel)
+    return [big_kernel // 2 - i * small_kernel - (small_kernel - 1) for i in range(nk)]
+
+
+def shiftwise_tables(big_kernel: int, small_kernel: int, channels: int,
+                     n_rep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official shift tables ``pad_hv`` (R*nk, 2*n_rep) and ``idx_identit`` (R, n_rep), int32.
+
+    Draw order after seeding 123 (a local generator, so the caller's RNG is untouched): for each group g, for
+    each channel c, ``randperm(nk)`` (horizontal); the same again (vertical); for each g ``randint(0, nk, [R])``
+    (identity kernel). Slot i of channel c in group g holds kernel perm[i], so kernel j gets the shift of slot
+    perm^-1(j). ``idx_identit[c, g] = c*nk + r``.
+    """
+    nk = math.ceil(big_kernel / small_kernel)
+    cpu = torch.device("cpu")  # explicit: also under a `with torch.device("meta")` model construction
+    slot_shift = torch.tensor(shiftwise_slot_shifts(big_kernel, small_kernel), dtype=torch.int32, device=cpu)
+    gen = torch.Generator(device=cpu).manual_seed(_SEED)
+    perms = [[[torch.randperm(nk, generator=gen, device=cpu) for _ in range(channels)] for _ in range(n_rep)]
+             for _ in range(2)]  # [horizontal|vertical][g][c]
+    ident = torch.stack([torch.randint(0, nk, [channels], generator=gen, device=cpu) for _ in range(n_rep)],
+                        dim=1)
+    cols = []
+    for direction in perms:
+        for group in direction:
+            perm = torch.stack(group)  # (R, nk): slot -> kernel
+            inverse = torch.argsort(perm, dim=1)  # kernel -> slot
+            cols.append(slot_shift[inverse].reshape(-1))
+    pad_hv = torch.stack(cols, dim=1).contiguous()
+    idx_identit = (ident + torch.arange(channels, device=cpu)[:, None] * nk).to(torch.int32).contiguous()
+    return pad_hv, idx_identit
+
+
+class ShiftwisePathConv(nn.Conv2d):
+    """One path's grouped small conv R -> R*nk (k x k, padding k-1, no bias), masked per whole kernel.
+
+    Follows the sparsity protocol: ``sparse_params = ("weight",)`` and buffer ``weight_mask`` (R*nk, 1, 1, 1).
+    """
+
+    sparse_params: tuple[str, ...] = ("weight",)
+
+    def __init__(self, channels: int, nk: int, small_kernel: int) -> None:
+        super().__init__(channels, channels * nk, small_kernel, padding=small_kernel - 1, groups=channels,
+                         bias=False)
+        self.register_buffer("weight_mask", torch.ones(channels * nk, 1, 1, 1))
+
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight * self.weight_mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.masked_weight(), None, 1, self.padding, 1, self.groups)
+
+
+class ShiftwiseConv2d(nn.Module):
+    """Shift-wise conv (official ``ShifthWiseConv2dImplicit``): (B, C, H, W) -> (B, C, H, W).
+
+    Output channel order is the official one: the R rep channels (ascending), then the ghost channels.
+    Every form equals, in eval mode, one dense depthwise conv of size ``dense_size`` on the permuted input
+    (:meth:`to_dense_kernel`). Forms: training (``LoRAs``), :meth:`reparameterize` (paths merged into ``LoRA``,
+    the official deploy layout), :meth:`fold_bn` (the three BNs become ``term_scale`` (3, R) and
+    ``term_bias`` (R,)), :meth:`to_dense` (one large :class:`DepthwiseConv2d` ``dense`` with bias).
+
+    Args: ``n_path`` (official ``N_path``) summed small convs; ``n_rep`` (official ``N_rep``) index groups;
+    ``ghost_ratio`` in [0, 1); ``bn`` toggles the three BNs; ``stride`` must be 1 (as in the official blocks).
+    """
+
+    def __init__(self, in_channels: int, big_kernel: int, small_kernel: int = 3, stride: int = 1,
+                 bn: bool = True, ghost_ratio: float = 0.23, n_path: int = 2, n_rep: int = 4) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("big_kernel", big_kernel),
+                            ("small_kernel", small_kernel), ("n_path", n_path), ("n_rep", n_rep)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if small_kernel % 2 == 0:
+            raise ValueError(f"small_kernel must be odd, got {small_kernel}")
+        if small_kernel > big_kernel:
+            raise ValueError(f"small_kernel={small_kernel} must not exceed big_kernel={big_kernel}")
+        if stride != 1:
+            raise ValueError(f"stride must be 1 (the official shift-add assumes it), got {stride}")
+        if not 0 <= ghost_ratio < 1:
+            raise ValueError(f"ghost_ratio must be in [0, 1), got {ghost_ratio}")
+        rep, ghost = shiftwise_channel_split(in_channels, ghost_ratio)
+        if len(rep) < 2:
+            raise ValueError(f"in_channels={in_channels} is too few for ghost_ratio={ghost_ratio}: "
+                             f"{len(rep)} shift-wise channels (need >= 2)")
+        self.in_channels = in_channels
+        self.big_kernel = big_kernel
+        self.small_kernel = small_kernel
+        self.ghost_ratio = ghost_ratio
+        self.n_path = n_path
+        self.n_rep = n_rep
+        self.nk = math.ceil(big_kernel / small_kernel)
+        self.padding = small_kernel - 1
+        self.extra_pad = self.padding - small_kernel // 2
+        self.rep_channels = len(rep)
+        self.ghost_channels = len(ghost)
+        self.dense_size = 2 * max(big_kernel // 2, self.nk * small_kernel - 1 - big_kernel // 2) + 1
+        self.use_bn = bn
+        self.register_buffer("rep_idx", torch.tensor(rep, dtype=torch.long))
+        self.register_buffer("ghost_idx", torch.tensor(ghost, dtype=torch.long))
+        pad_hv, idx_identity = shiftwise_tables(big_kernel, small_kernel, self.rep_channels, n_rep)
+        self.register_buffer("pad_hv", pad_hv)
+        self.register_buffer("idx_identity", idx_identity)
+        self.LoRAs = nn.ModuleList(ShiftwisePathConv(self.rep_channels, self.nk, small_kernel)
+                                   for _ in range(n_path))
+        if bn:
+            self.bn_lora1 = nn.BatchNorm2d(self.rep_channels)
+            self.bn_lora2 = nn.BatchNorm2d(self.rep_channels)
+            self.bn_small = nn.BatchNorm2d(self.rep_channels)
+
+    # ---- forms -------------------------------------------------------------------------------------------
+    @property
+    def form(self) -> str:
+        """'train', 'merged', 'folded' (merged + BNs folded) or 'dense'."""
+        if hasattr(self, "dense"):
+            return "dense"
+        if hasattr(self, "term_scale"):
+            return "folded"
+        return "merged" if hasattr(self, "LoRA") else "train"
+
+    def small_kernels(self) -> torch.Tensor:
+        """The summed, masked small kernels (R*nk, 1, k, k) that feed the shift-add."""
+        if hasattr(self, "LoRA"):
+            return self.LoRA.masked_weight()
+        weight = self.LoRAs[0].masked_weight()
+        for conv in self.LoRAs[1:]:
+            weight = weight + conv.masked_weight()
+        return weight
+
+    def term_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode (scale (3, R), bias (R,)) of the three terms: BN, folded BN, or (1, 0) without BN."""
+        if hasattr(self, "term_scale"):
+            return self.term_scale, self.term_bias
+        ref = self.small_kernels()
+        if not self.use_bn:
+            return ref.new_ones(3, self.rep_channels), ref.new_zeros(self.rep_channels)
+        scales, bias = [], 0
+        for bn in (self.bn_lora1, self.bn_lora2, self.bn_small):
+            scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+            scales.append(scale)
+            bias = bias + bn.bias - bn.running_mean * scale
+        return torch.stack(scales), bias
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Merge the ``n_path`` convs into one ``LoRA`` (official ``merge_branches``; exact). Idempotent."""
+        if self.form != "train":
+            return
+        weight = self.small_kernels()
+        merged = ShiftwisePathConv(self.rep_channels, self.nk, self.small_kernel)
+        merged = merged.to(device=weight.device, dtype=weight.dtype)
+        merged.weight.copy_(weight)
+        self.LoRA = merged
+        del self.LoRAs
+
+    @torch.no_grad()
+    def fold_bn(self) -> None:
+        """Merge paths and fold the three BNs into per-term scales and one bias (exact in eval mode)."""
+        self.reparameterize()
+        if self.form != "merged" or not self.use_bn:
+            return
+        scale, bias = self.term_affine()
+        self.term_scale = nn.Parameter(scale.detach().clone())
+        self.term_bias = nn.Parameter(bias.detach().clone())
+        del self.bn_lora1, self.bn_lora2, self.bn_small
+
+    @torch.no_grad()
+    def to_dense_kernel(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eval-mode dense equivalent: (weight (C, 1, D, D), bias (C,), in_index (C,)), D = ``dense_size``.
+
+        ``out[:, o] = conv2d_same(x[:, in_index[o]], weight[o]) + bias[o]``; identity and ghost channels are
+        a centre tap of 1. The rep channels come first (official order), so ``in_index = cat(rep, ghost)``.
+        """
+        rep_w, rep_b = self._rep_dense_kernel()
+        d = self.dense_size
+        ghost_w = rep_w.new_zeros(self.ghost_channels, d, d)
+        ghost_w[:, d // 2, d // 2] = 1
+        weight = torch.cat([rep_w, ghost_w]).unsqueeze(1)
+        bias = torch.cat([rep_b, rep_b.new_zeros(self.ghost_channels)])
+        return weight, bias, torch.cat([self.rep_idx, self.ghost_idx])
+
+    def _rep_dense_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.form == "dense":
+            return self.dense.weight[:, 0].clone(), self.dense.bias.clone()
+        r, nk, k, g = self.rep_channels, self.nk, self.small_kernel, self.n_rep
+        d, c0, h, half_big = self.dense_size, self.dense_size // 2, self.small_kernel // 2, self.big_kernel // 2
+        kernels = self.small_kernels().reshape(r * nk, k, k)
+        scale, bias = self.term_affine()
+        first = torch.arange(r, device=kernels.device).repeat_interleave(nk) * nk  # c*nk per row of pad_hv
+        bands = []
+        for term in range(2):
+            blocks = torch.zeros_like(kernels)  # row c*nk + slot
+            for grp in range(g):
+                slot = (half_big - self.padding - self.pad_hv[:, term * g + grp].long()) // k
+                blocks.index_add_(0, first + slot, kernels)
+            bands.append(blocks.reshape(r, nk, k, k))
+        lo = c0 - half_big
+        dense = kernels.new_zeros(r, d, d)
+        dense[:, c0 - h:c0 + h + 1, lo:lo + nk * k] += (
+            scale[0].view(r, 1, 1) * bands[0].permute(0, 2, 1, 3).reshape(r, k, nk * k))
+        dense[:, lo:lo + nk * k, c0 - h:c0 + h + 1] += scale[1].view(r, 1, 1) * bands[1].reshape(r, nk * k, k)
+        centre = kernels[self.idx_identity.long()].sum(1)  # (R, k, k)
+        dense[:, c0 - h:c0 + h + 1, c0 - h:c0 + h + 1] += scale[2].view(r, 1, 1) * centre
+        dense[:, c0, c0] += 1  # identity shortcut
+        return dense, bias
+
+    @torch.no_grad()
+    def to_dense(self) -> None:
+        """Deploy as one large depthwise conv (``dense``: D x D, bias) on the rep channels; exact in eval."""
+        if self.form == "dense":
+            return
+        weight, bias = self._rep_dense_kernel()
+        conv = DepthwiseConv2d(self.rep_channels, self.dense_size, bias=True)
+        conv = conv.to(device=weight.device, dtype=weight.dtype)
+        conv.weight.copy_(weight.unsqueeze(1))
+        conv.bias.copy_(bias)
+        for name in ("LoRAs", "LoRA", "bn_lora1", "bn_lora2", "bn_small", "term_scale", "term_bias"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.dense = conv
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        rep = x.index_select(1, self.rep_idx) if self.ghost_channels else x
+        if self.form == "dense":
+            out = self.dense(rep)
+        else:
+            y = F.conv2d(rep, self.small_kernels(), None, 1, self.padding, 1, self.rep_channels)
+            t = shift_add(y, self.pad_hv, self.idx_identity, self.extra_pad)
+            if self.form == "folded":
+                out = torch.einsum("tbrhw,tr->brhw", t, self.term_scale) + self.term_bias.view(1, -1, 1, 1)
+            elif self.use_bn:
+                out = self.bn_lora1(t[0]) + self.bn_lora2(t[1]) + self.bn_small(t[2])
+            else:
+                out = t.sum(0)
+            out = out + rep
+        if self.ghost_channels:
+            out = torch.cat([out, x.index_select(1, self.ghost_idx)], dim=1)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, big_kernel={self.big_kernel}, small_kernel={self.small_kernel}, "
+                f"rep={self.rep_channels}, ghost={self.ghost_channels}, n_path={self.n_path}, "
+                f"n_rep={self.n_rep}, bn={self.use_bn}, form={self.form}")

@@ -1,0 +1,129 @@
+"""Fused Triton shift-add (forward and backward); semantics in :mod:`largekernel.ops.shiftadd`.
+
+Both directions are gathers over one channel's planes, so no atomics: the forward tile of output channel c
+reads its nk input planes at 2*G shifted windows (plus G identity planes) and writes the three terms once;
+the backward tile of input plane c*nk+j reads the three output-gradient planes of channel c at the same
+shifts. The shifted re-reads of a plane hit L1/L2, so HBM traffic is ~ one read of the big tensor plus one
+write of the small one (forward) or the reverse (backward).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _shift_add_fwd(y_ptr, pad_ptr, ident_ptr, out_ptr, R, H, W, Hp, Wp, term_stride,
+                   NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, F64: tl.constexpr):
+    bc = tl.program_id(0)  # b * R + c
+    c = bc % R
+    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    ws = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    inside = (hs < H) & (ws < W)
+    plane = Hp * Wp
+    y_c = y_ptr + bc.to(tl.int64) * NK * plane
+    if F64:
+        acc0 = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float64)
+    else:
+        acc0 = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    for j in range(NK):
+        y_j = y_c + j * plane
+        row_h = (hs + E) * Wp
+        for g in tl.static_range(G):
+            s_h = tl.load(pad_ptr + (c * NK + j) * (2 * G) + g)
+            s_v = tl.load(pad_ptr + (c * NK + j) * (2 * G) + G + g)
+            col = ws - s_h
+            m0 = inside & (col >= 0) & (col < Wp)
+            acc0 += tl.load(y_j + row_h + col, mask=m0, other=0.0).to(acc0.dtype)
+            row = hs - s_v
+            m1 = inside & (row >= 0) & (row < Hp)
+            acc1 += tl.load(y_j + row * Wp + ws + E, mask=m1, other=0.0).to(acc1.dtype)
+    y_b = y_ptr + (bc - c).to(tl.int64) * NK * plane  # plane 0 of batch b
+    for g in tl.static_range(G):
+        k = tl.load(ident_ptr + c * G + g)  # global plane index c*nk + r
+        acc2 += tl.load(y_b + k * plane + (hs + E) * Wp + ws + E, mask=inside, other=0.0).to(acc2.dtype)
+    out = out_ptr + bc.to(tl.int64) * H * W + hs * W + ws
+    ty = out_ptr.dtype.element_ty
+    tl.store(out, acc0.to(ty), mask=inside)
+    tl.store(out + term_stride, acc1.to(ty), mask=inside)
+    tl.store(out + 2 * term_stride, acc2.to(ty), mask=inside)
+
+
+@triton.jit
+def _shift_add_bwd(gout_ptr, pad_ptr, ident_ptr, gy_ptr, R, H, W, Hp, Wp, term_stride,
+                   NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, F64: tl.constexpr):
+    pid = tl.program_id(0)  # (b * R + c) * NK + j
+    j = pid % NK
+    bc = pid // NK
+    c = bc % R
+    us = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    vs = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    inside = (us < Hp) & (vs < Wp)
+    g_c = gout_ptr + bc.to(tl.int64) * H * W
+    if F64:
+        acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
+    row0 = us - E
+    row0_ok = inside & (row0 >= 0) & (row0 < H)
+    col1 = vs - E
+    col1_ok = inside & (col1 >= 0) & (col1 < W)
+    hits = 0
+    for g in tl.static_range(G):
+        s_h = tl.load(pad_ptr + (c * NK + j) * (2 * G) + g)
+        s_v = tl.load(pad_ptr + (c * NK + j) * (2 * G) + G + g)
+        col = vs + s_h
+        m0 = row0_ok & (col >= 0) & (col < W)
+        acc += tl.load(g_c + row0 * W + col, mask=m0, other=0.0).to(acc.dtype)
+        row = us + s_v
+        m1 = col1_ok & (row >= 0) & (row < H)
+        acc += tl.load(g_c + term_stride + row * W + col1, mask=m1, other=0.0).to(acc.dtype)
+        k = tl.load(ident_ptr + c * G + g)
+        hits += (k == c * NK + j).to(tl.int32)
+    m2 = row0_ok & col1_ok & (hits > 0)
+    acc += hits.to(acc.dtype) * tl.load(g_c + 2 * term_stride + row0 * W + col1, mask=m2, other=0.0).to(acc.dtype)
+    gy = gy_ptr + pid.to(tl.int64) * Hp * Wp + us * Wp + vs
+    tl.store(gy, acc.to(gy_ptr.dtype.element_ty), mask=inside)
+
+
+def _blocks(h: int, w: int) -> tuple[int, int, int]:
+    block_w = min(64, triton.next_power_of_2(w))
+    block_h = min(triton.next_power_of_2(h), max(1, 1024 // block_w))
+    return block_h, block_w, 4 if block_h * block_w >= 512 else 2
+
+
+def shift_add_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor,
+                      extra_pad: int) -> torch.Tensor:
+    """y (B, R*nk, Hp, Wp) contiguous, int32 tables on y's device -> (3, B, R, H, W)."""
+    b, rnk, hp, wp = y.shape
+    r, g = idx_identity.shape
+    nk = rnk // r
+    h, w = hp - 2 * extra_pad, wp - 2 * extra_pad
+    out = torch.empty((3, b, r, h, w), device=y.device, dtype=y.dtype)
+    bh, bw, warps = _blocks(h, w)
+    grid = (b * r, triton.cdiv(h, bh), triton.cdiv(w, bw))
+    _shift_add_fwd[grid](y, pad_hv, idx_identity, out, r, h, w, hp, wp, b * r * h * w,
+                         NK=nk, G=g, E=extra_pad, BLOCK_H=bh, BLOCK_W=bw, F64=y.dtype == torch.float64,
+                         num_warps=warps)
+    return out
+
+
+def shift_add_backward(gout: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor,
+                       extra_pad: int) -> torch.Tensor:
+    """gout (3, B, R, H, W) contiguous -> grad of y (B, R*nk, H+2e, W+2e)."""
+    _, b, r, h, w = gout.shape
+    g = idx_identity.shape[1]
+    nk = pad_hv.shape[0] // r
+    hp, wp = h + 2 * extra_pad, w + 2 * extra_pad
+    gy = torch.empty((b, r * nk, hp, wp), device=gout.device, dtype=gout.dtype)
+    bh, bw, warps = _blocks(hp, wp)
+    grid = (b * r * nk, triton.cdiv(hp, bh), triton.cdiv(wp, bw))
+    _shift_add_bwd[grid](gout, pad_hv, idx_identity, gy, r, h, w, hp, wp, b * r * h * w,
+                         NK=nk, G=g, E=extra_pad, BLOCK_H=bh, BLOCK_W=bw, F64=gout.dtype == torch.float64,
+                         num_warps=warps)
+    return gy
