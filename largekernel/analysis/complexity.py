@@ -1,7 +1,8 @@
 """Model complexity: parameter count and multiply-accumulates (MACs = FLOPs / 2 of ``torch.utils.flop_counter``).
 
-Counting runs on the ``meta`` device by default, so it is free even for the largest models; pass a
-real device to count a model that is already materialised there.
+:func:`complexity` builds a model by name under ``FakeTensorMode`` (no storage, like the ``meta`` device but
+with a real device type, so device-dependent dispatch code still runs), so counting is free even for the
+largest models; the lower-level counters take any materialised model.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -60,17 +62,20 @@ def count_macs(model: nn.Module, input_size: int | tuple[int, ...] = 224,
 
 def complexity(model_or_name: nn.Module | str, input_size: int | tuple[int, ...] = 224,
                **model_kwargs: object) -> dict[str, float]:
-    """Params (M) and GMACs of a module, or of a timm model name built on the ``meta`` device.
+    """Params (M) and GMACs of a module, or of a timm model name built without storage (``FakeTensorMode``).
 
     Returns ``{"params_m": ..., "gmacs": ...}``. Model kwargs are passed to ``timm.create_model``.
     """
     if isinstance(model_or_name, str):
         import timm
 
-        with torch.device("meta"):
-            model = timm.create_model(model_or_name, pretrained=False, **model_kwargs)
-    else:
-        model = model_or_name
+        import largekernel  # noqa: F401  (registers our models)
+
+        with FakeTensorMode():
+            model = timm.create_model(model_or_name, pretrained=False, **model_kwargs).eval()
+            macs = count_macs(model, input_size)
+        return {"params_m": count_params(model) / 1e6, "gmacs": macs / 1e9}
+    model = model_or_name
     was_training = model.training
     model.eval()
     try:
