@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from largekernel.ops import depthwise_conv2d
+from largekernel.ops import depthwise_conv2d, depthwise_path, get_backend
 
 
 def _pair(k: int | tuple[int, int]) -> tuple[int, int]:
@@ -36,6 +36,15 @@ class DepthwiseConv2d(nn.Conv2d):
         if self._is_same():
             return depthwise_conv2d(x, self.weight, self.bias)
         return super().forward(x)
+
+    def conv_path(self, x: torch.Tensor) -> str:
+        """Which implementation ``forward(x)`` takes ('triton', 'native', 'native-nchw', ...)."""
+        if not self._is_same():
+            return "native (not stride-1 same)"
+        return depthwise_path(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={get_backend()}"
 
 
 def create_conv2d(in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int = 1,

@@ -1,18 +1,263 @@
-"""Depthwise 'same' convolution: the single dispatch point between the fast kernels and PyTorch."""
+"""Depthwise 'same' convolution: the single dispatch point between the fast kernels and PyTorch.
+
+Paths (see :func:`depthwise_path`):
+
+* ``triton``: our Triton kernels (``_dw_kernels``) behind the custom op ``largekernel::depthwise_conv2d``
+  (registered with ``torch.library``: autograd, fake tensors, so ``torch.compile`` traces it without a
+  graph break). CUDA tensors in a supported configuration; CPU tensors too when the backend is forced to
+  'triton' under ``TRITON_INTERPRET=1`` (the CI correctness tests).
+* ``native``: ``F.conv2d(padding='same', groups=C)``. On the CPU the 'auto' backend runs it in the faster
+  memory layout for the kernel size (``native-nchw`` / ``native-channels_last``), see
+  :data:`CPU_NCHW_K_RANGE`. ONNX export and TorchScript tracing always take the native path, so an
+  exported model holds a standard ``Conv`` node.
+"""
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
 
+from largekernel.ops.dispatch import get_backend, triton_interpreting
 
-def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Stride-1 depthwise convolution with 'same' padding.
+try:
+    _TRITON_MISSING = importlib.util.find_spec("triton") is None
+except (ImportError, ValueError):  # pragma: no cover
+    _TRITON_MISSING = True
 
-    x: (N, C, H, W); weight: (C, 1, kh, kw); bias: (C,) or None. Returns (N, C, H, W).
-    Odd kernels are centred; for even kernels the extra tap sits on the top/left (PyTorch's 'same').
-    """
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_KERNEL = 64
+
+# CPU layout cliff (PyTorch's CPU depthwise conv, oneDNN): NCHW is fast for 11..13 and collapses from 15 up
+# (10-40x), channels_last is as fast or faster for <= 9 and >= 15. Measured on this project's CPU machine (torch 2.14.1,
+# one thread, batch 1, C128/56x56 and C512/14x14, K = 3..31), table in docs/performance.md.
+CPU_NCHW_K_RANGE = (10, 14)   # max(kh, kw) in this closed range -> NCHW, otherwise channels_last
+
+
+def _pads(kh: int, kw: int) -> tuple[int, int]:
+    """Top/left padding of PyTorch's padding='same' (the extra tap of an even kernel goes bottom/right)."""
+    return (kh - 1) // 2, (kw - 1) // 2
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 4 or weight.shape[1] != 1:
         raise ValueError(f"depthwise weight must be (C, 1, kh, kw), got {tuple(weight.shape)}")
     if x.shape[1] != weight.shape[0]:
         raise ValueError(f"input has {x.shape[1]} channels but the depthwise weight has {weight.shape[0]}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def _triton_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    kh, kw = weight.shape[-2:]
+    return (x.dtype in _DTYPES and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+            and weight.device == x.device and kh <= MAX_KERNEL and kw <= MAX_KERNEL
+            and x.numel() > 0 and x.shape[2] * x.shape[3] < 2**30)
+
+
+def _exporting() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
+def _triton_runs_on(x: torch.Tensor) -> bool:
+    if _TRITON_MISSING:
+        return False
+    return x.is_cuda or (x.device.type == "cpu" and triton_interpreting())
+
+
+def _auto_prefers_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """'auto': where our kernels beat cuDNN (measured on the H100, docs/performance.md)."""
+    kh, kw = weight.shape[-2:]
+    return x.is_cuda and max(kh, kw) >= AUTO_MIN_K
+
+
+AUTO_MIN_K = 5
+
+
+def depthwise_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
+    """Which implementation :func:`depthwise_conv2d` takes for these arguments:
+    'triton', 'native', 'native-nchw' or 'native-channels_last' (CPU layout choice)."""
+    backend = get_backend()
+    if backend != "native" and not _exporting():
+        ok = _triton_supported(x, weight, bias) and _triton_runs_on(x)
+        if ok and (backend == "triton" or _auto_prefers_triton(x, weight)):
+            return "triton"
+    if backend == "auto" and x.device.type == "cpu" and not _exporting():
+        kh, kw = weight.shape[-2:]
+        lo, hi = CPU_NCHW_K_RANGE
+        return "native-nchw" if lo <= max(kh, kw) <= hi else "native-channels_last"
+    return "native"
+
+
+def _native(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, path: str = "native"):
+    if path == "native":
+        return F.conv2d(x, weight, bias, padding="same", groups=weight.shape[0])
+    fmt = torch.channels_last if path == "native-channels_last" else torch.contiguous_format
+    was_cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out = F.conv2d(x.contiguous(memory_format=fmt), weight, bias, padding="same", groups=weight.shape[0])
+    return out.contiguous(memory_format=torch.channels_last if was_cl else torch.contiguous_format)
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Stride-1 depthwise convolution with 'same' padding (exactly ``F.conv2d(padding='same')``).
+
+    x: (N, C, H, W) (any strides; channels_last too); weight: (C, 1, kh, kw); bias: (C,) or None.
+    Returns (N, C, H, W). Odd kernels are centred; for even kernels the extra tap sits on the bottom/right
+    (pad (k-1)//2 before, k//2 after, as PyTorch's 'same').
+    """
+    _check(x, weight, bias)
+    dev = x.device.type
+    # NOTE(lead): models are built and counted on the 'meta' device (FLOP counts, tests); autocast has no 'meta'.
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and x.is_floating_point():
+        dt = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    path = depthwise_path(x, weight, bias)
+    if path == "triton":
+        return torch.ops.largekernel.depthwise_conv2d(x, weight, bias)
+    return _native(x, weight, bias, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton implementation and the custom op
+
+# Tile configurations; benchmarks override these to compare variants.
+FWD_CFG: dict = {}
+WGRAD_CFG: dict = {}
+FP32_PRECISION = os.environ.get("LARGEKERNEL_FP32_PRECISION", "tf32x3")   # or 'ieee' (CUDA-core FMA)
+POISON = False   # tests: fill kernel outputs with NaN before the launch so unwritten elements show
+_INTERP_FWD = dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16)
+_INTERP_WGRAD = dict(BLOCK_K=32, programs=8)
+
+
+def _fwd_cfg(x: torch.Tensor, kh: int, kw: int) -> dict:
+    if x.device.type == "cpu":
+        return _INTERP_FWD
+    if FWD_CFG:
+        return FWD_CFG
+    W = x.shape[3]
+    bw = 16 if W <= 16 else (32 if W <= 32 else 64)
+    return dict(BLOCK_M=64, BLOCK_W=bw, BLOCK_U=32, num_warps=4, num_stages=2)
+
+
+def _wgrad_cfg(x: torch.Tensor) -> dict:
+    if x.device.type == "cpu":
+        return _INTERP_WGRAD
+    if WGRAD_CFG:
+        return WGRAD_CFG
+    return dict(BLOCK_K=64, programs=132 * 8, num_warps=4, num_stages=2)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return FP32_PRECISION if dtype == torch.float32 else "tf32"
+
+
+def _rowmajor(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides but need unit stride along W for coalesced rows."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _alloc_like(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(t)
+    return out.fill_(float("nan")) if POISON else out
+
+
+def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    from largekernel.ops import _dw_kernels as K
+
+    C, _, kh, kw = weight.shape
+    ph, pw = _pads(kh, kw)
+    y = _alloc_like(x)
+    xin = _rowmajor(x)
+    w = weight.reshape(C, kh, kw).contiguous()
+    K.launch_fwd(xin, w, bias.contiguous() if bias is not None else None, y, ph, pw, _fwd_cfg(x, kh, kw),
+                 _precision(x.dtype), x.device.type == "cpu")
+    return y
+
+
+def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool,
+                     need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from largekernel.ops import _dw_kernels as K
+
+    C, _, kh, kw = weight.shape
+    ph, pw = _pads(kh, kw)
+    cast = x.device.type == "cpu"
+    prec = _precision(x.dtype)
+    g = _rowmajor(grad)
+    dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    if need_x:
+        dx = _alloc_like(x)
+        wf = weight.reshape(C, kh, kw).flip(-2, -1).contiguous()
+        K.launch_fwd(g, wf, None, dx, kh - 1 - ph, kw - 1 - pw, _fwd_cfg(x, kh, kw), prec, cast)
+    if need_w:
+        dw = K.launch_wgrad(_rowmajor(x), g, kh, kw, ph, pw, _wgrad_cfg(x), prec, cast, POISON)
+        dw = dw.reshape(C, 1, kh, kw).to(weight.dtype)
+    if need_b:
+        db = grad.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
+    return dx, dw, db
+
+
+def _native_backward(grad, x, weight, need_x, need_w, need_b):
+    C, _, kh, kw = weight.shape
+    ph, pw = _pads(kh, kw)
+    # 'same' for even kernels = asymmetric zero padding, then a valid conv
+    xp = F.pad(x, [pw, kw - 1 - pw, ph, kh - 1 - ph])
+    dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    if need_x:
+        dxp = torch.nn.grad.conv2d_input(xp.shape, weight, grad, groups=C)
+        dx = dxp[:, :, ph:ph + x.shape[2], pw:pw + x.shape[3]].contiguous()
+    if need_w:
+        dw = torch.nn.grad.conv2d_weight(xp, weight.shape, grad, groups=C)
+    if need_b:
+        db = grad.sum(dim=(0, 2, 3))
+    return dx, dw, db
+
+
+@torch.library.custom_op("largekernel::depthwise_conv2d", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if _triton_runs_on(x) and _triton_supported(x, weight, bias):
+        return _triton_forward(x, weight, bias)
     return F.conv2d(x, weight, bias, padding="same", groups=weight.shape[0])
+
+
+@_op_forward.register_fake
+def _(x, weight, bias):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("largekernel::depthwise_conv2d_backward", mutates_args=(),
+                         schema="(Tensor grad, Tensor x, Tensor weight, bool need_x, bool need_w, bool need_b)"
+                                " -> (Tensor, Tensor, Tensor)")
+def _op_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool,
+                 need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _triton_runs_on(x) and _triton_supported(x, weight, None):
+        return _triton_backward(grad, x, weight, need_x, need_w, need_b)
+    return _native_backward(grad, x, weight, need_x, need_w, need_b)
+
+
+@_op_backward.register_fake
+def _(grad, x, weight, need_x, need_w, need_b):
+    return (torch.empty_like(x) if need_x else x.new_empty(0),
+            torch.empty_like(weight) if need_w else x.new_empty(0),
+            weight.new_empty(weight.shape[0]) if need_b else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.has_bias and ctx.needs_input_grad[2]
+    dx, dw, db = torch.ops.largekernel.depthwise_conv2d_backward(grad, x, weight, need_x, need_w, need_b)
+    return (dx if need_x else None), (dw if need_w else None), (db if need_b else None)
+
+
+_op_forward.register_autograd(_backward, setup_context=_setup_context)

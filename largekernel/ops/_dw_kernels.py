@@ -1,0 +1,155 @@
+"""Triton kernels for the stride-1 'same' depthwise convolution (forward, input grad, weight grad).
+
+Imported lazily by :mod:`largekernel.ops.depthwise` (Triton reads ``TRITON_INTERPRET`` when a kernel is
+decorated, so the interpreter tests set it before this module is first imported).
+
+Both kernels run on the tensor cores (``tl.dot``) with operands built on the fly, never materialised:
+
+* forward / input grad, per channel: ``out[r, :] = sum_i x[r + i - ph, :] @ T_i`` where the rows ``r`` are
+  the flattened (n, y) pairs (the GEMM's M) and ``T_i[u, v] = w[i, u - v + pw]`` is the banded Toeplitz
+  matrix of kernel row ``i``, gathered from the (L1-resident) weights one (BLOCK_U x BLOCK_W) tile at a
+  time. The input grad is the same kernel on ``grad_out`` with the flipped kernel and mirrored padding.
+* weight grad, per channel: ``dw[i, j] = sum_{n, y', v} x[n, y', v + j - pw] * g[n, y' - i + ph, v]``:
+  a (KW x KH) GEMM whose reduction runs over all N*H*W positions; the A operand is a stack of shifted
+  windows of one x row, the B operand a stack of shifted rows of grad_out. The reduction is split over
+  programs; each writes an fp32 partial that a tiny sum finishes (deterministic, no atomics).
+
+fp32 inputs use ``input_precision='tf32x3'`` (error-compensated split, ~fp32 accuracy) or 'ieee'.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
+                   N, C, H, W, KH, KW, PH, PW,
+                   sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
+                   BLOCK_U: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(N * H, BLOCK_M)
+    num_w = tl.cdiv(W, BLOCK_W)
+    wb = pid % num_w
+    mb = (pid // num_w) % num_m
+    c = pid // (num_w * num_m)
+
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)          # flattened (n, y)
+    n = rows // H
+    y = rows % H
+    row_in = rows < N * H
+    w0 = wb * BLOCK_W
+    v = w0 + tl.arange(0, BLOCK_W)                        # output columns
+    du = tl.arange(0, BLOCK_U)
+    x_base = x_ptr + c.to(tl.int64) * sxc + n.to(tl.int64) * sxn
+    w_base = w_ptr + c * KH * KW
+    # band offset of tile element (u, v) relative to the chunk start: t = u - v + PW
+    t0 = du[:, None] - tl.arange(0, BLOCK_W)[None, :]
+    num_u = tl.cdiv(BLOCK_W + KW - 1, BLOCK_U)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
+    for i in range(0, KH):
+        yy = y + i - PH
+        row_ok = row_in & (yy >= 0) & (yy < H)
+        row_ptr = x_base + yy * sxh
+        for uc in range(0, num_u):
+            u = w0 - PW + uc * BLOCK_U + du                    # input columns
+            a = tl.load(row_ptr[:, None] + u[None, :] * sxw,
+                        mask=row_ok[:, None] & ((u >= 0) & (u < W))[None, :], other=0.0)
+            t = t0 + uc * BLOCK_U                              # = u - v + PW
+            b = tl.load(w_base + i * KW + t, mask=(t >= 0) & (t < KW), other=0.0)
+            if CAST_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c).to(tl.float32)
+    y_ptrs = (y_ptr + c.to(tl.int64) * syc + n.to(tl.int64)[:, None] * syn + y[:, None] * syh
+              + v[None, :] * syw)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_in[:, None] & (v < W)[None, :])
+
+
+@triton.jit
+def _dw_wgrad_kernel(x_ptr, g_ptr, dw_ptr,
+                     N, C, H, W, KH, KW, PH, PW, K_PER_SPLIT, SPLITS,
+                     sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+                     BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
+    pid = tl.program_id(0)
+    s = pid % SPLITS
+    c = pid // SPLITS
+    HW = H * W
+    total = N * HW
+    start = s * K_PER_SPLIT
+    end = tl.minimum(start + K_PER_SPLIT, total)
+
+    j = tl.arange(0, BLOCK_J)     # kernel column (A rows)
+    i = tl.arange(0, BLOCK_I)     # kernel row (B columns)
+    dk = tl.arange(0, BLOCK_K)
+    x_c = x_ptr + c.to(tl.int64) * sxc
+    g_c = g_ptr + c.to(tl.int64) * sgc
+    acc = tl.zeros((BLOCK_J, BLOCK_I), dtype=tl.float32)
+    for k0 in range(start, end, BLOCK_K):
+        k = k0 + dk
+        k_ok = k < end
+        n = k // HW
+        rem = k % HW
+        yy = rem // W                                   # x row
+        v = rem % W                                     # output column
+        n64 = n.to(tl.int64)
+        xcol = v[None, :] + j[:, None] - PW
+        a = tl.load(x_c + n64[None, :] * sxn + yy[None, :] * sxh + xcol * sxw,
+                    mask=k_ok[None, :] & (j < KW)[:, None] & (xcol >= 0) & (xcol < W), other=0.0)
+        grow = yy[:, None] - i[None, :] + PH            # grad_out row
+        b = tl.load(g_c + n64[:, None] * sgn + grow * sgh + v[:, None] * sgw,
+                    mask=k_ok[:, None] & (i < KH)[None, :] & (grow >= 0) & (grow < H), other=0.0)
+        if CAST_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    # partial[s, c, i, j] = acc[j, i]
+    out = dw_ptr + (s.to(tl.int64) * C + c) * KH * KW + i[None, :] * KW + j[:, None]
+    tl.store(out, acc, mask=(j < KW)[:, None] & (i < KH)[None, :])
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_f32: bool) -> None:
+    """y = depthwise 'same'-style conv of x with w (C, kh, kw) and top/left padding (ph, pw)."""
+    N, C, H, W = x.shape
+    KH, KW = w.shape[-2:]
+    bm, bw, bu = cfg["BLOCK_M"], cfg["BLOCK_W"], cfg["BLOCK_U"]
+    grid = (C * triton.cdiv(N * H, bm) * triton.cdiv(W, bw),)
+    _dw_fwd_kernel[grid](x, w, bias if bias is not None else w, y,
+                         N, C, H, W, KH, KW, ph, pw,
+                         *x.stride(), *y.stride(),
+                         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_W=bw, BLOCK_U=bu,
+                         PRECISION=precision, CAST_F32=cast_f32,
+                         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+
+
+def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision: str, cast_f32: bool,
+                 poison: bool = False):
+    """Returns the fp32 weight grad (C, kh, kw)."""
+    import torch
+
+    N, C, H, W = x.shape
+    bk = cfg["BLOCK_K"]
+    total = N * H * W
+    blocks = triton.cdiv(total, bk)
+    splits = max(1, min(blocks, triton.cdiv(cfg.get("programs", 1024), C)))
+    k_per_split = triton.cdiv(blocks, splits) * bk
+    splits = triton.cdiv(total, k_per_split)
+    partial = torch.empty((splits, C, kh, kw), device=x.device, dtype=torch.float32)
+    if poison:
+        partial.fill_(float("nan"))
+    _dw_wgrad_kernel[(C * splits,)](x, g, partial,
+                                    N, C, H, W, kh, kw, ph, pw, k_per_split, splits,
+                                    *x.stride(), *g.stride(),
+                                    BLOCK_J=_pow2(kw), BLOCK_I=_pow2(kh), BLOCK_K=bk,
+                                    PRECISION=precision, CAST_F32=cast_f32,
+                                    num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    return partial.sum(0) if splits > 1 else partial[0]

@@ -1,0 +1,118 @@
+"""The depthwise dispatch point on the CPU: paths, layouts, the torch.library op, torch.compile, ONNX.
+
+The Triton kernels' numerics are checked in test_ops_depthwise_interp.py (interpreter) and on the GPU by
+benchmarks/gpu_check.py.
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from largekernel.layers.conv import DepthwiseConv2d
+from largekernel.ops import depthwise_conv2d, depthwise_path, set_backend, use_backend
+
+
+def _ref(x, w, b=None):
+    return F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding="same", groups=w.shape[0])
+
+
+@pytest.mark.parametrize("kh,kw", [(3, 3), (13, 13), (17, 17), (4, 4), (7, 2), (31, 5)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_matches_reference_and_keeps_layout(kh, kw, channels_last):
+    x = torch.randn(2, 5, 11, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(5, 1, kh, kw), torch.randn(5)
+    y = depthwise_conv2d(x, w, b)
+    torch.testing.assert_close(y.double(), _ref(x, w, b), rtol=1e-5, atol=1e-5)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+
+
+def test_cpu_layout_choice_by_kernel_size():
+    x = torch.randn(1, 4, 8, 8)
+    assert depthwise_path(x, torch.randn(4, 1, 31, 31)) == "native-channels_last"
+    assert depthwise_path(x, torch.randn(4, 1, 51, 5)) == "native-channels_last"
+    assert depthwise_path(x, torch.randn(4, 1, 13, 13)) == "native-nchw"
+    with use_backend("native"):
+        assert depthwise_path(x, torch.randn(4, 1, 31, 31)) == "native"
+    with use_backend("triton"):   # no Triton on the CPU without the interpreter: falls back
+        assert depthwise_path(x, torch.randn(4, 1, 31, 31)).startswith("native")
+
+
+def test_bad_arguments_raise_value_error():
+    with pytest.raises(ValueError, match="weight"):
+        depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(4, 2, 3, 3))
+    with pytest.raises(ValueError, match="channels"):
+        depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(3, 1, 3, 3))
+    with pytest.raises(ValueError, match="bias"):
+        depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(4, 1, 3, 3), torch.randn(3))
+    with pytest.raises(ValueError, match="backend"):
+        set_backend("cuda")
+
+
+@pytest.mark.parametrize("kh,kw,bias", [(5, 5, True), (4, 6, False)])
+def test_custom_op_registration(kh, kw, bias):
+    """torch.library's own checks: schema, fake (meta) impl, autograd registration."""
+    x = torch.randn(2, 3, 7, 8, requires_grad=True)
+    w = torch.randn(3, 1, kh, kw, requires_grad=True)
+    b = torch.randn(3, requires_grad=True) if bias else None
+    torch.library.opcheck(torch.ops.largekernel.depthwise_conv2d.default, (x, w, b))
+
+
+def test_custom_op_gradients_even_kernel():
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 4, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: torch.ops.largekernel.depthwise_conv2d(*a), (x, w, b))
+
+
+def test_torch_compile_fullgraph_through_custom_op():
+    def f(x, w, b):
+        return torch.ops.largekernel.depthwise_conv2d(x, w, b).square().sum()
+
+    x = torch.randn(2, 3, 9, 7, requires_grad=True)
+    w = torch.randn(3, 1, 5, 3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled(x, w, b).backward()
+    got = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    F.conv2d(x, w, b, padding="same", groups=3).square().sum().backward()
+    for g, t in zip(got, (x, w, b)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_compile_fullgraph_through_dispatch_point():
+    layer = DepthwiseConv2d(4, 7, bias=True)
+    x = torch.randn(1, 4, 10, 10)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_layer_reports_its_path():
+    layer = DepthwiseConv2d(4, 31)
+    assert layer.conv_path(torch.randn(1, 4, 8, 8)) == "native-channels_last"
+    assert DepthwiseConv2d(4, 3, stride=2).conv_path(torch.randn(1, 4, 8, 8)) == "native (not stride-1 same)"
+    assert "backend=" in repr(layer)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_onnx_export_emits_standard_conv(tmp_path, dynamo):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = nn.Sequential(DepthwiseConv2d(4, 13, bias=True), nn.ReLU(), DepthwiseConv2d(4, 7)).eval()
+    x = torch.randn(1, 4, 16, 12)
+    path = tmp_path / "dw.onnx"
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    torch.onnx.export(model, (x,), str(path), dynamo=dynamo, opset_version=18)
+    graph = onnx.load(str(path)).graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert len(convs) == 2
+    assert all(a.i == 4 for n in convs for a in n.attribute if a.name == "group")
+    assert {n.op_type for n in graph.node} <= {"Conv", "Relu", "Identity", "Constant"}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,115 @@
+"""Triton depthwise kernels vs float64 F.conv2d, on the CPU through Triton's interpreter.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated, and setting it in this pytest process would
+leak into every other test, so the checks run in one subprocess (this file run as a script) with the
+variable set before anything imports triton; the pytest side only reads its JSON verdicts.
+Inputs are drawn fresh each run (the seed is printed on failure); kernel outputs are NaN-poisoned.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# (name, N, C, H, W, kh, kw, dtype, layout, bias, grads)   layout: nchw | cl | strided
+CASES = [
+    ("odd_bias_fp32", 2, 5, 9, 13, 7, 7, "float32", "nchw", True, "xwb"),
+    ("even_batch1_fp32", 1, 3, 10, 7, 4, 4, "float32", "nchw", False, "xw"),
+    ("rect_odd_fp32", 2, 7, 12, 9, 7, 3, "float32", "nchw", True, "xwb"),
+    ("rect_even_fp32", 1, 3, 8, 11, 2, 5, "float32", "nchw", False, "xw"),
+    ("wide_rect_fp32", 1, 3, 6, 20, 3, 17, "float32", "nchw", True, "xwb"),
+    ("channels_last_fp32", 2, 6, 9, 10, 5, 5, "float32", "cl", True, "xwb"),
+    ("strided_fp32", 2, 3, 11, 9, 6, 5, "float32", "strided", False, "xw"),
+    ("kernel_over_image_fp32", 1, 3, 5, 6, 9, 11, "float32", "nchw", True, "xwb"),
+    ("weight_grad_only_fp32", 2, 3, 7, 9, 5, 5, "float32", "nchw", True, "wb"),
+    ("input_grad_only_fp32", 1, 3, 7, 9, 5, 4, "float32", "nchw", False, "x"),
+    ("bf16_bias", 2, 5, 9, 13, 7, 7, "bfloat16", "nchw", True, "xwb"),
+    ("bf16_even_cl", 1, 3, 10, 7, 6, 4, "bfloat16", "cl", False, "xw"),
+    ("fp16_rect", 1, 3, 8, 9, 3, 5, "float16", "nchw", True, "xwb"),
+]
+TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 5e-3}
+
+
+def _run_case(case, torch, F, depthwise_conv2d, depthwise_path):
+    name, N, C, H, W, kh, kw, dtype, layout, with_bias, grads = case
+    dt = getattr(torch, dtype)
+    if layout == "strided":   # a non-contiguous view: every other column of a wider tensor
+        x = torch.randn(N, C, H, 2 * W, dtype=dt)[..., ::2]
+    else:
+        x = torch.randn(N, C, H, W, dtype=dt)
+        if layout == "cl":
+            x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(C, 1, kh, kw, dtype=dt) / (kh * kw) ** 0.5
+    b = torch.randn(C, dtype=dt) if with_bias else None
+    x.requires_grad_("x" in grads)
+    w.requires_grad_("w" in grads)
+    if b is not None:
+        b.requires_grad_("b" in grads)
+    path = depthwise_path(x, w, b)
+    y = depthwise_conv2d(x, w, b)
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    xd = x.detach().double().requires_grad_()
+    wd = w.detach().double().requires_grad_()
+    bd = b.detach().double().requires_grad_() if b is not None else None
+    yr = F.conv2d(xd, wd, bd, padding="same", groups=C)
+    yr.backward(g.double())
+
+    def rel(a, r):
+        return float((a.double() - r).norm() / r.norm()) if torch.isfinite(a).all() else float("nan")
+
+    out = {"path": path, "y": rel(y, yr), "y_layout_kept": bool(y.stride() == x.stride() or layout == "strided")}
+    if "x" in grads:
+        out["dx"] = rel(x.grad, xd.grad)
+    if "w" in grads:
+        out["dw"] = rel(w.grad, wd.grad)
+    if "b" in grads:
+        out["db"] = rel(b.grad, bd.grad)
+    return out
+
+
+def _main() -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    import torch.nn.functional as F
+
+    import largekernel.ops.depthwise as dw
+    from largekernel.ops import depthwise_conv2d, depthwise_path
+    from largekernel.ops.dispatch import set_backend
+
+    seed = torch.seed()
+    set_backend("triton")
+    dw.POISON = True
+    results = {"seed": seed}
+    for case in CASES:
+        results[case[0]] = _run_case(case, torch, F, depthwise_conv2d, depthwise_path)
+    print(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_triton_matches_float64_reference(results, case):
+    r = results[case[0]]
+    tol = TOL[case[7]]
+    assert r["path"] == "triton", r
+    for key in ("y", "dx", "dw", "db"):
+        if key in r:
+            assert r[key] <= tol, f"{key}: rel err {r[key]} > {tol} (seed {results['seed']})"
+    assert r["y_layout_kept"]
+    assert ("dx" in r) == ("x" in case[10]) and ("dw" in r) == ("w" in case[10])
+
+
+if __name__ == "__main__":
+    _main()
