@@ -16,6 +16,7 @@ mask per whole small kernel (``LoRAs.{p}.weight_mask``, (R*nk, 1, 1, 1)).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -45,6 +46,11 @@ def shiftwise_slot_shifts(big_kernel: int, small_kernel: int) -> list[int]:
     """Shift of slot i (official ``real_pad``): K//2 - i*k - (k-1), i < nk."""
     nk = math.ceil(big_kernel / small_kernel)
     return [big_kernel // 2 - i * small_kernel - (small_kernel - 1) for i in range(nk)]
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(big_kernel: int, small_kernel: int, channels: int, n_rep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return shiftwise_tables(big_kernel, small_kernel, channels, n_rep)
 
 
 def shiftwise_tables(big_kernel: int, small_kernel: int, channels: int,
@@ -142,9 +148,10 @@ class ShiftwiseConv2d(nn.Module):
         self.use_bn = bn
         self.register_buffer("rep_idx", torch.tensor(rep, dtype=torch.long))
         self.register_buffer("ghost_idx", torch.tensor(ghost, dtype=torch.long))
-        pad_hv, idx_identity = shiftwise_tables(big_kernel, small_kernel, self.rep_channels, n_rep)
-        self.register_buffer("pad_hv", pad_hv)
-        self.register_buffer("idx_identity", idx_identity)
+        # Deterministic (seed 123): every layer of the same shape gets the same tables, as in the official code.
+        pad_hv, idx_identity = _tables(big_kernel, small_kernel, self.rep_channels, n_rep)
+        self.register_buffer("pad_hv", pad_hv.clone())
+        self.register_buffer("idx_identity", idx_identity.clone())
         self.LoRAs = nn.ModuleList(ShiftwisePathConv(self.rep_channels, self.nk, small_kernel)
                                    for _ in range(n_path))
         if bn:

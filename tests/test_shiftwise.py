@@ -1,0 +1,341 @@
+"""Shift-wise conv: dense equivalence built from the definition, deploy forms, official seeding/layout, models."""
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import largekernel
+from largekernel.analysis.complexity import count_macs
+from largekernel.layers.shiftwise import ShiftwiseConv2d, ShiftwisePathConv
+from largekernel.models.shiftwise import checkpoint_filter_fn
+from largekernel.ops.dispatch import use_backend
+
+# ---- independent reference: the official draws and the dense kernel, written from the paper/semantics doc ----
+
+
+def official_split(channels: int, ghost_ratio: float) -> tuple[list[int], list[int]]:
+    n_rep = int(channels * (1 - ghost_ratio)) // 2 * 2
+    state = np.random.get_state()
+    try:
+        np.random.seed(123)  # the official global-seed call
+        ghost = sorted(np.random.choice(channels, channels - n_rep, replace=False).tolist())
+    finally:
+        np.random.set_state(state)
+    return [c for c in range(channels) if c not in ghost], ghost
+
+
+def official_draws(big: int, small: int, r: int, n_rep: int):
+    """Global torch.manual_seed(123), then randperm per (g, c) horizontal, the same vertical, randint per g."""
+    nk = math.ceil(big / small)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        horizontal = [[torch.randperm(nk).tolist() for _ in range(r)] for _ in range(n_rep)]
+        vertical = [[torch.randperm(nk).tolist() for _ in range(r)] for _ in range(n_rep)]
+        ident = [torch.randint(0, nk, [r]).tolist() for _ in range(n_rep)]
+    return horizontal, vertical, ident
+
+
+def reference_output(layer: ShiftwiseConv2d, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode output via F.conv2d with a dense kernel: slot i of a band holds small kernel perm[i] at
+    offsets i*k - K//2 ... along the long axis, the identity kernel and a unit tap at the centre."""
+    big, k, g = layer.big_kernel, layer.small_kernel, layer.n_rep
+    rep, ghost = official_split(layer.in_channels, layer.ghost_ratio)
+    r, nk = len(rep), math.ceil(big / k)
+    horizontal, vertical, ident = official_draws(big, k, r, g)
+    lo, hi = -(big // 2), nk * k - 1 - big // 2
+    d = 2 * max(-lo, hi) + 1
+    c0, h = d // 2, k // 2
+    w = sum(conv.weight * conv.weight_mask for conv in layer.LoRAs)[:, 0]
+    if layer.use_bn:
+        bns = (layer.bn_lora1, layer.bn_lora2, layer.bn_small)
+        s = [bn.weight / (bn.running_var + bn.eps).sqrt() for bn in bns]
+        bias = sum(bn.bias - bn.running_mean * si for bn, si in zip(bns, s))
+    else:
+        s, bias = [torch.ones(r, dtype=x.dtype)] * 3, torch.zeros(r, dtype=x.dtype)
+    ker = torch.zeros(r, d, d, dtype=x.dtype)
+    for t in range(r):
+        ker[t, c0, c0] += 1
+        for grp in range(g):
+            for i in range(nk):
+                col = c0 + lo + i * k
+                ker[t, c0 - h:c0 + h + 1, col:col + k] += s[0][t] * w[t * nk + horizontal[grp][t][i]]
+                ker[t, col:col + k, c0 - h:c0 + h + 1] += s[1][t] * w[t * nk + vertical[grp][t][i]]
+            ker[t, c0 - h:c0 + h + 1, c0 - h:c0 + h + 1] += s[2][t] * w[t * nk + ident[grp][t]]
+    out = F.conv2d(x[:, rep], ker.unsqueeze(1), bias, padding=c0, groups=r)
+    return torch.cat([out, x[:, ghost]], dim=1)
+
+
+def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) * 2 - 1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+            elif isinstance(m, ShiftwisePathConv):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.3)
+    return module.eval()
+
+
+def random_configs(n: int) -> list[tuple]:
+    rng = random.Random(5)
+    cfgs = [(10, 13, 3, 2, 4, 0.23, True), (7, 7, 3, 1, 2, 0.0, False), (12, 11, 5, 3, 3, 0.3, True),
+            (6, 5, 5, 1, 1, 0.5, True), (4, 6, 1, 2, 2, 0.0, True)]
+    while len(cfgs) < n:
+        k = rng.choice([1, 3, 5])
+        cfgs.append((rng.randint(4, 16), rng.randint(k, 17), k, rng.randint(1, 3), rng.randint(1, 4),
+                     rng.choice([0.0, 0.23, 0.4]), rng.random() < 0.7))
+    return cfgs
+
+
+# ---- the operator --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", random_configs(10))
+def test_dense_equivalence_float64(cfg):
+    c, big, small, n_path, n_rep, ghost_ratio, bn = cfg
+    layer = randomize(ShiftwiseConv2d(c, big, small, bn=bn, ghost_ratio=ghost_ratio, n_path=n_path,
+                                      n_rep=n_rep).double(), seed=c + big)
+    x = torch.randn(2, c, 7, 9, dtype=torch.float64)
+    want = reference_output(layer, x)
+    with use_backend("native"):
+        got = layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # the conversion agrees with the independent kernel
+    weight, bias, in_index = layer.to_dense_kernel()
+    assert weight.shape[-1] == layer.dense_size
+    dense = F.conv2d(x[:, in_index], weight, bias, padding=layer.dense_size // 2, groups=c)
+    torch.testing.assert_close(dense, want, rtol=1e-12, atol=1e-12)
+
+
+def test_input_gradient_matches_dense_conv():
+    layer = randomize(ShiftwiseConv2d(10, 11, 3, n_rep=3).double())
+    x = torch.randn(2, 10, 6, 8, dtype=torch.float64, requires_grad=True)
+    gout = torch.randn(2, 10, 6, 8, dtype=torch.float64)
+    with use_backend("native"):
+        (got,) = torch.autograd.grad(layer(x), x, gout)
+    (want,) = torch.autograd.grad(reference_output(layer, x), x, gout)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_deploy_forms_fp32():
+    layer = randomize(ShiftwiseConv2d(24, 17, 3, ghost_ratio=0.23, n_path=3, n_rep=4))
+    x = torch.randn(2, 24, 12, 10)
+    ref = layer(x)
+    scale = ref.abs().max()
+    for step in ("reparameterize", "fold_bn", "to_dense"):
+        getattr(layer, step)()
+        err = (layer(x) - ref).abs().max() / scale
+        assert err <= 1e-5, (step, err.item())
+    assert layer.form == "dense" and isinstance(layer.dense, largekernel.layers.DepthwiseConv2d)
+    assert set(layer.state_dict()) == {"rep_idx", "ghost_idx", "pad_hv", "idx_identity", "dense.weight",
+                                       "dense.bias"}
+
+
+def test_merged_keys_are_official():
+    layer = ShiftwiseConv2d(16, 9, 3)
+    layer.reparameterize()
+    keys = set(layer.state_dict())
+    assert "LoRA.weight" in keys and not any(k.startswith("LoRAs.") for k in keys)
+    assert {"bn_lora1.running_mean", "bn_lora2.weight", "bn_small.bias"} <= keys
+
+
+def test_channel_split_and_tables_follow_official_seeding():
+    for c, want in ((80, 60), (160, 122), (320, 246), (640, 492), (7, 6)):
+        layer_split = official_split(c, 0.23 if c > 7 else 0.0)
+        assert len(layer_split[0]) == want
+    layer = ShiftwiseConv2d(80, 51, 3, ghost_ratio=0.23, n_rep=4)
+    rep, ghost = official_split(80, 0.23)
+    assert layer.rep_idx.tolist() == rep and layer.ghost_idx.tolist() == ghost
+    horizontal, vertical, ident = official_draws(51, 3, 60, 4)
+    nk = 17
+    real_pad = [51 // 2 - i * 3 - 2 for i in range(nk)]
+    for grp in range(4):
+        for t in (0, 1, 37, 59):
+            for i in range(nk):  # slot i holds kernel perm[i]: that kernel's shift is slot i's
+                assert layer.pad_hv[t * nk + horizontal[grp][t][i], grp].item() == real_pad[i]
+                assert layer.pad_hv[t * nk + vertical[grp][t][i], 4 + grp].item() == real_pad[i]
+            assert layer.idx_identity[t, grp].item() == t * nk + ident[grp][t]
+    assert layer.pad_hv.dtype == torch.int32 and layer.pad_hv.shape == (60 * nk, 8)
+    # the tables come from a local generator: the caller's RNG is not reset (the official code reseeds it,
+    # which makes every weight init identical whatever the caller's seed)
+    torch.manual_seed(7)
+    first = ShiftwiseConv2d(8, 7, 3)
+    torch.manual_seed(8)
+    second = ShiftwiseConv2d(8, 7, 3)
+    assert torch.equal(first.pad_hv, second.pad_hv)
+    assert not torch.equal(first.LoRAs[0].weight, second.LoRAs[0].weight)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(in_channels=8, big_kernel=3, small_kernel=5), "small_kernel"),
+    (dict(in_channels=8, big_kernel=9, small_kernel=4), "small_kernel"),
+    (dict(in_channels=8, big_kernel=9, ghost_ratio=1.0), "ghost_ratio"),
+    (dict(in_channels=8, big_kernel=9, ghost_ratio=-0.1), "ghost_ratio"),
+    (dict(in_channels=8, big_kernel=9, stride=2), "stride"),
+    (dict(in_channels=2, big_kernel=9, ghost_ratio=0.5), "in_channels"),
+    (dict(in_channels=1, big_kernel=9, ghost_ratio=0.0), "in_channels"),
+    (dict(in_channels=8, big_kernel=9, n_rep=0), "n_rep"),
+    (dict(in_channels=8, big_kernel=9, n_path=0), "n_path"),
+])
+def test_bad_configs_raise(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ShiftwiseConv2d(**kwargs)
+
+
+def test_sparsity_protocol_masks_whole_kernels():
+    layer = randomize(ShiftwiseConv2d(12, 9, 3, ghost_ratio=0.0))
+    convs = [m for m in layer.modules() if getattr(m, "sparse_params", None)]
+    assert len(convs) == 2 and all(m.weight_mask.shape == (12 * 3, 1, 1, 1) for m in convs)
+    x = torch.randn(1, 12, 8, 8)
+    pruned = [1, 5, 20]
+    for m in convs:
+        m.weight_mask[pruned] = 0
+    got = layer(x)
+    with torch.no_grad():
+        for m in convs:
+            m.weight[pruned] = 0
+            m.weight_mask.fill_(1)
+    torch.testing.assert_close(got, layer(x))
+
+
+# ---- models --------------------------------------------------------------------------------------------------
+
+
+def _tiny_model(**kwargs) -> nn.Module:
+    model = timm.create_model("shiftwise_v2_test", **kwargs)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_model_forward_features_and_intermediates():
+    torch.manual_seed(0)
+    model = _tiny_model(num_classes=7)
+    x = torch.randn(2, 3, 64, 64)
+    assert model(x).shape == (2, 7)
+    assert model.forward_features(x).shape == (2, 64, 2, 2)
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 64)
+    feats = timm.create_model("shiftwise_v2_test", features_only=True).eval()(x)
+    assert [tuple(f.shape[1:]) for f in feats] == [(16, 16, 16), (32, 8, 8), (48, 4, 4), (64, 2, 2)]
+    with pytest.raises(ValueError, match="input"):
+        model(torch.randn(1, 4, 32, 32))
+
+
+def test_model_reparameterize_and_dense_deploy():
+    torch.manual_seed(0)
+    model = _tiny_model()
+    x = torch.randn(2, 3, 64, 64)
+    ref = model(x)
+    for fold in (False, True):
+        deployed = largekernel.reparameterize(model, fold_bn=fold)
+        assert ((deployed(x) - ref).abs().max() / ref.abs().max()) <= 1e-5
+    deployed.to_dense()
+    assert ((deployed(x) - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+
+def _official_layout(state: dict, merged: bool) -> dict:
+    """What the official model saves: no tables, no masks; merged form sums the paths into LoRA.weight."""
+    out = {k: v for k, v in state.items()
+           if not k.endswith(("rep_idx", "ghost_idx", "pad_hv", "idx_identity", "weight_mask"))}
+    if merged:
+        for k in [k for k in out if ".LoRAs.0.weight" in k]:
+            prefix = k[:-len("LoRAs.0.weight")]
+            paths = [p for p in list(out) if p.startswith(prefix + "LoRAs.")]
+            out[prefix + "LoRA.weight"] = sum(out.pop(p) for p in paths)
+    return out
+
+
+def test_state_dict_round_trip_and_official_layout(tmp_path):
+    torch.manual_seed(0)
+    model = _tiny_model()
+    with torch.no_grad():  # a non-default table must come back from the checkpoint
+        model.stages[0][0].large_kernel.pad_hv.copy_(model.stages[0][0].large_kernel.pad_hv.roll(1, dims=1))
+    x = torch.randn(1, 3, 64, 64)
+    ref = model(x)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    torch.manual_seed(1)
+    fresh = _tiny_model()
+    fresh.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    assert torch.equal(fresh(x), ref)
+
+    torch.manual_seed(0)
+    model = _tiny_model()
+    ref = model(x)
+    official = _official_layout(model.state_dict(), merged=False)
+    for key in ("stages.0.0.large_kernel.LoRAs.1.weight", "stages.0.0.large_kernel.bn_small.running_var",
+                "stages.2.1.se.down.weight", "stages.2.1.pwconv1.1.weight", "stages.2.1.act.1.gamma",
+                "stages.2.1.act.1.beta", "stages.2.1.pwconv2.0.weight", "stages.2.1.pwconv2.2.running_mean",
+                "stages.2.1.gamma", "downsample_layers.0.3.weight", "downsample_layers.0.4.bias",
+                "downsample_layers.3.1.weight", "norm.weight", "head.bias"):
+        assert key in official, key
+    torch.manual_seed(2)
+    fresh = _tiny_model()
+    fresh.load_state_dict(checkpoint_filter_fn({"model": official}, fresh), strict=True)
+    assert torch.equal(fresh(x), ref)
+
+    merged = _official_layout(model.state_dict(), merged=True)
+    torch.manual_seed(3)
+    fresh = _tiny_model()
+    fresh.load_state_dict(checkpoint_filter_fn(merged, fresh), strict=True)  # merged -> training form
+    torch.testing.assert_close(fresh(x), ref, rtol=1e-6, atol=1e-6)
+    fresh = _tiny_model()
+    fresh.reparameterize()
+    fresh.load_state_dict(checkpoint_filter_fn(merged, fresh), strict=True)  # merged -> merged form
+    torch.testing.assert_close(fresh(x), ref, rtol=1e-6, atol=1e-6)
+    fresh.load_state_dict(checkpoint_filter_fn(official, fresh), strict=True)  # training -> merged form
+    torch.testing.assert_close(fresh(x), ref, rtol=1e-6, atol=1e-6)
+
+    path = tmp_path / "sw_official.pth"  # the timm route: pretrained=True with a local file
+    torch.save({"model": official}, path)
+    loaded = timm.create_model("shiftwise_v2_test", pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert torch.equal(loaded(x), ref)
+
+
+# Official counts (shared/anchors/README.md): params train/merged, MACs train/merged at 224.
+ANCHORS = {
+    "tiny": (31_790_260, 31_002_670, 5.336e9, 5.024e9),
+    "small": (57_312_892, 55_990_108, 9.805e9, 9.334e9),
+    "base": (100_250_380, 98_477_182, 17.016e9, 16.383e9),
+    "large": (221_808_628, 219_153_178, 37.315e9, 36.368e9),
+}
+
+
+@pytest.mark.parametrize("variant", list(ANCHORS))
+def test_params_and_macs_match_official(variant):
+    with torch.device("meta"):
+        model = timm.create_model(f"shiftwise_v2_{variant}").eval()
+    params_train = sum(p.numel() for p in model.parameters())
+    # The official training form runs each path's conv separately; ours sums the path weights first.
+    extra_path_macs = 0
+    for i, stage in enumerate(model.stages):
+        side = 224 // 4 // 2 ** i
+        for block in stage:
+            sw = block.large_kernel
+            out_side = side + 2 * sw.extra_pad
+            extra_path_macs += ((sw.n_path - 1) * sw.rep_channels * sw.nk * sw.small_kernel ** 2
+                                * out_side ** 2)
+    macs_train = count_macs(model, 224) + extra_path_macs
+    model.reparameterize()
+    params_merged = sum(p.numel() for p in model.parameters())
+    macs_merged = count_macs(model, 224)
+    want = ANCHORS[variant]
+    for got, ref in zip((params_train, params_merged, macs_train, macs_merged), want):
+        assert abs(got - ref) <= 0.01 * ref, (variant, got, ref)
+    assert params_train == want[0] and params_merged == want[1]
