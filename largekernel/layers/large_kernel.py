@@ -34,6 +34,7 @@ class ReparamLargeKernelConv(nn.Module):
     def __init__(self, channels: int, kernel_size: int, small_kernel: int | None = 5, stride: int = 1,
                  deploy: bool = False) -> None:
         super().__init__()
+        small_kernel = small_kernel or None  # 0 means "no small kernel" (timm.create_model drops None kwargs)
         check_kernel_pair(kernel_size, small_kernel)
         self.channels = channels
         self.kernel_size = kernel_size

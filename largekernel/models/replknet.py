@@ -110,6 +110,8 @@ class RepLKNet(nn.Module):
     transitions (1x1 conv-BN-ReLU, depthwise 3x3 stride-2 conv-BN-ReLU) -> BN -> global pool -> Linear.
 
     Input (N, in_chans, H, W); features (N, channels[-1], H/32, W/32); logits (N, num_classes).
+    ``small_kernel=0`` (or None) builds no small-kernel branch; pass 0 through ``timm.create_model``, which drops
+    keyword arguments whose value is None.
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class RepLKNet(nn.Module):
     ) -> None:
         super().__init__()
         large_kernel_sizes, layers, channels = tuple(large_kernel_sizes), tuple(layers), tuple(channels)
+        small_kernel = small_kernel or None
         if not (len(large_kernel_sizes) == len(layers) == len(channels)) or not layers:
             raise ValueError(f"large_kernel_sizes {large_kernel_sizes}, layers {layers} and channels {channels} "
                              "must have the same, non-zero length")
@@ -211,7 +214,7 @@ class RepLKNet(nn.Module):
             if global_pool not in ("avg", ""):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
-        device = self.norm.weight.device
+        device = self.stem[0].conv.weight.device
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
 
     def _check_input(self, x: torch.Tensor) -> None:
