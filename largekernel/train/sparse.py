@@ -1,0 +1,353 @@
+"""Dynamic sparse training (SLaK, Liu et al., ICLR 2023, Sec. 4.2; shift-wise, CVPR 2025): prune and regrow.
+
+Semantics follow the official ``sparse_core.py`` of VITA-Group/SLaK (shared by lidc54/shift-wiseConv):
+
+* Targets. Modules following the sparsity protocol (class attribute ``sparse_params`` and, per named
+  parameter ``p``, a buffer ``p + "_mask"`` broadcasting to it, used as ``p * mask`` in forward) own their
+  masks. With ``scope="all"`` (the official default: ``--only-L`` off) every other parameter with 2 or 4 dims
+  (Linear and conv weights) is masked too; the engine holds those masks. ``scope="protocol"`` is the
+  official ``--only-L`` (SLaK: the ``LoRA1``/``LoRA2`` kernels; shift-wise: its grouped small kernels).
+* Units. A mask entry is a unit: a single weight for full-shape masks, a whole small kernel for a
+  (C, 1, 1, 1) mask on a (C, 1, k, k) weight. Scores are summed over the broadcast dims. A protocol module
+  may define ``sparse_score(name) -> Tensor`` (mask-shaped) to override the magnitude (e.g. sum over paths).
+* Init. The overall density ``1 - sparsity`` over the targets' units. ``snip``: layer densities from one
+  batch (SNIP, |w * grad| against a global threshold), masks drawn at random with those densities;
+  ``erk``: Erdos-Renyi-Kernel densities; ``uniform``: the same density everywhere; ``resume``: masks
+  from the non-zero weights. Layers left at density >= 0.99 stay dense and are not updated (as official).
+* Schedule. ``step()`` after every optimizer step: weights (and SGD momentum) are multiplied by the masks;
+  every ``update_every`` steps each layer prunes ``ceil(rate * active)`` active units of smallest magnitude
+  and regrows as many at random among its inactive units (official 'random' growth, exact count here),
+  with ``rate`` cosine-decayed from ``prune_rate`` to ``prune_rate_min`` over ``total_steps``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["DynamicSparsity", "SparseTarget", "find_sparse_targets", "count_nonzero_params"]
+
+_INITS = ("snip", "erk", "uniform", "resume")
+_SCOPES = ("all", "protocol")
+
+
+@dataclass
+class SparseTarget:
+    """One masked parameter: ``name`` (as in ``model.named_parameters()``), the parameter, its mask (a model
+    buffer for protocol modules, else engine-owned), and the owning module when it follows the protocol."""
+
+    name: str
+    param: nn.Parameter
+    mask: torch.Tensor
+    module: nn.Module | None = None
+    param_name: str = "weight"
+
+    @property
+    def units(self) -> int:
+        return self.mask.numel()
+
+    @property
+    def per_unit(self) -> int:
+        return self.param.numel() // self.mask.numel()
+
+    def magnitude(self) -> torch.Tensor:
+        """Mask-shaped unit scores: |w| summed over the broadcast dims (or the module's ``sparse_score``)."""
+        fn = getattr(self.module, "sparse_score", None)
+        if callable(fn):
+            return fn(self.param_name).detach().float()
+        return self.param.detach().abs().float().sum_to_size(self.mask.shape)
+
+
+def _check_mask(name: str, param: torch.Tensor, mask: torch.Tensor) -> None:
+    try:
+        fits = mask.dim() == param.dim() and torch.broadcast_shapes(mask.shape, param.shape) == param.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"mask of {name} has shape {tuple(mask.shape)}, which does not broadcast to the "
+                         f"parameter's {tuple(param.shape)}")
+
+
+def find_sparse_targets(model: nn.Module, scope: str = "all") -> list[SparseTarget]:
+    """The parameters dynamic sparsity acts on, in ``named_parameters`` order (see the module docstring)."""
+    if scope not in _SCOPES:
+        raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
+    owned: dict[int, SparseTarget] = {}
+    for mod_name, module in model.named_modules():
+        for pname in getattr(type(module), "sparse_params", ()):
+            param = getattr(module, pname, None)
+            mask = getattr(module, pname + "_mask", None)
+            full = f"{mod_name}.{pname}" if mod_name else pname
+            if not isinstance(param, nn.Parameter) or not isinstance(mask, torch.Tensor):
+                raise ValueError(f"{full}: a sparse module needs parameter {pname!r} and buffer {pname + '_mask'!r}")
+            _check_mask(full, param, mask)
+            owned[id(param)] = SparseTarget(full, param, mask, module, pname)
+    targets = []
+    for name, param in model.named_parameters():
+        if id(param) in owned:
+            targets.append(owned.pop(id(param)))
+        elif scope == "all" and param.dim() in (2, 4) and param.requires_grad:
+            targets.append(SparseTarget(name, param, torch.ones_like(param, dtype=torch.float32)))
+    return targets
+
+
+def count_nonzero_params(model: nn.Module) -> int:
+    """Non-zero parameter elements, counting masked-out weights as zero (what the SLaK paper reports)."""
+    total = 0
+    masked = {id(t.param): t for t in find_sparse_targets(model, "protocol")}
+    for p in model.parameters():
+        t = masked.get(id(p))
+        w = p.detach() * t.mask if t is not None else p.detach()
+        total += int(torch.count_nonzero(w))
+    return total
+
+
+def _erk_densities(targets: list[SparseTarget], density: float, power: float = 1.0) -> list[float]:
+    """Erdos-Renyi-Kernel layer densities (official ``init('ERK')``): dense layers where the scale exceeds 1."""
+    dense: set[int] = set()
+    while True:
+        divisor, rhs, raw = 0.0, 0.0, {}
+        for i, t in enumerate(targets):
+            n = t.units
+            if i in dense:
+                rhs -= n * (1 - density)
+            else:
+                rhs += n * density
+                shape = t.param.shape
+                raw[i] = (float(np.sum(shape)) / float(np.prod(shape))) ** power
+                divisor += raw[i] * n
+        if not raw:
+            return [1.0] * len(targets)
+        eps = rhs / divisor
+        max_prob = max(raw.values())
+        if max_prob * eps <= 1:
+            return [1.0 if i in dense else eps * raw[i] for i in range(len(targets))]
+        dense.update(i for i, r in raw.items() if r == max_prob)
+
+
+class DynamicSparsity:
+    """Prune/regrow engine. Build after the model (and optimizer), call :meth:`step` after each optimizer step.
+
+    Args:
+        model: the model (its protocol modules, plus 2-D/4-D weights when ``scope='all'``).
+        sparsity: fraction of the targets' units that are zero (SLaK 0.4, shift-wise 0.3).
+        init: 'snip' (needs ``snip_batch``), 'erk', 'uniform' or 'resume' (masks from the zero weights).
+        prune_rate: initial fraction of each layer's active units replaced per update (SLaK-S/B 0.3, -T 0.5).
+        growth: 'random' (the official setting; the only one supported).
+        update_every: optimizer steps between prune/regrow updates (official ``-u``; 0 = fixed masks).
+        total_steps: optimizer steps of the whole run, the cosine decay period (None: constant rate).
+        prune_rate_min: floor of the cosine decay (official ``eta_min`` 0.005).
+        scope: 'all' (official default) or 'protocol' (official ``--only-L``).
+        optimizer: when given, SGD ``momentum_buffer`` entries of masked weights are zeroed (as official).
+        snip_batch: ``(inputs, targets)`` for SNIP; ``loss_fn(outputs, targets)`` defaults to cross-entropy.
+        seed: seed of the engine's own generator (random masks and regrowth; identical on every rank).
+    """
+
+    def __init__(self, model: nn.Module, sparsity: float = 0.4, init: str = "snip", prune_rate: float = 0.3,
+                 growth: str = "random", update_every: int = 100, total_steps: int | None = None,
+                 prune_rate_min: float = 0.005, scope: str = "all", optimizer: torch.optim.Optimizer | None = None,
+                 snip_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
+                 verbose: bool = False) -> None:
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        if init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        if not 0.0 <= prune_rate < 1.0:
+            raise ValueError(f"prune_rate must be in [0, 1), got {prune_rate}")
+        if growth != "random":
+            raise ValueError(f"growth must be 'random', got {growth!r}")
+        if update_every < 0:
+            raise ValueError(f"update_every must be >= 0, got {update_every}")
+        if total_steps is not None and total_steps <= 0:
+            raise ValueError(f"total_steps must be positive or None, got {total_steps}")
+        if init == "snip" and snip_batch is None:
+            raise ValueError("init='snip' needs snip_batch=(inputs, targets)")
+        self.model = model
+        self.sparsity = sparsity
+        self.density = 1.0 - sparsity
+        self.init_mode = init
+        self.prune_rate0 = prune_rate
+        self.prune_rate_min = prune_rate_min
+        self.update_every = update_every
+        self.total_steps = total_steps
+        self.scope = scope
+        self.optimizer = optimizer
+        self.verbose = verbose
+        self.steps = 0
+        self.generator = torch.Generator().manual_seed(seed)
+        self.targets = find_sparse_targets(model, scope)
+        if not self.targets:
+            raise ValueError(f"the model has no parameters to sparsify with scope={scope!r}")
+        self.dense_names: set[str] = set()
+        self.init_densities: dict[str, float] = {}  # layer densities chosen at init (snip / erk / uniform)
+        self._initialize(snip_batch, loss_fn or F.cross_entropy)
+
+    # ------------------------------------------------------------------ masks
+    def _active(self) -> Iterator[SparseTarget]:
+        return (t for t in self.targets if t.name not in self.dense_names)
+
+    def _random_mask(self, t: SparseTarget, density: float) -> None:
+        n = t.units
+        keep = min(n, max(0, round(density * n)))
+        flat = torch.zeros(n)
+        flat[torch.randperm(n, generator=self.generator)[:keep]] = 1.0
+        t.mask.copy_(flat.view(t.mask.shape))
+
+    @torch.no_grad()
+    def _initialize(self, snip_batch: tuple[torch.Tensor, torch.Tensor] | None,
+                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        if self.init_mode == "resume":
+            for t in self.targets:
+                t.mask.copy_((t.magnitude() != 0).to(t.mask.dtype))
+        else:
+            if self.init_mode == "uniform":
+                densities = [self.density] * len(self.targets)
+            elif self.init_mode == "erk":
+                densities = _erk_densities(self.targets, self.density)
+            else:
+                densities = self._snip_densities(snip_batch, loss_fn)
+            self.init_densities = dict(zip((t.name for t in self.targets), densities))
+            for t, d in zip(self.targets, densities):
+                self._random_mask(t, d)
+        for t in self.targets:  # official: layers left (nearly) dense are not sparsified at all
+            if t.mask.float().mean().item() >= 0.99:
+                t.mask.fill_(1.0)
+                self.dense_names.add(t.name)
+        self._sync()
+        self.apply_masks()
+
+    def _snip_densities(self, batch: tuple[torch.Tensor, torch.Tensor],
+                        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[float]:
+        """SNIP (Lee et al., 2019) as the official code uses it: per-layer keep ratios from |w * dL/dw|."""
+        import copy
+
+        net = copy.deepcopy(self.model)
+        net.zero_grad()
+        clones = {t.name: t for t in find_sparse_targets(net, self.scope)}
+        with torch.enable_grad():
+            loss_fn(net(batch[0]), batch[1]).backward()
+        scores = []
+        for t in self.targets:
+            c = clones[t.name]
+            grad = c.param.grad if c.param.grad is not None else torch.zeros_like(c.param)
+            scores.append((c.param.detach() * grad).abs().float().sum_to_size(t.mask.shape).flatten())
+        del net
+        all_scores = torch.cat(scores)
+        keep = int(all_scores.numel() * self.density)
+        if keep == 0:
+            return [0.0] * len(scores)
+        threshold = torch.topk(all_scores, keep, sorted=True).values[-1]
+        return [(s > threshold).float().mean().item() for s in scores]
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero the masked weights (and SGD momentum) in place."""
+        for t in self.targets:
+            t.param.mul_(t.mask.to(t.param.dtype))
+            if self.optimizer is not None:
+                buf = self.optimizer.state.get(t.param, {}).get("momentum_buffer")
+                if buf is not None:
+                    buf.mul_(t.mask.to(buf.dtype))
+
+    def _sync(self) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for t in self.targets:
+                dist.broadcast(t.mask, src=0)
+
+    # ------------------------------------------------------------------ schedule
+    def prune_rate(self, step: int | None = None) -> float:
+        """The cosine-decayed prune rate at optimizer step ``step`` (default: the current one)."""
+        step = self.steps if step is None else step
+        if self.total_steps is None:
+            return self.prune_rate0
+        s = min(step, self.total_steps)
+        lo = self.prune_rate_min
+        return lo + (self.prune_rate0 - lo) * (1 + math.cos(math.pi * s / self.total_steps)) / 2
+
+    def step(self) -> dict[str, float] | None:
+        """Call after ``optimizer.step()``. Applies the masks; on update steps prunes and regrows and returns
+        the statistics of :meth:`update`, else None."""
+        self.apply_masks()
+        self.steps += 1
+        if self.update_every and self.steps % self.update_every == 0:
+            return self.update()
+        return None
+
+    @torch.no_grad()
+    def update(self, rate: float | None = None) -> dict[str, float]:
+        """One prune/regrow round in every sparse layer. Returns ``{'prune_rate', 'pruned', 'regrown',
+        'new_units', 'density'}`` (units, summed over layers; ``new_units`` = regrown units that were not
+        active before the round)."""
+        rate = self.prune_rate() if rate is None else rate
+        pruned = regrown = new_units = 0
+        for t in self._active():
+            mask = t.mask.view(-1)
+            before = mask > 0
+            n_active = int(before.sum())
+            n_remove = math.ceil(rate * n_active)
+            if n_remove == 0:
+                continue
+            score = t.magnitude().view(-1).to(mask.device)
+            score = torch.where(before, score, torch.full_like(score, math.inf))
+            drop = torch.argsort(score, stable=True)[:n_remove]
+            mask[drop] = 0.0
+            empty = (mask == 0).nonzero().view(-1).cpu()
+            grow = empty[torch.randperm(empty.numel(), generator=self.generator)[:n_remove]].to(mask.device)
+            mask[grow] = 1.0
+            pruned += n_remove
+            regrown += grow.numel()
+            new_units += int((~before[grow]).sum())
+        self._sync()
+        self.apply_masks()
+        stats = dict(prune_rate=rate, pruned=float(pruned), regrown=float(regrown), new_units=float(new_units),
+                     density=self.current_density())
+        if self.verbose:
+            print(f"[sparse] step {self.steps}: prune rate {rate:.4f}, {pruned} units pruned / {regrown} regrown, "
+                  f"density {stats['density']:.4f}")
+        return stats
+
+    # ------------------------------------------------------------------ reporting and checkpoints
+    def current_density(self) -> float:
+        """Active fraction of the targets' weights (dense-kept layers included)."""
+        kept = sum(float(t.mask.float().sum()) * t.per_unit for t in self.targets)
+        return kept / sum(t.param.numel() for t in self.targets)
+
+    def layer_densities(self) -> dict[str, float]:
+        return {t.name: float(t.mask.float().mean()) for t in self.targets}
+
+    def nonzero_params(self) -> int:
+        """Parameters of the model counted as the SLaK paper does: masked-out weights excluded."""
+        targets = {id(t.param): t for t in self.targets}
+        total = 0
+        for p in self.model.parameters():
+            t = targets.get(id(p))
+            total += p.numel() if t is None else int(float(t.mask.float().sum()) * t.per_unit)
+        return total
+
+    def state_dict(self) -> dict:
+        return dict(steps=self.steps, masks={t.name: t.mask.detach().clone() for t in self.targets},
+                    dense_names=sorted(self.dense_names), generator=self.generator.get_state(),
+                    config=dict(sparsity=self.sparsity, prune_rate=self.prune_rate0, update_every=self.update_every,
+                                total_steps=self.total_steps, prune_rate_min=self.prune_rate_min, scope=self.scope))
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        masks = state["masks"]
+        names = {t.name for t in self.targets}
+        if set(masks) != names:
+            missing, extra = sorted(names - set(masks)), sorted(set(masks) - names)
+            raise ValueError(f"sparsity state does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        for t in self.targets:
+            t.mask.copy_(masks[t.name])
+        self.steps = int(state["steps"])
+        self.dense_names = set(state.get("dense_names", ()))
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+        self.apply_masks()
