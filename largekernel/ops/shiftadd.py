@@ -39,9 +39,12 @@ def _check(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor, ex
 
 
 def _window(z: torch.Tensor, row: int, col: int, h: int, w: int) -> torch.Tensor:
-    """z[..., row:row+h, col:col+w] with zeros outside z (F.pad crops with negative amounts)."""
+    """z[..., row:row+h, col:col+w] with zeros outside z."""
     hp, wp = z.shape[-2:]
-    return F.pad(z, [-col, col + w - wp, -row, row + h - hp])
+    r0, r1, c0, c1 = max(row, 0), min(row + h, hp), max(col, 0), min(col + w, wp)
+    if r0 >= r1 or c0 >= c1:
+        return z.new_zeros(*z.shape[:-2], h, w)
+    return F.pad(z[..., r0:r1, c0:c1], [c0 - col, col + w - c1, r0 - row, row + h - r1])
 
 
 def shift_add_reference(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor,
@@ -71,43 +74,75 @@ def shift_add_reference(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: tor
     return torch.stack(outs)
 
 
-class _ShiftAddTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor,
-                extra_pad: int) -> torch.Tensor:
-        from largekernel.ops._triton_shiftadd import shift_add_backward, shift_add_forward
+@torch.library.custom_op("largekernel::shift_add", mutates_args=(),
+                         schema="(Tensor y, Tensor pad_hv, Tensor idx_identity, int extra_pad) -> Tensor")
+def _op_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor, extra_pad: int) -> torch.Tensor:
+    from largekernel.ops._triton_shiftadd import shift_add_forward
 
-        pad_hv = pad_hv.to(device=y.device, dtype=torch.int32).contiguous()
-        idx_identity = idx_identity.to(device=y.device, dtype=torch.int32).contiguous()
-        ctx.save_for_backward(pad_hv, idx_identity)
-        ctx.extra_pad = extra_pad
-        ctx.backward_fn = shift_add_backward
-        return shift_add_forward(y.contiguous(), pad_hv, idx_identity, extra_pad)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gout: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        pad_hv, idx_identity = ctx.saved_tensors
-        return ctx.backward_fn(gout.contiguous(), pad_hv, idx_identity, ctx.extra_pad), None, None, None
+    return shift_add_forward(y.contiguous(), pad_hv, idx_identity, extra_pad)
 
 
-def _use_triton(y: torch.Tensor) -> bool:
-    if get_backend() == "native" or y.dtype not in _TRITON_DTYPES:
-        return False
-    return triton_usable(y)
+@_op_forward.register_fake
+def _(y, pad_hv, idx_identity, extra_pad):
+    b, _, hp, wp = y.shape
+    return y.new_empty((3, b, idx_identity.shape[0], hp - 2 * extra_pad, wp - 2 * extra_pad))
+
+
+@torch.library.custom_op("largekernel::shift_add_backward", mutates_args=(),
+                         schema="(Tensor gout, Tensor pad_hv, Tensor idx_identity, int extra_pad) -> Tensor")
+def _op_backward(gout: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor,
+                 extra_pad: int) -> torch.Tensor:
+    from largekernel.ops._triton_shiftadd import shift_add_backward
+
+    return shift_add_backward(gout.contiguous(), pad_hv, idx_identity, extra_pad)
+
+
+@_op_backward.register_fake
+def _(gout, pad_hv, idx_identity, extra_pad):
+    _, b, r, h, w = gout.shape
+    return gout.new_empty((b, pad_hv.shape[0], h + 2 * extra_pad, w + 2 * extra_pad))
+
+
+def _setup_context(ctx, inputs, output):
+    _, pad_hv, idx_identity, extra_pad = inputs
+    ctx.save_for_backward(pad_hv, idx_identity)
+    ctx.extra_pad = extra_pad
+
+
+def _backward(ctx, gout):
+    pad_hv, idx_identity = ctx.saved_tensors
+    return torch.ops.largekernel.shift_add_backward(gout, pad_hv, idx_identity, ctx.extra_pad), None, None, None
+
+
+_op_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def shift_add_path(y: torch.Tensor) -> str:
+    """'triton' or 'native': the fused kernel on CUDA (backend 'auto' or 'triton'); on the CPU only when the
+    backend is forced to 'triton' under ``TRITON_INTERPRET=1`` (tests); never while exporting/tracing."""
+    backend = get_backend()
+    if backend == "native" or y.dtype not in _TRITON_DTYPES or not triton_usable(y):
+        return "native"
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return "native"
+    if y.is_cuda or backend == "triton":
+        return "triton"
+    return "native"
 
 
 def shift_add(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor, extra_pad: int) -> torch.Tensor:
     """Shift-add of the module docstring: y (B, R*nk, H+2e, W+2e) -> (3, B, R, H, W).
 
-    Runs the fused Triton kernel (forward and backward) where the backend selection allows it (CUDA, or CPU
-    under ``TRITON_INTERPRET=1``), else the PyTorch reference. The tables get no gradient.
+    Runs the fused Triton kernel (forward and backward, custom op ``largekernel::shift_add``) where
+    :func:`shift_add_path` says so, else the PyTorch reference. The tables get no gradient.
     """
     _check(y, pad_hv, idx_identity, extra_pad)
     if y.is_meta or pad_hv.is_meta:  # shapes only (model summaries, FLOP counting on the meta device)
         b, _, hp, wp = y.shape
         h, w = hp - 2 * extra_pad, wp - 2 * extra_pad
         return y.new_empty((3, b, idx_identity.shape[0], h, w), device="meta")
-    if _use_triton(y):
-        return _ShiftAddTriton.apply(y, pad_hv, idx_identity, extra_pad)
+    if shift_add_path(y) == "triton":
+        pad_hv = pad_hv.to(device=y.device, dtype=torch.int32).contiguous()
+        idx_identity = idx_identity.to(device=y.device, dtype=torch.int32).contiguous()
+        return torch.ops.largekernel.shift_add(y, pad_hv, idx_identity, extra_pad)
     return shift_add_reference(y, pad_hv, idx_identity, extra_pad)
