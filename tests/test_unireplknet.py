@@ -326,6 +326,21 @@ def test_strict_load_official_state_dict(variant, deploy, tmp_path):
         assert torch.isfinite(loaded.eval()(torch.randn(1, 3, 64, 64))).all()
 
 
+def test_training_checkpoint_into_deploy_model(tmp_path):
+    torch.manual_seed(0)
+    train = randomize_(timm.create_model("unireplknet_test"), seed=5).eval()
+    assert not train.deploy
+    path = tmp_path / "train_form.pth"
+    torch.save({"model": train.state_dict()}, path)
+    deploy = timm.create_model("unireplknet_test", deploy=True, pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert deploy.deploy
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(deploy(x), train(x)) < 1e-5
+        assert largekernel.reparameterize(train).deploy
+
+
 def test_pretrained_cfgs():
     cfg = timm.models.get_pretrained_cfg("unireplknet_b.in22k_ft_in1k_384")
     assert cfg.file == "unireplknet_b_in22k_to_in1k_384_acc87.40.pth" and cfg.input_size == (3, 384, 384)

@@ -70,6 +70,11 @@ class UniRepLKNetBlock(nn.Module):
             self.gamma = None
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
+    @property
+    def deployed(self) -> bool:
+        dw_merged = not isinstance(self.dwconv, DilatedReparamBlock) or self.dwconv.deployed
+        return dw_merged and isinstance(self.norm, nn.Identity) and len(self.pwconv2) == 2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.se(self.norm(self.dwconv(x)))
         y = self.pwconv2(self.act(self.pwconv1(y)))
@@ -141,7 +146,7 @@ class UniRepLKNet(nn.Module):
                  layer_scale_init_value: float = 1e-6, head_init_scale: float = 1.0,
                  kernel_sizes: Sequence[Sequence[int]] | None = None, deploy: bool = False,
                  with_cp: bool = False, use_sync_bn: bool = False, global_pool: str = "avg",
-                 attempt_use_lk_impl: bool = True, **kwargs) -> None:
+                 attempt_use_lk_impl: bool = True) -> None:
         super().__init__()
         depths = tuple(int(d) for d in depths)
         if len(depths) != 4 or len(dims) != 4:
@@ -157,9 +162,9 @@ class UniRepLKNet(nn.Module):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.depths, self.dims = depths, tuple(int(d) for d in dims)
         self.global_pool = global_pool
         self.drop_rate = drop_rate
-        self.deploy = deploy
         self.kernel_sizes = kernel_sizes
         self.num_features = self.head_hidden_size = dims[-1]
         self.grad_checkpointing = with_cp
@@ -242,7 +247,11 @@ class UniRepLKNet(nn.Module):
         for m in list(self.modules()):
             if isinstance(m, UniRepLKNetBlock):
                 m.reparameterize()
-        self.deploy = True
+
+    @property
+    def deploy(self) -> bool:
+        """True when every block is in the deploy (re-parameterized) form."""
+        return all(block.deployed for stage in self.stages for block in stage)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
@@ -310,7 +319,8 @@ class UniRepLKNet(nn.Module):
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: UniRepLKNet) -> dict[str, torch.Tensor]:
     """Official checkpoints already use our names. Unwraps ``model``/``state_dict``, strips a ``backbone.``
     prefix (OpenMMLab) and drops the per-stage ``norm{i}`` of the detection/segmentation backbones and any
-    head/norm the model lacks (features-only / headless)."""
+    head/norm the model lacks (features-only / headless). A training-form checkpoint (as published) given to a
+    deploy-form model is re-parameterized on the way in."""
     for key in ("model", "state_dict"):
         if key in state_dict and isinstance(state_dict[key], Mapping):
             state_dict = state_dict[key]
@@ -323,7 +333,22 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: UniRepLK
         if k.startswith(("head.", "norm.")) and k not in own:
             continue
         out[k] = v
+    if model.deploy and any(mark in k for k in out for mark in (".origin_bn.", ".pwconv2.2.")):
+        out = _train_to_deploy_state(out, model)
     return out
+
+
+@torch.no_grad()
+def _train_to_deploy_state(state: dict[str, torch.Tensor], model: UniRepLKNet) -> dict[str, torch.Tensor]:
+    """A training-form state dict (as published) converted to the deploy form of ``model``'s configuration."""
+    num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+    train = UniRepLKNet(in_chans=model.in_chans, num_classes=num_classes, depths=model.depths, dims=model.dims,
+                        kernel_sizes=model.kernel_sizes)
+    if "norm.weight" not in state:
+        train.norm = nn.Identity()
+    train.load_state_dict(state, strict=True)
+    train.eval().reparameterize_unireplknet()
+    return train.state_dict()
 
 
 # ---- configurations -----------------------------------------------------------------------------------------
@@ -366,7 +391,7 @@ def _cfg(file: str = "", top1: float | None = None, lost: bool = False, **kwargs
     }
 
 
-_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
+_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0, crop_mode="squash")  # official: warp
 _22K = dict(num_classes=21841)
 default_cfgs = generate_default_cfgs({
     "unireplknet_a.in1k": _cfg("unireplknet_a_in1k_224_acc77.03.pth", 77.03),
