@@ -1,0 +1,152 @@
+"""Whole-model throughput: img/s for inference (deploy form) and a training step, ours vs timm peers, one run.
+
+    PYTHONPATH=. python benchmarks/models.py                      # the default set, on the current GPU
+    PYTHONPATH=. python benchmarks/models.py --models replknet_31b swin_base_patch4_window7_224 --backends auto native
+
+Inference: eval mode, re-parameterized (``largekernel.reparameterize``; timm models via
+``timm.utils.reparameterize_model``), ``torch.no_grad``, bf16 autocast, channels_last. Training: one SGD step
+(forward, cross-entropy, backward, step) under bf16 autocast. Median of ``--iters`` CUDA-event-timed iterations
+after ``--warmup``; random inputs. Writes ``$OUT/models.json`` when ``$OUT`` is set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import largekernel
+from largekernel.ops.dispatch import use_backend
+
+DEFAULT = [
+    "replknet_31b", "slak_tiny", "slak_small", "unireplknet_t", "unireplknet_s", "shiftwise_v2_tiny",
+    "convnext_tiny", "convnext_base", "swin_tiny_patch4_window7_224", "swin_base_patch4_window7_224",
+]
+
+
+OUR_MODULES = ("replknet", "slak", "unireplknet", "shiftwise", "mobilenetv2")
+
+
+def is_ours(name: str) -> bool:
+    return any(name.split(".")[0] in timm.list_models(module=m) for m in OUR_MODULES)
+
+
+def _time(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def bench_model(name: str, batch: int, train_batch: int, warmup: int, iters: int, res: int,
+                train: bool = True) -> dict:
+    device = "cuda"
+    row: dict = {"model": name}
+    model = timm.create_model(name, num_classes=1000)
+    row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
+    model = model.to(device).to(memory_format=torch.channels_last)
+    if train:
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        x = torch.randn(train_batch, 3, res, res, device=device).to(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (train_batch,), device=device)
+
+        def step() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        torch.cuda.reset_peak_memory_stats()
+        t = _time(step, warmup, iters)
+        row["train_img_s"] = train_batch / t
+        row["train_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        del opt
+    model.eval()
+    if is_ours(name):
+        model = largekernel.reparameterize(model, inplace=True)
+    else:
+        from timm.utils import reparameterize_model
+
+        model = reparameterize_model(model)
+    x = torch.randn(batch, 3, res, res, device=device).to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def infer() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x)
+
+    row["infer_img_s"] = batch / _time(infer, warmup, iters)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=DEFAULT)
+    p.add_argument("--backends", nargs="+", default=["auto", "native"],
+                   help="depthwise backends to run our models under ('auto' = fast kernels)")
+    p.add_argument("--batch", type=int, default=128, help="inference batch")
+    p.add_argument("--train-batch", type=int, default=64)
+    p.add_argument("--res", type=int, default=224)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--no-train", action="store_true")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/models.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cudnn.benchmark = True
+    rows = []
+    for name in args.models:
+        if not timm.is_model(name):
+            print(f"skip {name}: not registered", file=sys.stderr)
+            continue
+        ours = is_ours(name)
+        for backend in (args.backends if ours else ["-"]):
+            t0 = time.time()
+            try:
+                with use_backend(backend if ours else "auto"):
+                    row = bench_model(name, args.batch, args.train_batch, args.warmup, args.iters, args.res,
+                                      train=not args.no_train)
+            except Exception as err:  # report and go on: one model's failure must not lose the run
+                row = {"model": name, "error": f"{type(err).__name__}: {str(err)[:200]}"}
+            torch.cuda.empty_cache()
+            row["backend"] = backend
+            row["wall_s"] = round(time.time() - t0, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "timm": timm.__version__,
+            "batch": args.batch, "train_batch": args.train_batch, "res": args.res, "iters": args.iters,
+            "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "models.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+    print(f"\n{meta['gpu']}, torch {meta['torch']}, bf16 autocast, channels_last, {args.res}px")
+    print(f"| model | backend | params (M) | infer img/s (b{args.batch}) | train img/s (b{args.train_batch}) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | {r['backend']} | error: {r['error'][:80]} | | |")
+        else:
+            print(f"| {r['model']} | {r['backend']} | {r['params_M']:.1f} | {r['infer_img_s']:.0f} | "
+                  f"{r.get('train_img_s', float('nan')):.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
