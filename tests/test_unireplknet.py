@@ -259,6 +259,19 @@ def test_features_only():
     assert [f.shape[1] for f in model(torch.randn(1, 3, 64, 64))] == [24, 32]
 
 
+@pytest.mark.parametrize("coarse", [False, True])
+def test_group_matcher_covers_every_parameter(coarse):
+    from timm.models import group_parameters
+
+    model = timm.create_model("unireplknet_test")
+    groups = group_parameters(model, model.group_matcher(coarse=coarse))
+    names = [n for g in groups.values() for n in g]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    first = groups[min(groups)]
+    assert all(n.startswith("downsample_layers.0.") for n in first)
+    assert len(groups) == (6 if coarse else 7)
+
+
 def test_sync_bn_falls_back_without_process_group():
     model = timm.create_model("unireplknet_test", use_sync_bn=True)
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())

@@ -214,7 +214,7 @@ class UniRepLKNet(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(
             stem=r"^downsample_layers\.0\.",
-            blocks=r"^stages\.(\d+)|^downsample_layers\.([1-3])\." if coarse else [
+            blocks=r"^(?:stages|downsample_layers)\.(\d+)" if coarse else [
                 (r"^downsample_layers\.([1-3])\.", (0,)),
                 (r"^stages\.(\d+)\.(\d+)", None),
                 (r"^norm\.", (99999,)),
