@@ -248,11 +248,22 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def _num_feature_levels(arch: Sequence[Sequence[int]]) -> int:
+    """Feature levels of an arch (stage ends at stride > 2 where the stride changes next, and the last)."""
+    strides, reduction, levels = [int(s[3]) for s in arch], 2, 0
+    for i, s in enumerate(strides):
+        reduction *= s
+        if (i + 1 == len(strides) or strides[i + 1] > 1) and reduction > 2:
+            levels += 1
+    return levels
+
+
 def _create_lk_mobilenetv2(variant: str, pretrained: bool = False, **kwargs) -> LKMobileNetV2:
+    levels = _num_feature_levels(kwargs.get("arch", MBV2_ARCH))
     return build_model_with_cfg(
         LKMobileNetV2, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(levels))),
         **kwargs,
     )
 
