@@ -209,3 +209,17 @@ def test_bad_arguments() -> None:
     bad.weight_mask = torch.ones(3, 1, 1, 1)
     with pytest.raises(ValueError, match="does not broadcast"):
         DynamicSparsity(bad, init="uniform", scope="protocol")
+
+
+def test_engine_follows_the_model_across_to() -> None:
+    model = timm.create_model("test_slak", num_classes=3)
+    engine = DynamicSparsity(model, sparsity=0.4, init="uniform", update_every=1)
+    model.double()  # replaces every buffer tensor (the protocol masks included)
+    lora = model.stages[1][0].large_kernel.LoRA2.conv
+    target = next(t for t in engine.targets if t.name == "stages.1.0.large_kernel.LoRA2.conv.weight")
+    assert target.mask is lora.weight_mask
+    with torch.no_grad():
+        model.stages[0][0].pwconv1.weight.add_(1.0)  # revive masked entries; the engine must zero them again
+    engine.step()
+    _check_masked_zero(engine)
+    assert abs(engine.current_density() - 0.6) < 1e-3

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,16 +36,32 @@ _INITS = ("snip", "erk", "uniform", "resume")
 _SCOPES = ("all", "protocol")
 
 
-@dataclass
 class SparseTarget:
-    """One masked parameter: ``name`` (as in ``model.named_parameters()``), the parameter, its mask (a model
-    buffer for protocol modules, else engine-owned), and the owning module when it follows the protocol."""
+    """One masked parameter: ``name`` (as in ``model.named_parameters()``), its owning ``module`` and local
+    ``param_name``. The mask is the module's buffer ``param_name + "_mask"`` for protocol modules (looked up on
+    every use, so ``model.to(...)`` is safe), else a float mask held here (moved to the parameter's device)."""
 
-    name: str
-    param: nn.Parameter
-    mask: torch.Tensor
-    module: nn.Module | None = None
-    param_name: str = "weight"
+    def __init__(self, name: str, module: nn.Module, param_name: str, owned_mask: torch.Tensor | None = None) -> None:
+        self.name = name
+        self.module = module
+        self.param_name = param_name
+        self._owned = owned_mask
+
+    @property
+    def protocol(self) -> bool:
+        return self._owned is None
+
+    @property
+    def param(self) -> nn.Parameter:
+        return getattr(self.module, self.param_name)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        if self._owned is None:
+            return getattr(self.module, self.param_name + "_mask")
+        if self._owned.device != self.param.device:
+            self._owned = self._owned.to(self.param.device)
+        return self._owned
 
     @property
     def units(self) -> int:
@@ -59,7 +74,7 @@ class SparseTarget:
     def magnitude(self) -> torch.Tensor:
         """Mask-shaped unit scores: |w| summed over the broadcast dims (or the module's ``sparse_score``)."""
         fn = getattr(self.module, "sparse_score", None)
-        if callable(fn):
+        if self.protocol and callable(fn):
             return fn(self.param_name).detach().float()
         return self.param.detach().abs().float().sum_to_size(self.mask.shape)
 
@@ -75,32 +90,37 @@ def _check_mask(name: str, param: torch.Tensor, mask: torch.Tensor) -> None:
 
 
 def find_sparse_targets(model: nn.Module, scope: str = "all") -> list[SparseTarget]:
-    """The parameters dynamic sparsity acts on, in ``named_parameters`` order (see the module docstring)."""
+    """The parameters dynamic sparsity acts on, in module order (see the module docstring)."""
     if scope not in _SCOPES:
         raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
-    owned: dict[int, SparseTarget] = {}
+    targets: list[SparseTarget] = []
+    seen: set[int] = set()
     for mod_name, module in model.named_modules():
-        for pname in getattr(type(module), "sparse_params", ()):
-            param = getattr(module, pname, None)
-            mask = getattr(module, pname + "_mask", None)
+        declared = tuple(getattr(type(module), "sparse_params", ()))
+        for pname in declared:
             full = f"{mod_name}.{pname}" if mod_name else pname
+            param, mask = getattr(module, pname, None), getattr(module, pname + "_mask", None)
             if not isinstance(param, nn.Parameter) or not isinstance(mask, torch.Tensor):
                 raise ValueError(f"{full}: a sparse module needs parameter {pname!r} and buffer {pname + '_mask'!r}")
             _check_mask(full, param, mask)
-            owned[id(param)] = SparseTarget(full, param, mask, module, pname)
-    targets = []
-    for name, param in model.named_parameters():
-        if id(param) in owned:
-            targets.append(owned.pop(id(param)))
-        elif scope == "all" and param.dim() in (2, 4) and param.requires_grad:
-            targets.append(SparseTarget(name, param, torch.ones_like(param, dtype=torch.float32)))
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            full = f"{mod_name}.{pname}" if mod_name else pname
+            if pname in declared:
+                targets.append(SparseTarget(full, module, pname))
+            elif scope == "all" and param.dim() in (2, 4) and param.requires_grad:
+                targets.append(SparseTarget(full, module, pname, torch.ones_like(param, dtype=torch.float32)))
+            else:
+                continue
+            seen.add(id(param))
     return targets
 
 
 def count_nonzero_params(model: nn.Module) -> int:
     """Non-zero parameter elements, counting masked-out weights as zero (what the SLaK paper reports)."""
     total = 0
-    masked = {id(t.param): t for t in find_sparse_targets(model, "protocol")}
+    masked = {id(t.param): t for t in find_sparse_targets(model, "protocol")}  # forward sees param * mask
     for p in model.parameters():
         t = masked.get(id(p))
         w = p.detach() * t.mask if t is not None else p.detach()
@@ -181,7 +201,9 @@ class DynamicSparsity:
         self.optimizer = optimizer
         self.verbose = verbose
         self.steps = 0
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        self._device_generators: dict[str, torch.Generator] = {}
         self.targets = find_sparse_targets(model, scope)
         if not self.targets:
             raise ValueError(f"the model has no parameters to sparsify with scope={scope!r}")
@@ -192,6 +214,14 @@ class DynamicSparsity:
     # ------------------------------------------------------------------ masks
     def _active(self) -> Iterator[SparseTarget]:
         return (t for t in self.targets if t.name not in self.dense_names)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device.type == "cpu":
+            return self.generator
+        key = str(device)
+        if key not in self._device_generators:
+            self._device_generators[key] = torch.Generator(device=device).manual_seed(self.seed + 1)
+        return self._device_generators[key]
 
     def _random_mask(self, t: SparseTarget, density: float) -> None:
         n = t.units
@@ -298,8 +328,9 @@ class DynamicSparsity:
             score = torch.where(before, score, torch.full_like(score, math.inf))
             drop = torch.argsort(score, stable=True)[:n_remove]
             mask[drop] = 0.0
-            empty = (mask == 0).nonzero().view(-1).cpu()
-            grow = empty[torch.randperm(empty.numel(), generator=self.generator)[:n_remove]].to(mask.device)
+            # uniform random choice among the empty units (just-pruned ones included, as official)
+            keys = torch.rand(mask.numel(), generator=self._generator(mask.device), device=mask.device)
+            grow = torch.topk(torch.where(mask == 0, keys, torch.full_like(keys, -1.0)), n_remove).indices
             mask[grow] = 1.0
             pruned += n_remove
             regrown += grow.numel()
@@ -334,6 +365,7 @@ class DynamicSparsity:
     def state_dict(self) -> dict:
         return dict(steps=self.steps, masks={t.name: t.mask.detach().clone() for t in self.targets},
                     dense_names=sorted(self.dense_names), generator=self.generator.get_state(),
+                    device_generators={k: g.get_state() for k, g in self._device_generators.items()},
                     config=dict(sparsity=self.sparsity, prune_rate=self.prune_rate0, update_every=self.update_every,
                                 total_steps=self.total_steps, prune_rate_min=self.prune_rate_min, scope=self.scope))
 
@@ -350,4 +382,9 @@ class DynamicSparsity:
         self.dense_names = set(state.get("dense_names", ()))
         if "generator" in state:
             self.generator.set_state(state["generator"])
+        for key, gen_state in state.get("device_generators", {}).items():
+            try:
+                self._generator(torch.device(key)).set_state(gen_state)
+            except (RuntimeError, AssertionError):  # device absent now: keep the fresh seeded generator
+                pass
         self.apply_masks()
