@@ -223,3 +223,38 @@ def test_engine_follows_the_model_across_to() -> None:
     engine.step()
     _check_masked_zero(engine)
     assert abs(engine.current_density() - 0.6) < 1e-3
+
+
+class TwoPaths(nn.Module):
+    """Two masked paths whose masks are tied (shift-wise's N_path convs share one mask per small kernel)."""
+
+    def __init__(self, channels: int = 30) -> None:
+        super().__init__()
+        self.a = GroupMasked(channels)
+        self.b = GroupMasked(channels)
+
+    def sparse_ties(self) -> list[list[str]]:
+        return [["a.weight", "b.weight"]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+def test_tied_masks_share_decisions_on_summed_scores() -> None:
+    mod = TwoPaths(30)
+    engine = DynamicSparsity(mod, sparsity=0.5, init="uniform", update_every=0, scope="protocol")
+    assert len(engine.groups) == 1 and len(engine.targets) == 2
+    assert torch.equal(mod.a.weight_mask, mod.b.weight_mask) and int(mod.a.weight_mask.sum()) == 15
+    with torch.no_grad():
+        sa, sb = torch.randperm(30).float() + 1.0, torch.randperm(30).float() + 1.0
+        mod.a.weight.copy_((sa / 9).view(30, 1, 1, 1).expand(30, 1, 3, 3))
+        mod.b.weight.copy_((sb / 9).view(30, 1, 1, 1).expand(30, 1, 3, 3))
+        engine.apply_masks()
+    total = sa + sb
+    alive = mod.a.weight_mask.view(-1).bool().clone()
+    cut = total[alive].sort().values[3]  # ceil(0.25 * 15) = 4 kernels go
+    engine.update(rate=0.25)
+    now = mod.a.weight_mask.view(-1).bool()
+    assert torch.equal(mod.a.weight_mask, mod.b.weight_mask)
+    assert bool((total[alive & ~now] <= cut).all()) and bool((alive & (total > cut) & ~now).sum() == 0)
+    assert int(now.sum()) == 15

@@ -9,7 +9,9 @@ Semantics follow the official ``sparse_core.py`` of VITA-Group/SLaK (shared by l
   official ``--only-L`` (SLaK: the ``LoRA1``/``LoRA2`` kernels; shift-wise: its grouped small kernels).
 * Units. A mask entry is a unit: a single weight for full-shape masks, a whole small kernel for a
   (C, 1, 1, 1) mask on a (C, 1, k, k) weight. Scores are summed over the broadcast dims. A protocol module
-  may define ``sparse_score(name) -> Tensor`` (mask-shaped) to override the magnitude (e.g. sum over paths).
+  may define ``sparse_score(name) -> Tensor`` (mask-shaped) to override the magnitude; any module may
+  define ``sparse_ties() -> list[list[str]]`` (parameter names relative to it) whose masks are one shared
+  mask: scores add up over the tied parameters and one decision is written to all.
 * Init. The overall density ``1 - sparsity`` over the targets' units. ``snip``: layer densities from one
   batch (SNIP, |w * grad| against a global threshold), masks drawn at random with those densities;
   ``erk``: Erdos-Renyi-Kernel densities; ``uniform``: the same density everywhere; ``resume``: masks
@@ -30,7 +32,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DynamicSparsity", "SparseTarget", "find_sparse_targets", "count_nonzero_params"]
+__all__ = ["DynamicSparsity", "SparseGroup", "SparseTarget", "count_nonzero_params", "find_sparse_targets",
+           "group_sparse_targets"]
 
 _INITS = ("snip", "erk", "uniform", "resume")
 _SCOPES = ("all", "protocol")
@@ -128,7 +131,77 @@ def count_nonzero_params(model: nn.Module) -> int:
     return total
 
 
-def _erk_densities(targets: list[SparseTarget], density: float, power: float = 1.0) -> list[float]:
+class SparseGroup:
+    """Targets that share one mask (declared by a module's ``sparse_ties()``); a lone target is a group of one.
+
+    The first member's mask is edited; :meth:`broadcast` copies it to the others. Scores add up over members.
+    """
+
+    def __init__(self, members: list[SparseTarget]) -> None:
+        self.members = members
+
+    @property
+    def name(self) -> str:
+        return self.members[0].name
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.members[0].param
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.members[0].mask
+
+    @property
+    def units(self) -> int:
+        return self.members[0].units
+
+    def magnitude(self) -> torch.Tensor:
+        score = self.members[0].magnitude()
+        for m in self.members[1:]:
+            score = score + m.magnitude().to(score.device)
+        return score
+
+    @torch.no_grad()
+    def broadcast(self) -> None:
+        for m in self.members[1:]:
+            m.mask.copy_(self.mask)
+
+
+def group_sparse_targets(model: nn.Module, targets: list[SparseTarget]) -> list[SparseGroup]:
+    """Group targets whose masks a module ties: ``module.sparse_ties() -> list[list[str]]`` names, relative
+    to that module, parameters that must share one mask (e.g. shift-wise's ``N_path`` paths, whose official
+    mask is one per layer, copied to every path)."""
+    by_name = {t.name: t for t in targets}
+    group_of: dict[str, list[SparseTarget]] = {t.name: [t] for t in targets}
+    for mod_name, module in model.named_modules():
+        fn = getattr(module, "sparse_ties", None)
+        if not callable(fn):
+            continue
+        for tie in fn():
+            full = [f"{mod_name}.{n}" if mod_name else n for n in tie]
+            members = [by_name[n] for n in full if n in by_name]
+            if len(members) < 2:
+                continue
+            if len({tuple(m.mask.shape) for m in members}) > 1:
+                raise ValueError(f"tied masks of {full} have different shapes")
+            merged: list[SparseTarget] = []
+            for m in members:
+                merged += [x for x in group_of[m.name] if x not in merged]
+            merged.sort(key=targets.index)
+            for x in merged:
+                group_of[x.name] = merged
+    groups, seen = [], set()
+    for t in targets:
+        members = group_of[t.name]
+        if id(members) not in seen:
+            seen.add(id(members))
+            groups.append(SparseGroup(members))
+    return groups
+
+
+def _erk_densities(targets: list[SparseTarget] | list[SparseGroup], density: float,
+                   power: float = 1.0) -> list[float]:
     """Erdos-Renyi-Kernel layer densities (official ``init('ERK')``): dense layers where the scale exceeds 1."""
     dense: set[int] = set()
     while True:
@@ -207,13 +280,14 @@ class DynamicSparsity:
         self.targets = find_sparse_targets(model, scope)
         if not self.targets:
             raise ValueError(f"the model has no parameters to sparsify with scope={scope!r}")
+        self.groups = group_sparse_targets(model, self.targets)
         self.dense_names: set[str] = set()
         self.init_densities: dict[str, float] = {}  # layer densities chosen at init (snip / erk / uniform)
         self._initialize(snip_batch, loss_fn or F.cross_entropy)
 
     # ------------------------------------------------------------------ masks
-    def _active(self) -> Iterator[SparseTarget]:
-        return (t for t in self.targets if t.name not in self.dense_names)
+    def _active(self) -> Iterator[SparseGroup]:
+        return (g for g in self.groups if g.name not in self.dense_names)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device.type == "cpu":
@@ -223,33 +297,39 @@ class DynamicSparsity:
             self._device_generators[key] = torch.Generator(device=device).manual_seed(self.seed + 1)
         return self._device_generators[key]
 
-    def _random_mask(self, t: SparseTarget, density: float) -> None:
-        n = t.units
+    def _random_mask(self, g: SparseGroup, density: float) -> None:
+        n = g.units
         keep = min(n, max(0, round(density * n)))
         flat = torch.zeros(n)
         flat[torch.randperm(n, generator=self.generator)[:keep]] = 1.0
-        t.mask.copy_(flat.view(t.mask.shape))
+        g.mask.copy_(flat.view(g.mask.shape))
+        g.broadcast()
 
     @torch.no_grad()
     def _initialize(self, snip_batch: tuple[torch.Tensor, torch.Tensor] | None,
                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         if self.init_mode == "resume":
-            for t in self.targets:
-                t.mask.copy_((t.magnitude() != 0).to(t.mask.dtype))
+            for g in self.groups:
+                alive = torch.zeros(g.mask.shape, dtype=torch.bool, device=g.mask.device)
+                for m in g.members:
+                    alive |= m.magnitude().to(alive.device) != 0
+                g.mask.copy_(alive.to(g.mask.dtype))
+                g.broadcast()
         else:
             if self.init_mode == "uniform":
-                densities = [self.density] * len(self.targets)
+                densities = [self.density] * len(self.groups)
             elif self.init_mode == "erk":
-                densities = _erk_densities(self.targets, self.density)
+                densities = _erk_densities(self.groups, self.density)
             else:
                 densities = self._snip_densities(snip_batch, loss_fn)
-            self.init_densities = dict(zip((t.name for t in self.targets), densities))
-            for t, d in zip(self.targets, densities):
-                self._random_mask(t, d)
-        for t in self.targets:  # official: layers left (nearly) dense are not sparsified at all
-            if t.mask.float().mean().item() >= 0.99:
-                t.mask.fill_(1.0)
-                self.dense_names.add(t.name)
+            self.init_densities = {m.name: d for g, d in zip(self.groups, densities) for m in g.members}
+            for g, d in zip(self.groups, densities):
+                self._random_mask(g, d)
+        for g in self.groups:  # official: layers left (nearly) dense are not sparsified at all
+            if g.mask.float().mean().item() >= 0.99:
+                g.mask.fill_(1.0)
+                g.broadcast()
+                self.dense_names.update(m.name for m in g.members)
         self._sync()
         self.apply_masks()
 
@@ -264,10 +344,13 @@ class DynamicSparsity:
         with torch.enable_grad():
             loss_fn(net(batch[0]), batch[1]).backward()
         scores = []
-        for t in self.targets:
-            c = clones[t.name]
-            grad = c.param.grad if c.param.grad is not None else torch.zeros_like(c.param)
-            scores.append((c.param.detach() * grad).abs().float().sum_to_size(t.mask.shape).flatten())
+        for g in self.groups:
+            score = 0
+            for m in g.members:
+                c = clones[m.name]
+                grad = c.param.grad if c.param.grad is not None else torch.zeros_like(c.param)
+                score = score + (c.param.detach() * grad).abs().float().sum_to_size(m.mask.shape).flatten()
+            scores.append(score)
         del net
         all_scores = torch.cat(scores)
         keep = int(all_scores.numel() * self.density)
@@ -317,14 +400,14 @@ class DynamicSparsity:
         active before the round)."""
         rate = self.prune_rate() if rate is None else rate
         pruned = regrown = new_units = 0
-        for t in self._active():
-            mask = t.mask.view(-1)
+        for g in self._active():
+            mask = g.mask.view(-1)
             before = mask > 0
             n_active = int(before.sum())
             n_remove = math.ceil(rate * n_active)
             if n_remove == 0:
                 continue
-            score = t.magnitude().view(-1).to(mask.device)
+            score = g.magnitude().view(-1).to(mask.device)
             score = torch.where(before, score, torch.full_like(score, math.inf))
             drop = torch.argsort(score, stable=True)[:n_remove]
             mask[drop] = 0.0
@@ -332,6 +415,7 @@ class DynamicSparsity:
             keys = torch.rand(mask.numel(), generator=self._generator(mask.device), device=mask.device)
             grow = torch.topk(torch.where(mask == 0, keys, torch.full_like(keys, -1.0)), n_remove).indices
             mask[grow] = 1.0
+            g.broadcast()
             pruned += n_remove
             regrown += grow.numel()
             new_units += int((~before[grow]).sum())
