@@ -258,3 +258,17 @@ def test_tied_masks_share_decisions_on_summed_scores() -> None:
     assert torch.equal(mod.a.weight_mask, mod.b.weight_mask)
     assert bool((total[alive & ~now] <= cut).all()) and bool((alive & (total > cut) & ~now).sum() == 0)
     assert int(now.sum()) == 15
+
+
+def test_apply_masks_to_a_copy() -> None:
+    import copy
+
+    model = nn.Sequential(nn.Linear(20, 20), nn.Linear(20, 3))
+    engine = DynamicSparsity(model, sparsity=0.5, init="uniform")
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.fill_(1.0)
+    engine.apply_masks_to(ema)
+    assert int(torch.count_nonzero(ema[0].weight)) == 200 and int(torch.count_nonzero(ema[0].bias)) == 20
+    assert torch.equal(ema[1].weight != 0, engine.targets[1].mask.bool())

@@ -369,6 +369,18 @@ class DynamicSparsity:
                 if buf is not None:
                     buf.mul_(t.mask.to(buf.dtype))
 
+    @torch.no_grad()
+    def apply_masks_to(self, other: nn.Module) -> None:
+        """Zero the masked weights of a copy of the model (e.g. the EMA model: call after its update), by
+        parameter name. The official EMA also zeroes pruned entries (and restarts regrown ones from the
+        model's value)."""
+        params = dict(other.named_parameters())
+        for t in self.targets:
+            p = params.get(t.name)
+            if p is None:
+                raise ValueError(f"{type(other).__name__} has no parameter {t.name!r}")
+            p.mul_(t.mask.to(device=p.device, dtype=p.dtype))
+
     def _sync(self) -> None:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for t in self.targets:
