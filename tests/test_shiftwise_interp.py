@@ -18,6 +18,7 @@ OP_CASES = [
     ("k5_one_group_f64", 2, 2, 3, 1, 2, 7, 5, "float64", "random"),
     ("official_f32", 2, 4, 5, 4, 1, 8, 6, "float32", "official"),
     ("official_bf16", 1, 4, 5, 3, 1, 6, 6, "bfloat16", "official"),
+    ("several_tiles_f64", 1, 2, 3, 2, 1, 40, 130, "float64", "random"),  # 2 x 2 tiles per plane
 ]
 TOL = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 1e-2}
 

@@ -14,13 +14,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _shift_add_fwd(y_ptr, pad_ptr, ident_ptr, out_ptr, R, H, W, Hp, Wp, term_stride,
+def _shift_add_fwd(y_ptr, pad_ptr, ident_ptr, out_ptr, R, H, W, Hp, Wp, term_stride, n_th, n_tw,
                    NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, F64: tl.constexpr):
-    bc = tl.program_id(0)  # b * R + c
+    # 1-D grid, tiles of one channel adjacent: they share the channel's y planes in L2
+    pid = tl.program_id(0)
+    tw = pid % n_tw
+    th = (pid // n_tw) % n_th
+    bc = pid // (n_tw * n_th)  # b * R + c
     c = bc % R
-    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-    ws = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    hs = th * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    ws = tw * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
     inside = (hs < H) & (ws < W)
     plane = Hp * Wp
     y_c = y_ptr + bc.to(tl.int64) * NK * plane
@@ -54,15 +58,19 @@ def _shift_add_fwd(y_ptr, pad_ptr, ident_ptr, out_ptr, R, H, W, Hp, Wp, term_str
 
 
 @triton.jit
-def _shift_add_bwd(gout_ptr, pad_ptr, ident_ptr, gy_ptr, R, H, W, Hp, Wp, term_stride,
+def _shift_add_bwd(gout_ptr, pad_ptr, ident_ptr, gy_ptr, R, H, W, Hp, Wp, term_stride, n_th, n_tw,
                    NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, F64: tl.constexpr):
-    pid = tl.program_id(0)  # (b * R + c) * NK + j
-    j = pid % NK
-    bc = pid // NK
+    # 1-D grid, the tiles and the nk planes of one channel adjacent: they share its gout planes in L2
+    pid = tl.program_id(0)
+    tw = pid % n_tw
+    th = (pid // n_tw) % n_th
+    plane_id = pid // (n_tw * n_th)  # (b * R + c) * NK + j
+    j = plane_id % NK
+    bc = plane_id // NK
     c = bc % R
-    us = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-    vs = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    us = th * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    vs = tw * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
     inside = (us < Hp) & (vs < Wp)
     g_c = gout_ptr + bc.to(tl.int64) * H * W
     if F64:
@@ -87,14 +95,17 @@ def _shift_add_bwd(gout_ptr, pad_ptr, ident_ptr, gy_ptr, R, H, W, Hp, Wp, term_s
         hits += (k == c * NK + j).to(tl.int32)
     m2 = row0_ok & col1_ok & (hits > 0)
     acc += hits.to(acc.dtype) * tl.load(g_c + 2 * term_stride + row0 * W + col1, mask=m2, other=0.0).to(acc.dtype)
-    gy = gy_ptr + pid.to(tl.int64) * Hp * Wp + us * Wp + vs
+    gy = gy_ptr + plane_id.to(tl.int64) * Hp * Wp + us * Wp + vs
     tl.store(gy, acc.to(gy_ptr.dtype.element_ty), mask=inside)
 
 
 def _blocks(h: int, w: int) -> tuple[int, int, int]:
-    block_w = min(64, triton.next_power_of_2(w))
-    block_h = min(triton.next_power_of_2(h), max(1, 1024 // block_w))
-    return block_h, block_w, 4 if block_h * block_w >= 512 else 2
+    """Tile (block_h, block_w, num_warps): a whole plane up to 64 x 64, so each plane is fetched once and its
+    shifted re-reads hit L1."""
+    block_w = min(128, triton.next_power_of_2(w))
+    block_h = min(triton.next_power_of_2(h), max(1, 4096 // block_w))
+    size = block_h * block_w
+    return block_h, block_w, 8 if size >= 4096 else 4 if size >= 1024 else 2 if size >= 256 else 1
 
 
 def shift_add_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor,
@@ -106,8 +117,8 @@ def shift_add_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch
     h, w = hp - 2 * extra_pad, wp - 2 * extra_pad
     out = torch.empty((3, b, r, h, w), device=y.device, dtype=y.dtype)
     bh, bw, warps = _blocks(h, w)
-    grid = (b * r, triton.cdiv(h, bh), triton.cdiv(w, bw))
-    _shift_add_fwd[grid](y, pad_hv, idx_identity, out, r, h, w, hp, wp, b * r * h * w,
+    n_th, n_tw = triton.cdiv(h, bh), triton.cdiv(w, bw)
+    _shift_add_fwd[(b * r * n_th * n_tw,)](y, pad_hv, idx_identity, out, r, h, w, hp, wp, b * r * h * w, n_th, n_tw,
                          NK=nk, G=g, E=extra_pad, BLOCK_H=bh, BLOCK_W=bw, F64=y.dtype == torch.float64,
                          num_warps=warps)
     return out
@@ -122,8 +133,9 @@ def shift_add_backward(gout: torch.Tensor, pad_hv: torch.Tensor, idx_identity: t
     hp, wp = h + 2 * extra_pad, w + 2 * extra_pad
     gy = torch.empty((b, r * nk, hp, wp), device=gout.device, dtype=gout.dtype)
     bh, bw, warps = _blocks(hp, wp)
-    grid = (b * r * nk, triton.cdiv(hp, bh), triton.cdiv(wp, bw))
-    _shift_add_bwd[grid](gout, pad_hv, idx_identity, gy, r, h, w, hp, wp, b * r * h * w,
+    n_th, n_tw = triton.cdiv(hp, bh), triton.cdiv(wp, bw)
+    _shift_add_bwd[(b * r * nk * n_th * n_tw,)](gout, pad_hv, idx_identity, gy, r, h, w, hp, wp, b * r * h * w,
+                                                n_th, n_tw,
                          NK=nk, G=g, E=extra_pad, BLOCK_H=bh, BLOCK_W=bw, F64=gout.dtype == torch.float64,
                          num_warps=warps)
     return gy

@@ -1,0 +1,168 @@
+"""Shift-add and shift-wise layer benchmark (CUDA): fused Triton shift-add vs the copy ceiling, SW layer vs
+its dense-equivalent large depthwise conv.
+
+    PYTHONPATH=. python3 benchmarks/shiftadd.py [--batch 64] [--dtypes float32,bfloat16] [--quick]
+
+Shapes: the four SW-tiny stages at 224 (C 80/160/320/640 at 56/28/14/7, kernels 51/49/47/13 from 3x3, ghost
+ratio 0.23, N_rep 4). For each:
+
+* shift-add forward / backward (Triton) and the PyTorch reference: HBM bytes = read y (B, R*nk, H+2, W+2) +
+  write the three terms (3, B, R, H, W) (backward: the reverse); GB/s and % of the measured device-to-device
+  copy bandwidth (``clone`` of y: bytes read + written) and of the 2.96 TB/s H100 anchor.
+* the SW layer (merged, eval, inference) vs the same layer run as one D x D depthwise conv
+  (``to_dense()``, through ``largekernel.ops.depthwise_conv2d``); training fwd+bwd of the SW layer (train
+  form) vs the dense depthwise conv fwd+bwd.
+
+Before timing, the Triton shift-add is checked against the reference on the GPU (forward and backward).
+Median of >= 20 CUDA-event-timed runs after warm-up. Prints a table; writes ``$OUT/shiftadd.json`` if $OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+
+import torch
+
+from largekernel.layers.shiftwise import ShiftwiseConv2d
+from largekernel.ops.dispatch import use_backend
+from largekernel.ops.shiftadd import shift_add, shift_add_reference
+
+COPY_ANCHOR_GBS = 2960.0
+# (C, H=W, big kernel, small kernel): SW-tiny stages
+SHAPES = [(80, 56, 51, 3), (160, 28, 49, 3), (320, 14, 47, 3), (640, 7, 13, 3)]
+
+
+def cuda_time(fn, min_runs: int = 20, budget_ms: float = 300.0) -> float:
+    """Median ms of fn over >= min_runs CUDA-event-timed runs, after warm-up."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end), 1e-3)
+    runs = max(min_runs, min(200, int(budget_ms / est)))
+    times = []
+    for _ in range(runs):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def check_gpu_correctness(device: torch.device) -> dict:
+    """Triton vs reference (float32 and float64) on a small SW-shaped case; relative errors."""
+    out = {}
+    layer = ShiftwiseConv2d(40, 25, 3, ghost_ratio=0.23, n_rep=4)
+    for dtype in (torch.float32, torch.float64):
+        y = torch.randn(2, layer.rep_channels * layer.nk, 20, 22, device=device, dtype=dtype, requires_grad=True)
+        pad, ident = layer.pad_hv.to(device), layer.idx_identity.to(device)
+        with use_backend("triton"):
+            got = shift_add(y, pad, ident, 1)
+        gout = torch.randn_like(got)
+        (g_got,) = torch.autograd.grad(got, y, gout)
+        want = shift_add_reference(y, pad, ident, 1)
+        (g_want,) = torch.autograd.grad(want, y, gout)
+        out[str(dtype).split(".")[-1]] = {
+            "fwd_rel": float((got - want).detach().norm() / want.detach().norm()),
+            "bwd_rel": float((g_got - g_want).norm() / g_want.norm()),
+        }
+    return out
+
+
+def bench_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.dtype,
+                device: torch.device) -> dict:
+    layer = ShiftwiseConv2d(c, big, small, ghost_ratio=0.23, n_path=2, n_rep=4).to(device)
+    r, nk, e = layer.rep_channels, layer.nk, layer.extra_pad
+    esize = torch.finfo(dtype).bits // 8
+    y = torch.randn(batch, r * nk, hw + 2 * e, hw + 2 * e, device=device, dtype=dtype)
+    gout = torch.randn(3, batch, r, hw, hw, device=device, dtype=dtype)
+    pad, ident = layer.pad_hv, layer.idx_identity
+    moved = (y.numel() + gout.numel()) * esize
+    row = {"C": c, "H": hw, "K": big, "k": small, "R": r, "nk": nk, "dtype": str(dtype).split(".")[-1],
+           "batch": batch, "bytes_MB": moved / 1e6}
+
+    copy_ms = cuda_time(lambda: y.clone())
+    row["copy_GBs"] = 2 * y.numel() * esize / copy_ms / 1e6
+
+    fwd = torch.ops.largekernel.shift_add
+    bwd = torch.ops.largekernel.shift_add_backward
+    row["sa_fwd_ms"] = cuda_time(lambda: fwd(y, pad, ident, e))
+    row["sa_bwd_ms"] = cuda_time(lambda: bwd(gout, pad, ident, e))
+    row["ref_fwd_ms"] = cuda_time(lambda: shift_add_reference(y, pad, ident, e), min_runs=5, budget_ms=100)
+    for key in ("sa_fwd", "sa_bwd"):
+        gbs = moved / row[f"{key}_ms"] / 1e6
+        row[f"{key}_GBs"] = gbs
+        row[f"{key}_pct_copy"] = 100 * gbs / row["copy_GBs"]
+        row[f"{key}_pct_anchor"] = 100 * gbs / COPY_ANCHOR_GBS
+
+    # the layer: inference (merged, eval) vs its dense equivalent; training fwd+bwd vs dense fwd+bwd
+    layer = layer.to(dtype)
+    x = torch.randn(batch, c, hw, hw, device=device, dtype=dtype)
+    merged = copy.deepcopy(layer).eval()
+    merged.reparameterize()
+    dense = copy.deepcopy(merged)
+    dense.to_dense()
+    row["D"] = merged.dense_size
+    with torch.no_grad():
+        row["sw_infer_ms"] = cuda_time(lambda: merged(x))
+        row["dense_infer_ms"] = cuda_time(lambda: dense(x))
+    layer.train()
+    xg = x.clone().requires_grad_()
+
+    def train_step(module):
+        def run():
+            out = module(xg)
+            out.backward(torch.ones_like(out))
+        return run
+
+    dense.train()
+    row["sw_train_ms"] = cuda_time(train_step(layer))
+    row["dense_train_ms"] = cuda_time(train_step(dense))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--quick", action="store_true", help="batch 16, float32 only")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/shiftadd.py needs a CUDA device")
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    batch = 16 if args.quick else args.batch
+    dtypes = [torch.float32] if args.quick else [getattr(torch, d) for d in args.dtypes.split(",")]
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "correctness": check_gpu_correctness(device), "rows": []}
+    print("GPU correctness (Triton vs reference):", json.dumps(result["correctness"]))
+    head = (f"{'dtype':9}{'C':>5}{'H':>4}{'K':>4}{'D':>4}{'MB':>8}{'copy GB/s':>10}{'fwd ms':>8}{'fwd GB/s':>9}"
+            f"{'%copy':>6}{'bwd ms':>8}{'bwd GB/s':>9}{'%copy':>6}{'ref ms':>8}{'SW inf':>8}{'dense inf':>10}"
+            f"{'SW trn':>8}{'dense trn':>10}")
+    print(head)
+    for dtype in dtypes:
+        for c, hw, big, small in SHAPES:
+            row = bench_shape(c, hw, big, small, batch, dtype, device)
+            result["rows"].append(row)
+            print(f"{row['dtype']:9}{c:>5}{hw:>4}{big:>4}{row['D']:>4}{row['bytes_MB']:>8.1f}{row['copy_GBs']:>10.0f}"
+                  f"{row['sa_fwd_ms']:>8.3f}{row['sa_fwd_GBs']:>9.0f}{row['sa_fwd_pct_copy']:>6.0f}"
+                  f"{row['sa_bwd_ms']:>8.3f}{row['sa_bwd_GBs']:>9.0f}{row['sa_bwd_pct_copy']:>6.0f}"
+                  f"{row['ref_fwd_ms']:>8.2f}{row['sw_infer_ms']:>8.3f}{row['dense_infer_ms']:>10.3f}"
+                  f"{row['sw_train_ms']:>8.3f}{row['dense_train_ms']:>10.3f}", flush=True)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, "shiftadd.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
