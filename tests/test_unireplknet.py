@@ -30,6 +30,12 @@ ANCHORS = {
     "xl": (388_690_984, 386_529_064, 63.904, 63.570),
 }
 ANCHOR_GMACS_384 = {"s": 27.087, "b": 47.668, "l": 106.159, "xl": 187.755}
+# The paper's / official README's tables (deploy form): (params M, GFLOPs, resolution, printed precision).
+PAPER = {
+    "a": (4.4, 0.6, 224, 0.1), "f": (6.2, 0.9, 224, 0.1), "p": (10.7, 1.6, 224, 0.1),
+    "n": (18.3, 2.8, 224, 0.1), "t": (31, 4.9, 224, 0.1), "s": (56, 9.1, 224, 0.1),
+    "b": (98, 47.2, 384, 0.1), "l": (218, 105.4, 384, 0.1), "xl": (386, 187, 384, 1),
+}
 
 # Official configurations (depths, dims, per-block kernel sizes), written out from the official file.
 _AFP = ((3, 3), (13, 13), (13,) * 6, (13, 13))
@@ -297,8 +303,14 @@ def test_counts_match_official(variant):
     assert p == params_deploy
     assert abs(m - gmacs_deploy) <= 6e-4 and abs(m / gmacs_deploy - 1) < 0.01
     if variant in ANCHOR_GMACS_384:
-        _, m = _count(f"unireplknet_{variant}", deploy=False, size=384)
-        assert abs(m / ANCHOR_GMACS_384[variant] - 1) < 1e-3
+        _, m384 = _count(f"unireplknet_{variant}", deploy=False, size=384)
+        assert abs(m384 / ANCHOR_GMACS_384[variant] - 1) < 1e-3
+    # Paper numbers are rounded: equal within 1% or within the printed precision.
+    paper_params, paper_gflops, size, unit = PAPER[variant]
+    if size != 224:
+        _, m = _count(f"unireplknet_{variant}", deploy=True, size=size)
+    assert abs(p / 1e6 - paper_params) <= max(0.01 * paper_params, 0.5)
+    assert abs(m - paper_gflops) <= max(0.01 * paper_gflops, 0.5 * unit)
 
 
 # ---- official state-dict layout ------------------------------------------------------------------------------
