@@ -119,6 +119,11 @@ def test_model_reparameterize_equivalence() -> None:
         for m in model.modules():
             if isinstance(m, DecomposedLargeKernelConv):
                 m.LoRA2.conv.weight_mask.bernoulli_(0.5)
+                for branch in (m.LoRA1, m.LoRA2, m.small_conv):
+                    branch.conv.weight.normal_()
+        for stage in model.stages:
+            for block in stage:
+                block.gamma.uniform_(0.5, 1.5)  # the default 1e-6 layer scale would hide a wrong merge
     model.eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
