@@ -42,7 +42,8 @@ def save_weights(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any]
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # tied / shared storages are not allowed by safetensors: clone makes every tensor its own
     state = {k: v.clone() for k, v in state.items()}
-    metadata = {"format": FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
+    metadata = {k: json.dumps(v) for k, v in meta.items() if k not in ("format", "file")}
+    metadata["format"] = FORMAT
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
