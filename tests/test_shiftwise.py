@@ -110,7 +110,10 @@ def test_dense_equivalence_float64(cfg):
     want = reference_output(layer, x)
     with use_backend("native"):
         got = layer(x)
+        with torch.no_grad():  # the inference path (one fused epilogue)
+            got_inference = layer(x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_inference, want, rtol=1e-12, atol=1e-12)
     # the conversion agrees with the independent kernel
     weight, bias, in_index = layer.to_dense_kernel()
     assert weight.shape[-1] == layer.dense_size

@@ -75,10 +75,15 @@ def _layer_case(torch):
         out_n = layer(x)
         grads_n = torch.autograd.grad(out_n, [x, layer.LoRAs[0].weight], gout)
 
-    def rel(a, want):
-        return float((a - want).norm() / want.norm())
+    with torch.no_grad():
+        inference = layer(x)  # the fused inference kernel
+        half = layer.float()(x.float())  # float32 through the fused kernel
 
-    return {"y": rel(out, dense), "dx": rel(grads[0], grads_n[0]), "dw": rel(grads[1], grads_n[1])}
+    def rel(a, want):
+        return float((a.double() - want).norm() / want.norm())
+
+    return {"y": rel(out, dense), "dx": rel(grads[0], grads_n[0]), "dw": rel(grads[1], grads_n[1]),
+            "inference": rel(inference, dense), "inference_f32": rel(half, dense)}
 
 
 def _main() -> None:
@@ -117,8 +122,9 @@ def test_triton_shift_add_matches_reference(results, case):
 
 def test_triton_layer_matches_dense_conv(results):
     r = results["layer"]
-    for key in ("y", "dx", "dw"):
+    for key in ("y", "dx", "dw", "inference"):
         assert r[key] <= 1e-12, f"{key}: rel err {r[key]} (seed {results['seed']})"
+    assert r["inference_f32"] <= 1e-5, r
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from largekernel.layers.conv import DepthwiseConv2d
-from largekernel.ops.shiftadd import shift_add
+from largekernel.ops.shiftadd import shift_add, shift_add_eval
 
 _SEED = 123
 
@@ -279,6 +279,10 @@ class ShiftwiseConv2d(nn.Module):
             out = self.dense(rep)
         else:
             y = F.conv2d(rep, self.small_kernels(), None, 1, self.padding, 1, self.rep_channels)
+            if not self.training and not torch.is_grad_enabled():  # inference: one fused pass, no BN/cat
+                scale, bias = self.term_affine()
+                return shift_add_eval(y, self.pad_hv, self.idx_identity, self.extra_pad, scale, bias, x,
+                                      self.rep_idx, self.ghost_idx)
             t = shift_add(y, self.pad_hv, self.idx_identity, self.extra_pad)
             if self.form == "folded":
                 out = torch.einsum("tbrhw,tr->brhw", t, self.term_scale) + self.term_bias.view(1, -1, 1, 1)

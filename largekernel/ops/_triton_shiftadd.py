@@ -14,18 +14,20 @@ import triton.language as tl
 
 
 @triton.jit
-def _shift_add_fwd(y_ptr, pad_ptr, ident_ptr, out_ptr, R, H, W, Hp, Wp, term_stride, n_th, n_tw,
-                   NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, F64: tl.constexpr):
-    # 1-D grid, tiles of one channel adjacent: they share the channel's y planes in L2
-    pid = tl.program_id(0)
+def _tile_coords(pid, n_th, n_tw, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    # 1-D grid with the tiles of one plane adjacent: neighbours share that plane's data in L2
     tw = pid % n_tw
     th = (pid // n_tw) % n_th
-    bc = pid // (n_tw * n_th)  # b * R + c
-    c = bc % R
-    hs = th * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-    ws = tw * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
-    inside = (hs < H) & (ws < W)
+    rows = th * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    cols = tw * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    return pid // (n_tw * n_th), rows, cols
+
+
+@triton.jit
+def _gather_terms(y_ptr, pad_ptr, ident_ptr, bc, c, hs, ws, inside, Hp, Wp,
+                  NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, F64: tl.constexpr):
+    """The three terms of output channel c (batch-channel index bc) on a tile, in the accumulator dtype."""
     plane = Hp * Wp
     y_c = y_ptr + bc.to(tl.int64) * NK * plane
     if F64:
@@ -34,9 +36,9 @@ def _shift_add_fwd(y_ptr, pad_ptr, ident_ptr, out_ptr, R, H, W, Hp, Wp, term_str
         acc0 = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
     acc1 = acc0
     acc2 = acc0
+    row_h = (hs + E) * Wp
     for j in range(NK):
         y_j = y_c + j * plane
-        row_h = (hs + E) * Wp
         for g in tl.static_range(G):
             s_h = tl.load(pad_ptr + (c * NK + j) * (2 * G) + g)
             s_v = tl.load(pad_ptr + (c * NK + j) * (2 * G) + G + g)
@@ -49,7 +51,19 @@ def _shift_add_fwd(y_ptr, pad_ptr, ident_ptr, out_ptr, R, H, W, Hp, Wp, term_str
     y_b = y_ptr + (bc - c).to(tl.int64) * NK * plane  # plane 0 of batch b
     for g in tl.static_range(G):
         k = tl.load(ident_ptr + c * G + g)  # global plane index c*nk + r
-        acc2 += tl.load(y_b + k * plane + (hs + E) * Wp + ws + E, mask=inside, other=0.0).to(acc2.dtype)
+        acc2 += tl.load(y_b + k * plane + row_h + ws + E, mask=inside, other=0.0).to(acc2.dtype)
+    return acc0, acc1, acc2
+
+
+@triton.jit
+def _shift_add_fwd(y_ptr, pad_ptr, ident_ptr, out_ptr, R, H, W, Hp, Wp, term_stride, n_th, n_tw,
+                   NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, F64: tl.constexpr):
+    bc, hs, ws = _tile_coords(tl.program_id(0), n_th, n_tw, BLOCK_H, BLOCK_W)  # bc = b * R + c
+    c = bc % R
+    inside = (hs < H) & (ws < W)
+    acc0, acc1, acc2 = _gather_terms(y_ptr, pad_ptr, ident_ptr, bc, c, hs, ws, inside, Hp, Wp,
+                                     NK, G, E, BLOCK_H, BLOCK_W, F64)
     out = out_ptr + bc.to(tl.int64) * H * W + hs * W + ws
     ty = out_ptr.dtype.element_ty
     tl.store(out, acc0.to(ty), mask=inside)
@@ -58,19 +72,36 @@ def _shift_add_fwd(y_ptr, pad_ptr, ident_ptr, out_ptr, R, H, W, Hp, Wp, term_str
 
 
 @triton.jit
+def _shift_add_eval(y_ptr, pad_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr,
+                    R, C, H, W, Hp, Wp, n_th, n_tw,
+                    NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, F64: tl.constexpr):
+    """Inference epilogue: out[b, c] = s0*t0 + s1*t1 + s2*t2 + bias + x[b, rep[c]] into a (B, C, H, W) output."""
+    bc, hs, ws = _tile_coords(tl.program_id(0), n_th, n_tw, BLOCK_H, BLOCK_W)
+    c = bc % R
+    b = bc // R
+    inside = (hs < H) & (ws < W)
+    acc0, acc1, acc2 = _gather_terms(y_ptr, pad_ptr, ident_ptr, bc, c, hs, ws, inside, Hp, Wp,
+                                     NK, G, E, BLOCK_H, BLOCK_W, F64)
+    s0 = tl.load(scale_ptr + c)
+    s1 = tl.load(scale_ptr + R + c)
+    s2 = tl.load(scale_ptr + 2 * R + c)
+    src = tl.load(rep_ptr + c)
+    res = tl.load(x_ptr + (b.to(tl.int64) * C + src) * H * W + hs * W + ws, mask=inside, other=0.0)
+    val = s0 * acc0 + s1 * acc1 + s2 * acc2 + tl.load(bias_ptr + c) + res.to(acc0.dtype)
+    out = out_ptr + (b.to(tl.int64) * C + c) * H * W + hs * W + ws
+    tl.store(out, val.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
 def _shift_add_bwd(gout_ptr, pad_ptr, ident_ptr, gy_ptr, R, H, W, Hp, Wp, term_stride, n_th, n_tw,
                    NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, F64: tl.constexpr):
-    # 1-D grid, the tiles and the nk planes of one channel adjacent: they share its gout planes in L2
-    pid = tl.program_id(0)
-    tw = pid % n_tw
-    th = (pid // n_tw) % n_th
-    plane_id = pid // (n_tw * n_th)  # (b * R + c) * NK + j
+    # the nk planes of one channel are adjacent in the grid too: they share its gout planes in L2
+    plane_id, us, vs = _tile_coords(tl.program_id(0), n_th, n_tw, BLOCK_H, BLOCK_W)  # (b * R + c) * NK + j
     j = plane_id % NK
     bc = plane_id // NK
     c = bc % R
-    us = th * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-    vs = tw * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
     inside = (us < Hp) & (vs < Wp)
     g_c = gout_ptr + bc.to(tl.int64) * H * W
     if F64:
@@ -139,3 +170,26 @@ def shift_add_backward(gout: torch.Tensor, pad_hv: torch.Tensor, idx_identity: t
                          NK=nk, G=g, E=extra_pad, BLOCK_H=bh, BLOCK_W=bw, F64=gout.dtype == torch.float64,
                          num_warps=warps)
     return gy
+
+
+def shift_add_eval_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor, extra_pad: int,
+                           scale: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, rep_idx: torch.Tensor,
+                           ghost_idx: torch.Tensor) -> torch.Tensor:
+    """Fused inference: y (B, R*nk, Hp, Wp), scale (3, R), bias (R,), x (B, C, H, W) contiguous ->
+    (B, C, H, W) = cat([sum_t scale_t * term_t + bias + x[:, rep], x[:, ghost]])."""
+    b, rnk, hp, wp = y.shape
+    r, g = idx_identity.shape
+    nk = rnk // r
+    c = x.shape[1]
+    h, w = hp - 2 * extra_pad, wp - 2 * extra_pad
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    out = torch.empty((b, c, h, w), device=y.device, dtype=y.dtype)
+    bh, bw, warps = _blocks(h, w)
+    n_th, n_tw = triton.cdiv(h, bh), triton.cdiv(w, bw)
+    _shift_add_eval[(b * r * n_th * n_tw,)](
+        y, pad_hv, idx_identity, scale.to(acc).contiguous(), bias.to(acc).contiguous(), x,
+        rep_idx.to(torch.int32).contiguous(), out, r, c, h, w, hp, wp, n_th, n_tw,
+        NK=nk, G=g, E=extra_pad, BLOCK_H=bh, BLOCK_W=bw, F64=y.dtype == torch.float64, num_warps=warps)
+    if ghost_idx.numel():
+        out[:, r:] = x.index_select(1, ghost_idx)
+    return out

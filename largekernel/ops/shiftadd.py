@@ -146,3 +146,47 @@ def shift_add(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor,
         idx_identity = idx_identity.to(device=y.device, dtype=torch.int32).contiguous()
         return torch.ops.largekernel.shift_add(y, pad_hv, idx_identity, extra_pad)
     return shift_add_reference(y, pad_hv, idx_identity, extra_pad)
+
+
+@torch.library.custom_op("largekernel::shift_add_eval", mutates_args=(),
+                         schema="(Tensor y, Tensor pad_hv, Tensor idx_identity, int extra_pad, Tensor scale, "
+                                "Tensor bias, Tensor x, Tensor rep_idx, Tensor ghost_idx) -> Tensor")
+def _op_eval(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor, extra_pad: int,
+             scale: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, rep_idx: torch.Tensor,
+             ghost_idx: torch.Tensor) -> torch.Tensor:
+    from largekernel.ops._triton_shiftadd import shift_add_eval_forward
+
+    return shift_add_eval_forward(y.contiguous(), pad_hv, idx_identity, extra_pad, scale, bias, x.contiguous(),
+                                  rep_idx, ghost_idx)
+
+
+@_op_eval.register_fake
+def _(y, pad_hv, idx_identity, extra_pad, scale, bias, x, rep_idx, ghost_idx):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def shift_add_eval(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor, extra_pad: int,
+                   scale: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, rep_idx: torch.Tensor,
+                   ghost_idx: torch.Tensor) -> torch.Tensor:
+    """Inference-only shift-wise epilogue, one pass: with t = shift_add(y, ...) (3, B, R, H, W), returns
+    ``cat([sum_i scale[i] * t[i] + bias + x[:, rep_idx], x[:, ghost_idx]], 1)`` of shape (B, C, H, W).
+
+    ``scale`` (3, R) / ``bias`` (R,) are the eval-mode BNs of the three terms. No autograd on the Triton path.
+    """
+    _check(y, pad_hv, idx_identity, extra_pad)
+    r = idx_identity.shape[0]
+    if tuple(scale.shape) != (3, r) or tuple(bias.shape) != (r,):
+        raise ValueError(f"scale must be (3, {r}) and bias ({r},), got {tuple(scale.shape)}, {tuple(bias.shape)}")
+    if rep_idx.numel() + ghost_idx.numel() != x.shape[1] or rep_idx.numel() != r:
+        raise ValueError(f"rep_idx ({rep_idx.numel()}) + ghost_idx ({ghost_idx.numel()}) must cover the "
+                         f"{x.shape[1]} channels of x with {r} rep channels")
+    if shift_add_path(y) == "triton" and not y.is_meta:
+        dev = y.device
+        return torch.ops.largekernel.shift_add_eval(
+            y, pad_hv.to(device=dev, dtype=torch.int32).contiguous(),
+            idx_identity.to(device=dev, dtype=torch.int32).contiguous(), extra_pad, scale, bias, x,
+            rep_idx.to(dev), ghost_idx.to(dev))
+    t = shift_add(y, pad_hv, idx_identity, extra_pad)
+    out = torch.einsum("tbrhw,tr->brhw", t, scale.to(t.dtype)) + bias.to(t.dtype).view(1, -1, 1, 1)
+    out = out + x.index_select(1, rep_idx)
+    return torch.cat([out, x.index_select(1, ghost_idx)], dim=1) if ghost_idx.numel() else out
