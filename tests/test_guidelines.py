@@ -8,7 +8,6 @@ import torch.nn as nn
 
 from largekernel.experiments.guidelines import (
     IGNORE,
-    QUICK,
     DenseTargets,
     SegmentationModel,
     _dense_metrics,
@@ -47,24 +46,36 @@ def test_guidelines_2_3_run(n: int, tmp_path) -> None:
     r = run_guideline(n, quick=True, out_dir=str(tmp_path), verbose=False)
     assert len(r["runs"]) == 4
     for run in r["runs"].values():
-        assert 0 <= run["acc"] <= 100 and run["steps"] == QUICK.n_train // QUICK.batch_size * QUICK.epochs
+        assert 0 <= run["dense_miou"] <= 100 and 0 <= run["cls_acc"] <= 100
     if n == 2:
-        p = {k: v["params"] for k, v in r["runs"].items()}
+        p = {k: v["backbone_params"] for k, v in r["runs"].items()}
         assert p["3x3, with shortcut"] == p["3x3, no shortcut"] < p["13x13, with shortcut"]
     else:
         merged = [v for k, v in r["runs"].items() if "re-param" in k]
         assert len(merged) == 2
         for v in merged:
-            assert v["merge_max_abs_diff"] < 1e-4
-            assert v["deploy_params"] < v["params"]
+            assert v["dense_merge_diff"] < 1e-4 and v["cls_merge_diff"] < 1e-4
+    assert "| run |" in (tmp_path / f"guideline_{n}.md").read_text()
 
 
 def test_guidelines_4_5_run(tmp_path) -> None:
     r4 = run_guideline(4, quick=True, out_dir=str(tmp_path), verbose=False)
     assert list(r4["runs"]) == ["3x3", "13x13", "31x31"]
     assert r4["runs"]["3x3"]["dense_gain"] == 0.0
+    r = r4["runs"]["31x31"]
+    assert r["cls_gain"] == pytest.approx(r["cls_acc"] - r4["runs"]["3x3"]["cls_acc"])
     r5 = run_guideline(5, quick=True, out_dir=str(tmp_path), verbose=False)
     assert len(r5["runs"]) == 3 and all(0 <= v["dense_miou"] <= 100 for v in r5["runs"].values())
+
+
+def test_stride8_arch_gives_7x7_maps_at_56() -> None:
+    import timm
+
+    from largekernel.experiments.guidelines import STRIDE8_ARCH
+
+    m = timm.create_model("lk_mobilenetv2_tiny", arch=STRIDE8_ARCH, in_chans=1)
+    feats = m.forward_intermediates(torch.randn(1, 1, 56, 56), intermediates_only=True)
+    assert feats[-1].shape[-2:] == (7, 7)
 
 
 def test_dense_targets_mark_marker_curves() -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 import largekernel
 import largekernel.models.mobilenetv2  # noqa: F401  (registers lk_mobilenetv2*)
@@ -43,20 +43,26 @@ STRIDE8_ARCH = ((1, 8, 1, 1), (4, 12, 2, 2), (4, 16, 2, 2), (4, 24, 2, 1), (4, 3
 
 @dataclass(frozen=True)
 class Scale:
-    """Data and training budget of one trained run (identical for all arms of a guideline)."""
+    """Data and training budget of one trained run (identical for all arms of a guideline).
 
-    size: int = 32            # Pathfinder image side
-    length: int = 28          # marker-to-marker path length (steps)
+    Dense task: Pathfinder ``size`` x ``size``, ``n_train`` / ``n_val`` images, ``epochs``. Classification task:
+    scikit-learn digits (1437 / 360 images) at the same size for ``cls_epochs`` (0: skip it).
+    """
+
+    size: int = 32            # image side
+    length: int = 28          # Pathfinder marker-to-marker path length (steps)
     n_train: int = 3000
     n_val: int = 600
     epochs: int = 4
+    cls_epochs: int = 6
+    cls_n_train: int | None = None  # digits training images (None: all 1437)
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
 
 
 FULL = Scale()
-QUICK = Scale(size=24, length=14, n_train=64, n_val=32, epochs=1, batch_size=32)
+QUICK = Scale(size=24, length=14, n_train=64, n_val=32, epochs=1, cls_epochs=1, cls_n_train=64, batch_size=32)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -124,12 +130,6 @@ class SegmentationModel(nn.Module):
         return F.interpolate(self.classifier(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def _classifier(name: str, **kwargs) -> nn.Module:
-    import timm
-
-    return timm.create_model(name, in_chans=1, num_classes=2, **kwargs)
-
-
 # ----------------------------------------------------------------------------------------------- training
 def _train_cfg(scale: Scale):
     from largekernel.train.config import TrainConfig
@@ -139,14 +139,15 @@ def _train_cfg(scale: Scale):
                        progress=False, drop_path=None)
 
 
-def _fit(model: nn.Module, train_ds: Dataset, scale: Scale) -> dict:
+def _fit(model: nn.Module, train_ds: Dataset, scale: Scale, epochs: int) -> dict:
     from largekernel.data import create_loader
     from largekernel.train.engine import fit
 
     torch.manual_seed(scale.seed)
     loader = create_loader(train_ds, scale.batch_size, train=True, seed=scale.seed)
     t0 = time.perf_counter()
-    res = fit(model, loader, None, _train_cfg(scale), device="cpu")
+    res = fit(model, loader, None, replace(_train_cfg(scale), epochs=epochs, warmup_epochs=min(0.5, epochs)),
+              device="cpu")
     return {"train_loss": float(np.mean(res.step_losses[-max(1, len(res.step_losses) // 5):])),
             "train_s": time.perf_counter() - t0, "steps": len(res.step_losses)}
 
@@ -176,22 +177,67 @@ def _dense_metrics(out: torch.Tensor, y: torch.Tensor) -> dict:
     return {"pixel_acc": 100.0 * (p == t).float().mean().item(), "miou": 100.0 * float(np.mean(ious))}
 
 
-def train_classifier(scale: Scale, model_name: str = "lk_mobilenetv2_tiny", **model_kwargs) -> tuple[dict, nn.Module]:
-    """One classification run on Pathfinder; returns (metrics, trained model)."""
+def _check_merge(model: nn.Module, val: Dataset, metric_fn, prefix: str) -> dict:
+    """Re-parameterize ``model`` and verify its outputs on ``val`` against the training form (eval mode)."""
+    out_train, y = _logits(model, val)
+    deployed = largekernel.reparameterize(model)
+    out_dep, _ = _logits(deployed, val)
+    diff = (out_dep - out_train).abs().max().item()
+    if diff > 1e-3 * max(1.0, out_train.abs().max().item()):
+        raise RuntimeError(f"re-parameterized model differs from its training form by {diff:.2e}")
+    deploy_metrics = {f"{prefix}deploy_{k}": v for k, v in metric_fn(out_dep, y).items()}
+    return {f"{prefix}merge_max_abs_diff": diff, **deploy_metrics, f"{prefix}deploy_params": count_params(deployed)}
+
+
+def _digits(scale: Scale, split: str) -> Dataset:
+    from largekernel.data import create_dataset
+
+    ds = create_dataset("digits", split, img_size=scale.size, seed=scale.seed)
+    n = scale.cls_n_train if split == "train" else None
+    return Subset(ds, range(min(n, len(ds)))) if n else ds
+
+
+def train_classifier(scale: Scale, model_name: str = "lk_mobilenetv2_tiny", check_merge: bool = False,
+                     **model_kwargs) -> tuple[dict, nn.Module]:
+    """Digit classification (real images, short-range cues); returns (metrics, trained model)."""
     torch.manual_seed(scale.seed)
-    model = _classifier(model_name, **model_kwargs)
-    info = _fit(model, _pathfinder(scale, "train"), scale)
-    out, y = _logits(model, _pathfinder(scale, "val"))
-    return {**info, **_cls_metrics(out, y), "params": count_params(model)}, model
+    model = _timm(model_name, in_chans=1, num_classes=10, **model_kwargs)
+    info = _fit(model, _digits(scale, "train"), scale, scale.cls_epochs)
+    val = _digits(scale, "val")
+    out, y = _logits(model, val)
+    metrics = {**info, **_cls_metrics(out, y), "params": count_params(model)}
+    if check_merge:
+        metrics.update(_check_merge(model, val, _cls_metrics, ""))
+    return metrics, model
 
 
-def train_dense(scale: Scale, model_name: str = "lk_mobilenetv2_tiny", **model_kwargs) -> tuple[dict, nn.Module]:
-    """One dense-prediction run (curve-ends-at-marker segmentation); returns (metrics, trained model)."""
+def train_dense(scale: Scale, model_name: str = "lk_mobilenetv2_tiny", check_merge: bool = False,
+                **model_kwargs) -> tuple[dict, nn.Module]:
+    """Pathfinder "curve ends at a marker" segmentation (long-range); returns (metrics, trained model)."""
     torch.manual_seed(scale.seed)
     model = SegmentationModel(model_name, **model_kwargs)
-    info = _fit(model, DenseTargets(_pathfinder(scale, "train"), augment=True), scale)
-    out, y = _logits(model, DenseTargets(_pathfinder(scale, "val")))
-    return {**info, **_dense_metrics(out, y), "params": count_params(model)}, model
+    info = _fit(model, DenseTargets(_pathfinder(scale, "train"), augment=True), scale, scale.epochs)
+    val = DenseTargets(_pathfinder(scale, "val"))
+    out, y = _logits(model, val)
+    metrics = {**info, **_dense_metrics(out, y), "params": count_params(model)}
+    if check_merge:
+        metrics.update(_check_merge(model, val, _dense_metrics, ""))
+    return metrics, model
+
+
+def train_both(scale: Scale, check_merge: bool = False, **model_kwargs) -> dict:
+    """The dense run and, when ``scale.cls_epochs``, the classification run of one architecture."""
+    dense, _ = train_dense(scale, check_merge=check_merge, **model_kwargs)
+    row = {"dense_miou": dense["miou"], "dense_pixel_acc": dense["pixel_acc"], "dense_train_s": dense["train_s"]}
+    if check_merge:
+        row.update({"dense_deploy_miou": dense["deploy_miou"], "dense_merge_diff": dense["merge_max_abs_diff"]})
+    if scale.cls_epochs:
+        cls, _ = train_classifier(scale, check_merge=check_merge, **model_kwargs)
+        row.update({"cls_acc": cls["acc"], "cls_train_s": cls["train_s"]})
+        if check_merge:
+            row.update({"cls_deploy_acc": cls["deploy_acc"], "cls_merge_diff": cls["merge_max_abs_diff"]})
+    row["backbone_params"] = count_params(_timm("lk_mobilenetv2_tiny", in_chans=1, num_classes=0, **model_kwargs))
+    return row
 
 
 # ----------------------------------------------------------------------------------------------- guideline 1
@@ -271,14 +317,19 @@ def _timm(name: str, **kwargs) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------- guidelines 2-5
+_TASKS = ("Dense: Pathfinder 'curve ends at a marker' segmentation, mIoU over curve pixels (long-range). "
+          "Classification: scikit-learn digits top-1 (Pathfinder's image-level label stays at chance within a "
+          "CPU budget for every arm, so it cannot rank them).")
+
+
 def guideline_2(quick: bool = False) -> dict:
     scale = QUICK if quick else FULL
     runs = {}
     for k in (3, 13):
         for shortcut in (True, False):
-            m, _ = train_classifier(scale, kernel_size=k, shortcut=shortcut)
-            runs[f"{k}x{k}, {'with' if shortcut else 'no'} shortcut"] = m
-    return {"scale": asdict(scale), "runs": runs,
+            runs[f"{k}x{k}, {'with' if shortcut else 'no'} shortcut"] = train_both(scale, kernel_size=k,
+                                                                                  shortcut=shortcut)
+    return {"scale": asdict(scale), "tasks": _TASKS, "runs": runs,
             "paper": "MobileNetV2 ImageNet top-1: shortcut 3x3 71.76, 13x13 72.53; no shortcut 3x3 68.67, 13x13 53.98"}
 
 
@@ -287,54 +338,33 @@ def guideline_3(quick: bool = False) -> dict:
     runs = {}
     for k in (9, 13):
         for small in (None, 3):
-            metrics, model = train_classifier(scale, kernel_size=k, small_kernel=small)
-            if small is not None:
-                out_train, y = _logits(model, _pathfinder(scale, "val"))
-                deployed = largekernel.reparameterize(model)
-                out_dep, _ = _logits(deployed, _pathfinder(scale, "val"))
-                metrics["merge_max_abs_diff"] = (out_dep - out_train).abs().max().item()
-                metrics["deploy_acc"] = _cls_metrics(out_dep, y)["acc"]
-                metrics["deploy_params"] = count_params(deployed)
-                if metrics["merge_max_abs_diff"] > 1e-3:
-                    raise RuntimeError(f"re-parameterized {k}x{k} model differs from its training form by "
-                                       f"{metrics['merge_max_abs_diff']:.2e}")
-            runs[f"{k}x{k}{' + 3x3 re-param' if small else ''}"] = metrics
-    return {"scale": asdict(scale), "runs": runs,
-            "paper": "MobileNetV2 with a parallel 3x3 merged after training is better than without "
-                     "(ImageNet and Cityscapes) for 9x9 and 13x13 (Table 3)"}
+            name = f"{k}x{k}{' + 3x3 re-param' if small else ''}"
+            runs[name] = train_both(scale, check_merge=small is not None, kernel_size=k, small_kernel=small)
+    return {"scale": asdict(scale), "tasks": _TASKS, "runs": runs,
+            "paper": "MobileNetV2 with a parallel 3x3 merged after training beats the plain 9x9 / 13x13 on "
+                     "ImageNet and Cityscapes (Table 3)"}
 
 
 def guideline_4(quick: bool = False) -> dict:
-    scale = QUICK if quick else FULL
-    runs = {}
-    for k in (3, 13, 31):
-        cls, _ = train_classifier(scale, kernel_size=k)
-        dense, _ = train_dense(scale, kernel_size=k)
-        runs[f"{k}x{k}"] = {"cls_acc": cls["acc"], "dense_miou": dense["miou"], "dense_pixel_acc": dense["pixel_acc"],
-                            "cls_train_s": cls["train_s"], "dense_train_s": dense["train_s"]}
+    scale = QUICK if quick else replace(FULL, n_train=2000, epochs=3)
+    runs = {f"{k}x{k}": train_both(scale, kernel_size=k) for k in (3, 13, 31)}
     base = runs["3x3"]
     for r in runs.values():
         r["cls_gain"] = r["cls_acc"] - base["cls_acc"]
         r["dense_gain"] = r["dense_miou"] - base["dense_miou"]
-    return {"scale": asdict(scale), "runs": runs,
-            "paper": "RepLKNet kernels 3->31: ImageNet top-1 +~1 point, ADE20K mIoU +~3 points (Table 5); "
-                     "MobileNetV2 13x13: ImageNet +0.8, Cityscapes mIoU larger gains (Tables 2-4)"}
+    return {"scale": asdict(scale), "tasks": _TASKS, "runs": runs,
+            "paper": "RepLKNet kernels 3-3-3-3 -> 31-29-27-13: ImageNet top-1 about +1 point, ADE20K mIoU about "
+                     "+3 points (Table 5); MobileNetV2 13x13: small ImageNet gain, larger Cityscapes gain"}
 
 
 def guideline_5(quick: bool = False) -> dict:
     # 7x7 maps: a 56x56 input through the total-stride-8 MobileNetV2; only stages 5-6 (on 7x7) change kernel.
     scale = replace(QUICK, size=56, length=40) if quick else replace(FULL, size=56, length=48)
-    runs = {}
-    for k in (3, 7, 13):
-        kw = dict(arch=STRIDE8_ARCH, kernel_size=(3, 3, 3, 3, 3, k, k))
-        cls, _ = train_classifier(scale, **kw)
-        dense, _ = train_dense(scale, **kw)
-        runs[f"last stage {k}x{k} on 7x7 maps"] = {"cls_acc": cls["acc"], "dense_miou": dense["miou"],
-                                                   "dense_pixel_acc": dense["pixel_acc"],
-                                                   "params": cls["params"]}
-    return {"scale": asdict(scale), "runs": runs,
-            "paper": "MobileNetV2 last stage (7x7 maps) 3x3 -> 7x7 -> 13x13: ImageNet 71.76/72.00/71.97, "
-                     "Cityscapes mIoU improves with 13x13 (Table 4)"}
+    runs = {f"last stage {k}x{k} on 7x7 maps": train_both(scale, arch=STRIDE8_ARCH, kernel_size=(3, 3, 3, 3, 3, k, k))
+            for k in (3, 7, 13)}
+    return {"scale": asdict(scale), "tasks": _TASKS, "runs": runs,
+            "paper": "MobileNetV2 last stage (7x7 maps) 3x3 / 7x7 / 13x13: ImageNet 71.76 / 72.00 / 71.97, "
+                     "Cityscapes mIoU best with 13x13 (Table 4)"}
 
 
 GUIDELINES = {1: guideline_1, 2: guideline_2, 3: guideline_3, 4: guideline_4, 5: guideline_5}
@@ -351,7 +381,9 @@ def _table(result: dict) -> str:
                   f"MACs +{inc['macs_pct']:.1f}%", "", "| CPU, 1 thread, batch 1 | value |", "|---|---:|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in result["cpu_latency_1thread"].items()]
         return "\n".join(lines)
-    keys = [k for k in next(iter(runs.values())) if isinstance(next(iter(runs.values()))[k], float | int)]
+    keys: list[str] = []
+    for r in runs.values():
+        keys += [k for k, v in r.items() if isinstance(v, float | int) and k not in keys]
     lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for name, r in runs.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
@@ -380,7 +412,8 @@ def _plot(n: int, result: dict, path: str) -> None:
         ax.set_xlabel("GMACs (log)")
     else:
         runs = result["runs"]
-        metrics = [m for m in ("acc", "deploy_acc", "cls_acc", "dense_miou") if m in next(iter(runs.values()))]
+        metrics = [m for m in ("dense_miou", "dense_deploy_miou", "cls_acc", "cls_deploy_acc")
+                   if any(m in r for r in runs.values())]
         names = list(runs)
         width = 0.8 / len(metrics)
         for j, m in enumerate(metrics):
