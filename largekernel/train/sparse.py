@@ -4,9 +4,10 @@ Semantics follow the official ``sparse_core.py`` of VITA-Group/SLaK (shared by l
 
 * Targets. Modules following the sparsity protocol (class attribute ``sparse_params`` and, per named
   parameter ``p``, a buffer ``p + "_mask"`` broadcasting to it, used as ``p * mask`` in forward) own their
-  masks. With ``scope="all"`` (the official default: ``--only-L`` off) every other parameter with 2 or 4 dims
-  (Linear and conv weights) is masked too; the engine holds those masks. ``scope="protocol"`` is the
-  official ``--only-L`` (SLaK: the ``LoRA1``/``LoRA2`` kernels; shift-wise: its grouped small kernels).
+  masks. With ``scope="all"`` (the official default: ``--only-L`` off) every other Linear / conv weight (the
+  official: every 2-D/4-D parameter, the same set in SLaK) is masked too; the engine holds those masks.
+  ``scope="protocol"`` is the official ``--only-L`` (SLaK: the ``LoRA1``/``LoRA2`` kernels; shift-wise: its
+  grouped small kernels).
 * Units. A mask entry is a unit: a single weight for full-shape masks, a whole small kernel for a
   (C, 1, 1, 1) mask on a (C, 1, k, k) weight. Scores are summed over the broadcast dims. A protocol module
   may define ``sparse_score(name) -> Tensor`` (mask-shaped) to override the magnitude; any module may
@@ -37,6 +38,9 @@ __all__ = ["DynamicSparsity", "SparseGroup", "SparseTarget", "count_nonzero_para
 
 _INITS = ("snip", "erk", "uniform", "resume")
 _SCOPES = ("all", "protocol")
+# scope='all': the official code masks every 2-D/4-D parameter; in SLaK those are exactly these layers' weights
+# (restricting to them keeps e.g. GRN's (1, 1, 1, C) gamma of other families out).
+_DENSE_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 
 
 class SparseTarget:
@@ -112,7 +116,7 @@ def find_sparse_targets(model: nn.Module, scope: str = "all") -> list[SparseTarg
             full = f"{mod_name}.{pname}" if mod_name else pname
             if pname in declared:
                 targets.append(SparseTarget(full, module, pname))
-            elif scope == "all" and param.dim() in (2, 4) and param.requires_grad:
+            elif scope == "all" and pname == "weight" and isinstance(module, _DENSE_LAYERS) and param.requires_grad:
                 targets.append(SparseTarget(full, module, pname, torch.ones_like(param, dtype=torch.float32)))
             else:
                 continue
