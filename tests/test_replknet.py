@@ -266,8 +266,13 @@ def test_forward_intermediates_and_head() -> None:
     model.reset_classifier(0)
     assert model(x).shape == (2, 32)
     assert model.no_weight_decay() == set()
-    groups = model.group_matcher()
-    assert groups["stem"] == r"^stem"
+    from timm.models import group_parameters
+
+    names = {n for n, _ in model.named_parameters()}
+    for coarse in (True, False):
+        groups = group_parameters(model, model.group_matcher(coarse))
+        assert set().union(*map(set, groups.values())) == names
+        assert len(groups) > 3
 
 
 def test_grad_checkpointing_same_gradients() -> None:

@@ -186,7 +186,7 @@ class RepLKNet(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(
             stem=r"^stem",
-            blocks=r"^stages\.(\d+)|^transitions\.(\d+)" if coarse else [
+            blocks=r"^(?:stages|transitions)\.(\d+)" if coarse else [
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
                 (r"^stages\.(\d+)\.norm", (99998,)),
                 (r"^transitions\.(\d+)", (99999,)),
