@@ -85,6 +85,24 @@ def test_rectangular_branch_is_same_padded_and_centred() -> None:
     ref = F.conv2d(x, w, padding=(4, 1), groups=3)
     assert rel_err(mod.LoRA1(x), ref) <= 1e-6
     assert not hasattr(mod.LoRA1, "bn")
+    full = ref + F.conv2d(x, mod.LoRA2.conv.weight, padding=(1, 4), groups=3)
+    full = full + F.conv2d(x, mod.small_conv.conv.weight, padding=1, groups=3)
+    with torch.no_grad():
+        assert rel_err(mod(x), full) <= 1e-6
+        mod.reparameterize()  # no BN: the merged bias is zero
+        assert rel_err(mod(x), full) <= 1e-5
+    assert torch.count_nonzero(mod.lkb_reparam.bias) == 0
+
+
+def test_undecomposed_variant_merges() -> None:
+    mod = DecomposedLargeKernelConv(4, 11, 3, decompose=False)
+    randomize_bn(mod).eval()
+    assert set(k.split(".")[0] for k in mod.state_dict()) == {"lkb_origin", "small_conv"}
+    x = torch.randn(2, 4, 13, 13)
+    with torch.no_grad():
+        ref = mod(x)
+        mod.reparameterize()
+        assert rel_err(mod(x), ref) <= 1e-5
 
 
 def test_model_forward_backward_and_features() -> None:
