@@ -465,7 +465,9 @@ def add_erf_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="local weights for a model (safetensors or .pth); otherwise random weights")
     parser.add_argument("--pretrained", action="store_true", help="timm pretrained=True for every model")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra timm.create_model kwargs for every model")
+                        help="extra timm.create_model kwargs for every model; MODEL:KEY=VALUE for one model "
+                             "(e.g. resnet101:zero_init_last=False: timm zero-inits ResNet's last BN, which "
+                             "silences every residual branch of a randomly initialised ResNet)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--out-dir", default="erf_out")
@@ -478,7 +480,14 @@ def erf_from_args(args: argparse.Namespace) -> dict[str, dict]:
     if unknown:
         raise ValueError(f"--checkpoint names models not requested: {sorted(unknown)}")
     kwargs = _parse_kv(args.model_arg, "--model-arg")
-    models = {name: build_model(name, ckpts.get(name), args.pretrained, args.seed, **kwargs) for name in args.models}
+    per_model: dict[str, dict[str, object]] = {name: {} for name in args.models}
+    for key in [k for k in kwargs if ":" in k]:
+        name, arg = key.split(":", 1)
+        if name not in per_model:
+            raise ValueError(f"--model-arg names a model that was not requested: {name!r}")
+        per_model[name][arg] = kwargs.pop(key)
+    models = {name: build_model(name, ckpts.get(name), args.pretrained, args.seed, **{**kwargs, **per_model[name]})
+              for name in args.models}
     return run_erf(models, images=args.images, num_images=args.num_images, input_size=args.input_size,
                    batch_size=args.batch_size, feature=args.feature, device=args.device, out_dir=args.out_dir)
 
