@@ -4,9 +4,10 @@
         [--batch-size 25] [--images skimage|FOLDER] [--repeats 2]
 
 Random weights (no download; ResNets without timm's zero-init of the last BN); pass
-``--checkpoint MODEL=PATH`` for trained ones. Uses :func:`largekernel.analysis.erf.run_erf` (forward + backward of the central point, batched); the first repeat
-includes cuDNN autotuning / Triton compilation, the printed time is the best repeat. Writes heat maps, the
-combined figure and ``erf_ratios.json`` to ``$OUT/erf`` (or ``--out-dir``) and ``erf_bench.json``.
+``--checkpoint MODEL=PATH`` for trained ones. Uses :func:`largekernel.analysis.erf.run_erf` (forward +
+backward of the central point, batched); the first repeat includes cuDNN autotuning / Triton compilation,
+the printed time is the best repeat. Writes heat maps, the combined figure and ``erf_ratios.json`` to
+``$OUT/erf`` (or ``--out-dir``) and ``erf_bench.json``.
 """
 from __future__ import annotations
 
