@@ -8,7 +8,8 @@ ratio 0.23, N_rep 4). For each:
 
 * shift-add forward / backward (Triton) and the PyTorch reference: HBM bytes = read y (B, R*nk, H+2, W+2) +
   write the three terms (3, B, R, H, W) (backward: the reverse); GB/s and % of the measured device-to-device
-  copy bandwidth (``clone`` of y: bytes read + written) and of the 2.96 TB/s H100 anchor.
+  copy bandwidth (``clone`` of y: bytes read + written) and of the 2.96 TB/s H100 anchor; the fused inference
+  epilogue (``shift_add_eval``: read y and x, write the (B, C, H, W) output).
 * the SW layer (merged, eval, inference) vs the same layer run as one D x D depthwise conv
   (``to_dense()``, through ``largekernel.ops.depthwise_conv2d``); training fwd+bwd of the SW layer (train
   form) vs the dense depthwise conv fwd+bwd.
@@ -97,6 +98,13 @@ def bench_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.
     bwd = torch.ops.largekernel.shift_add_backward
     row["sa_fwd_ms"] = cuda_time(lambda: fwd(y, pad, ident, e))
     row["sa_bwd_ms"] = cuda_time(lambda: bwd(gout, pad, ident, e))
+    # fused inference epilogue: reads y and x, writes the (B, C, H, W) output
+    x = torch.randn(batch, c, hw, hw, device=device, dtype=dtype)
+    scale, bias = torch.rand(3, r, device=device), torch.rand(r, device=device)
+    ev = torch.ops.largekernel.shift_add_eval
+    row["eval_ms"] = cuda_time(lambda: ev(y, pad, ident, e, scale, bias, x, layer.rep_idx, layer.ghost_idx))
+    row["eval_GBs"] = (y.numel() + 2 * x.numel()) * esize / row["eval_ms"] / 1e6
+    row["eval_pct_copy"] = 100 * row["eval_GBs"] / row["copy_GBs"]
     row["ref_fwd_ms"] = cuda_time(lambda: shift_add_reference(y, pad, ident, e), min_runs=5, budget_ms=100)
     for key in ("sa_fwd", "sa_bwd"):
         gbs = moved / row[f"{key}_ms"] / 1e6
@@ -106,7 +114,6 @@ def bench_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.
 
     # the layer: inference (merged, eval) vs its dense equivalent; training fwd+bwd vs dense fwd+bwd
     layer = layer.to(dtype)
-    x = torch.randn(batch, c, hw, hw, device=device, dtype=dtype)
     merged = copy.deepcopy(layer).eval()
     merged.reparameterize()
     dense = copy.deepcopy(merged)
@@ -146,7 +153,8 @@ def main() -> None:
               "correctness": check_gpu_correctness(device), "rows": []}
     print("GPU correctness (Triton vs reference):", json.dumps(result["correctness"]))
     head = (f"{'dtype':9}{'C':>5}{'H':>4}{'K':>4}{'D':>4}{'MB':>8}{'copy GB/s':>10}{'fwd ms':>8}{'fwd GB/s':>9}"
-            f"{'%copy':>6}{'bwd ms':>8}{'bwd GB/s':>9}{'%copy':>6}{'ref ms':>8}{'SW inf':>8}{'dense inf':>10}"
+            f"{'%copy':>6}{'bwd ms':>8}{'bwd GB/s':>9}{'%copy':>6}{'eval ms':>8}{'%copy':>6}{'ref ms':>8}"
+            f"{'SW inf':>8}{'dense inf':>10}"
             f"{'SW trn':>8}{'dense trn':>10}")
     print(head)
     for dtype in dtypes:
@@ -156,6 +164,7 @@ def main() -> None:
             print(f"{row['dtype']:9}{c:>5}{hw:>4}{big:>4}{row['D']:>4}{row['bytes_MB']:>8.1f}{row['copy_GBs']:>10.0f}"
                   f"{row['sa_fwd_ms']:>8.3f}{row['sa_fwd_GBs']:>9.0f}{row['sa_fwd_pct_copy']:>6.0f}"
                   f"{row['sa_bwd_ms']:>8.3f}{row['sa_bwd_GBs']:>9.0f}{row['sa_bwd_pct_copy']:>6.0f}"
+                  f"{row['eval_ms']:>8.3f}{row['eval_pct_copy']:>6.0f}"
                   f"{row['ref_fwd_ms']:>8.2f}{row['sw_infer_ms']:>8.3f}{row['dense_infer_ms']:>10.3f}"
                   f"{row['sw_train_ms']:>8.3f}{row['dense_train_ms']:>10.3f}", flush=True)
     out_dir = os.environ.get("OUT")

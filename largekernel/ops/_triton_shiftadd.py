@@ -183,7 +183,7 @@ def shift_add_eval_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: 
     c = x.shape[1]
     h, w = hp - 2 * extra_pad, wp - 2 * extra_pad
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-    out = torch.empty((b, c, h, w), device=y.device, dtype=y.dtype)
+    out = torch.empty((b, c, h, w), device=y.device, dtype=torch.promote_types(y.dtype, x.dtype))
     bh, bw, warps = _blocks(h, w)
     n_th, n_tw = triton.cdiv(h, bh), triton.cdiv(w, bw)
     _shift_add_eval[(b * r * n_th * n_tw,)](

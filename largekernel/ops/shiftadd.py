@@ -162,7 +162,7 @@ def _op_eval(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor, 
 
 @_op_eval.register_fake
 def _(y, pad_hv, idx_identity, extra_pad, scale, bias, x, rep_idx, ghost_idx):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x.new_empty(x.shape, dtype=torch.promote_types(y.dtype, x.dtype))
 
 
 def shift_add_eval(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor, extra_pad: int,
@@ -187,6 +187,7 @@ def shift_add_eval(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Te
             idx_identity.to(device=dev, dtype=torch.int32).contiguous(), extra_pad, scale, bias, x,
             rep_idx.to(dev), ghost_idx.to(dev))
     t = shift_add(y, pad_hv, idx_identity, extra_pad)
-    out = torch.einsum("tbrhw,tr->brhw", t, scale.to(t.dtype)) + bias.to(t.dtype).view(1, -1, 1, 1)
+    dtype = torch.promote_types(y.dtype, x.dtype)
+    out = torch.einsum("tbrhw,tr->brhw", t.to(dtype), scale.to(dtype)) + bias.to(dtype).view(1, -1, 1, 1)
     out = out + x.index_select(1, rep_idx)
-    return torch.cat([out, x.index_select(1, ghost_idx)], dim=1) if ghost_idx.numel() else out
+    return torch.cat([out, x.index_select(1, ghost_idx).to(dtype)], dim=1) if ghost_idx.numel() else out
