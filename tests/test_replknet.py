@@ -237,6 +237,11 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path) -> None:
         largekernel.load_checkpoint(timm.create_model("replknet_test", num_classes=10), path)
     with pytest.raises(largekernel.CheckpointError, match="unexpected: .*small_conv"):
         largekernel.load_checkpoint(timm.create_model("replknet_test", num_classes=5, small_kernel=0), path)
+    wrapped = tmp_path / "official_style.pth"  # as official main.py saves: weights + argparse.Namespace
+    import argparse
+
+    torch.save({"model": other.state_dict(), "args": argparse.Namespace(lr=1.0)}, wrapped)
+    largekernel.load_checkpoint(timm.create_model("replknet_test", num_classes=5), wrapped)
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.raises(largekernel.CheckpointError, match="corrupt"):
