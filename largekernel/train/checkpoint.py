@@ -153,10 +153,8 @@ def classifier_keys(model: nn.Module) -> set[str]:
     head = get() if callable(get) else None
     if not isinstance(head, nn.Module):
         return set()
-    ids = {id(t) for t in head.state_dict().values()}
-    return {k for k, v in model.state_dict().items() if id(v) in ids} or {
-        k for k in model.state_dict() if any(k.endswith(s) for s in (".weight", ".bias")) and
-        any(k.startswith(p + ".") for p, m in model.named_modules() if m is head)}
+    prefixes = [name + "." for name, m in model.named_modules() if m is head and name]
+    return {k for k in model.state_dict() if any(k.startswith(p) for p in prefixes)}
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str, new_head: bool = False) -> list[str]:
