@@ -225,10 +225,30 @@ def train_dense(scale: Scale, model_name: str = "lk_mobilenetv2_tiny", check_mer
     return metrics, model
 
 
-def train_both(scale: Scale, check_merge: bool = False, **model_kwargs) -> dict:
-    """The dense run and, when ``scale.cls_epochs``, the classification run of one architecture."""
-    dense, _ = train_dense(scale, check_merge=check_merge, **model_kwargs)
+def dense_erf(model: SegmentationModel, scale: Scale, num_images: int = 64) -> np.ndarray:
+    """ERF (RepLKNet method) of a trained dense model's last backbone stage on Pathfinder validation images."""
+    from largekernel.analysis.erf import compute_erf
+
+    val = DenseTargets(_pathfinder(scale, "val"))
+    images = torch.stack([val[i][0] for i in range(min(num_images, len(val)))])
+    return compute_erf(model.backbone, images, feature=lambda x: model.backbone(x)[-1], device="cpu")
+
+
+def train_both(scale: Scale, check_merge: bool = False, erf: bool = False, **model_kwargs) -> dict:
+    """The dense run and, when ``scale.cls_epochs``, the classification run of one architecture.
+
+    ``erf=True`` adds the dense model's ERF area ratios (and the raw map under the private key ``_erf``)."""
+    dense, dense_model = train_dense(scale, check_merge=False, **model_kwargs)
     row = {"dense_miou": dense["miou"], "dense_pixel_acc": dense["pixel_acc"], "dense_train_s": dense["train_s"]}
+    if erf:
+        from largekernel.analysis.erf import area_ratios, scale_erf
+
+        m = dense_erf(dense_model, scale)
+        for key, v in area_ratios(scale_erf(m)).items():  # high-contribution area ratio, % of the image
+            row[f"erf_{key.replace('=', '').replace('%', '')}_pct"] = None if v["ratio"] is None else 100 * v["ratio"]
+        row["_erf"] = m
+    if check_merge:
+        dense.update(_check_merge(dense_model, DenseTargets(_pathfinder(scale, "val")), _dense_metrics, ""))
     if check_merge:
         row.update({"dense_deploy_miou": dense["deploy_miou"], "dense_merge_diff": dense["merge_max_abs_diff"]})
     if scale.cls_epochs:
@@ -347,7 +367,7 @@ def guideline_3(quick: bool = False) -> dict:
 
 def guideline_4(quick: bool = False) -> dict:
     scale = QUICK if quick else replace(FULL, n_train=2000, epochs=3)
-    runs = {f"{k}x{k}": train_both(scale, kernel_size=k) for k in (3, 13, 31)}
+    runs = {f"{k}x{k}": train_both(scale, erf=True, kernel_size=k) for k in (3, 13, 31)}
     base = runs["3x3"]
     for r in runs.values():
         r["cls_gain"] = r["cls_acc"] - base["cls_acc"]
@@ -442,6 +462,7 @@ def run_guideline(n: int, quick: bool = False, out_dir: str | None = "runs/guide
     finally:
         torch.set_num_threads(prev)
     result = {"guideline": n, "quick": quick, "seconds": time.perf_counter() - t0, **result}
+    erf_maps = {name: r.pop("_erf") for name, r in result.get("runs", {}).items() if "_erf" in r}
     table = _table(result)
     if verbose:
         tag = " [quick]" if quick else ""
@@ -454,6 +475,11 @@ def run_guideline(n: int, quick: bool = False, out_dir: str | None = "runs/guide
         with open(stem + ".md", "w") as f:
             f.write(table + "\n")
         _plot(n, result, stem + ".png")
+        if erf_maps:
+            from largekernel.analysis.erf import area_ratios, save_combined, scale_erf
+
+            scaled = {name: scale_erf(m) for name, m in erf_maps.items()}
+            save_combined(scaled, stem + "_erf.png", {name: area_ratios(m) for name, m in scaled.items()})
     return result
 
 
