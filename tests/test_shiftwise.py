@@ -102,10 +102,11 @@ def random_configs(n: int) -> list[tuple]:
 
 
 @pytest.mark.parametrize("cfg", random_configs(10))
-def test_dense_equivalence_float64(cfg):
+@pytest.mark.parametrize("impl", ["shiftadd", "bands"])
+def test_dense_equivalence_float64(cfg, impl):
     c, big, small, n_path, n_rep, ghost_ratio, bn = cfg
     layer = randomize(ShiftwiseConv2d(c, big, small, bn=bn, ghost_ratio=ghost_ratio, n_path=n_path,
-                                      n_rep=n_rep).double(), seed=c + big)
+                                      n_rep=n_rep, impl=impl).double(), seed=c + big)
     x = torch.randn(2, c, 7, 9, dtype=torch.float64)
     want = reference_output(layer, x)
     with use_backend("native"):
@@ -131,18 +132,46 @@ def test_input_gradient_matches_dense_conv():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_deploy_forms_fp32():
+@pytest.mark.parametrize("kind", ["square", "cross"])
+def test_deploy_forms_fp32(kind):
     layer = randomize(ShiftwiseConv2d(24, 17, 3, ghost_ratio=0.23, n_path=3, n_rep=4))
     x = torch.randn(2, 24, 12, 10)
     ref = layer(x)
+    dense_ref = layer.to_dense_kernel()
     scale = ref.abs().max()
     for step in ("reparameterize", "fold_bn", "to_dense"):
-        getattr(layer, step)()
+        getattr(layer, step)(*([kind] if step == "to_dense" else []))
         err = (layer(x) - ref).abs().max() / scale
         assert err <= 1e-5, (step, err.item())
-    assert layer.form == "dense" and isinstance(layer.dense, largekernel.layers.DepthwiseConv2d)
-    assert set(layer.state_dict()) == {"rep_idx", "ghost_idx", "pad_hv", "idx_identity", "dense.weight",
-                                       "dense.bias"}
+        with torch.no_grad():
+            assert (layer(x) - ref).abs().max() / scale <= 1e-5, step
+    names = {"square": {"dense.weight", "dense.bias"},
+             "cross": {"dense_h.weight", "dense_h.bias", "dense_v.weight"}}[kind]
+    assert set(layer.state_dict()) == {"rep_idx", "ghost_idx", "pad_hv", "idx_identity"} | names
+    assert layer.form == ("dense" if kind == "square" else "cross")
+    if kind == "cross":
+        assert layer.dense_h.weight.shape == (18, 1, 3, 19) and layer.dense_v.weight.shape == (18, 1, 19, 3)
+    for got, want in zip(layer.to_dense_kernel(), dense_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bands_impl_trains_like_shiftadd():
+    """Training mode (batch-statistics BN): same outputs and gradients for both implementations."""
+    torch.manual_seed(0)
+    a = randomize(ShiftwiseConv2d(12, 11, 3, ghost_ratio=0.23, n_path=2, n_rep=3).double()).train()
+    b = ShiftwiseConv2d(12, 11, 3, ghost_ratio=0.23, n_path=2, n_rep=3, impl="bands").double().train()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 12, 9, 8, dtype=torch.float64, requires_grad=True)
+    gout = torch.randn(3, 12, 9, 8, dtype=torch.float64)
+    grads = []
+    for layer in (a, b):
+        with use_backend("native"):
+            out = layer(x)
+        params = [x, *(p for p in layer.parameters())]
+        grads.append((out, *torch.autograd.grad(out, params, gout)))
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b.bn_lora2.running_var, a.bn_lora2.running_var)
 
 
 def test_merged_keys_are_official():
@@ -248,6 +277,12 @@ def test_model_reparameterize_and_dense_deploy():
         assert ((deployed(x) - ref).abs().max() / ref.abs().max()) <= 1e-5
     deployed.to_dense()
     assert ((deployed(x) - ref).abs().max() / ref.abs().max()) <= 1e-5
+    crossed = largekernel.reparameterize(model)
+    crossed.to_dense("cross")
+    assert ((crossed(x) - ref).abs().max() / ref.abs().max()) <= 1e-5
+    bands = _tiny_model(impl="bands")
+    bands.load_state_dict(model.state_dict())
+    assert ((bands(x) - ref).abs().max() / ref.abs().max()) <= 1e-5
 
 
 def _official_layout(state: dict, merged: bool) -> dict:

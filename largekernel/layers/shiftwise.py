@@ -25,9 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from largekernel.layers.conv import DepthwiseConv2d
+from largekernel.ops import depthwise_conv2d
 from largekernel.ops.shiftadd import shift_add, shift_add_eval
 
 _SEED = 123
+_IMPLS = ("shiftadd", "bands")
 
 
 def shiftwise_channel_split(channels: int, ghost_ratio: float) -> tuple[list[int], list[int]]:
@@ -108,15 +110,25 @@ class ShiftwiseConv2d(nn.Module):
     Every form equals, in eval mode, one dense depthwise conv of size ``dense_size`` on the permuted input
     (:meth:`to_dense_kernel`). Forms: training (``LoRAs``), :meth:`reparameterize` (paths merged into ``LoRA``,
     the official deploy layout), :meth:`fold_bn` (the three BNs become ``term_scale`` (3, R) and
-    ``term_bias`` (R,)), :meth:`to_dense` (one large :class:`DepthwiseConv2d` ``dense`` with bias).
+    ``term_bias`` (R,)), :meth:`to_dense` (``kind="square"``: one D x D :class:`DepthwiseConv2d` ``dense``
+    with bias; ``kind="cross"``: its non-zero support only, a k x D ``dense_h`` (with bias) + a D x k
+    ``dense_v``, 2kD instead of D^2 taps).
+
+    ``impl`` picks how the trainable forms compute the three terms (same function, same parameters):
+    ``"shiftadd"`` (official: grouped small convs R -> R*nk, then the shift-add op) or ``"bands"`` (the small
+    kernels placed differentiably into a k x D, a D x k and a k x k kernel, three depthwise convs through
+    :func:`largekernel.ops.depthwise_conv2d`; no nk-times larger intermediate).
 
     Args: ``n_path`` (official ``N_path``) summed small convs; ``n_rep`` (official ``N_rep``) index groups;
     ``ghost_ratio`` in [0, 1); ``bn`` toggles the three BNs; ``stride`` must be 1 (as in the official blocks).
     """
 
     def __init__(self, in_channels: int, big_kernel: int, small_kernel: int = 3, stride: int = 1,
-                 bn: bool = True, ghost_ratio: float = 0.23, n_path: int = 2, n_rep: int = 4) -> None:
+                 bn: bool = True, ghost_ratio: float = 0.23, n_path: int = 2, n_rep: int = 4,
+                 impl: str = "shiftadd") -> None:
         super().__init__()
+        if impl not in _IMPLS:
+            raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
         for name, value in (("in_channels", in_channels), ("big_kernel", big_kernel),
                             ("small_kernel", small_kernel), ("n_path", n_path), ("n_rep", n_rep)):
             if not isinstance(value, int) or value < 1:
@@ -146,6 +158,7 @@ class ShiftwiseConv2d(nn.Module):
         self.ghost_channels = len(ghost)
         self.dense_size = 2 * max(big_kernel // 2, self.nk * small_kernel - 1 - big_kernel // 2) + 1
         self.use_bn = bn
+        self.impl = impl
         self.register_buffer("rep_idx", torch.tensor(rep, dtype=torch.long))
         self.register_buffer("ghost_idx", torch.tensor(ghost, dtype=torch.long))
         # Deterministic (seed 123): every layer of the same shape gets the same tables, as in the official code.
@@ -162,9 +175,11 @@ class ShiftwiseConv2d(nn.Module):
     # ---- forms -------------------------------------------------------------------------------------------
     @property
     def form(self) -> str:
-        """'train', 'merged', 'folded' (merged + BNs folded) or 'dense'."""
+        """'train', 'merged', 'folded' (merged + BNs folded), 'dense' (square) or 'cross'."""
         if hasattr(self, "dense"):
             return "dense"
+        if hasattr(self, "dense_h"):
+            return "cross"
         if hasattr(self, "term_scale"):
             return "folded"
         return "merged" if hasattr(self, "LoRA") else "train"
@@ -191,6 +206,42 @@ class ShiftwiseConv2d(nn.Module):
             scales.append(scale)
             bias = bias + bn.bias - bn.running_mean * scale
         return torch.stack(scales), bias
+
+    def band_kernels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three terms as centred depthwise kernels, before BN: horizontal (R, 1, k, D), vertical
+        (R, 1, D, k), identity (R, 1, k, k). Slot i of a band sits at offsets i*k - K//2 ... along the long
+        axis and holds, summed over the n_rep groups, the small kernel the table assigns to it.
+        Differentiable in the small kernels (this is the ``"bands"`` implementation)."""
+        r, nk, k, g = self.rep_channels, self.nk, self.small_kernel, self.n_rep
+        d, half_big = self.dense_size, self.big_kernel // 2
+        kernels = self.small_kernels().reshape(r * nk, k, k)
+        first = torch.arange(r, device=kernels.device).repeat_interleave(nk) * nk  # c*nk per row of pad_hv
+        lo = d // 2 - half_big
+        pads = (lo, d - lo - nk * k)
+        bands = []
+        for term in range(2):
+            slots = (half_big - self.padding - self.pad_hv[:, term * g:(term + 1) * g].long()) // k  # (R*nk, G)
+            index = (first[:, None] + slots).t().reshape(-1)
+            blocks = kernels.new_zeros(r * nk, k, k).index_add(0, index, kernels.repeat(g, 1, 1))
+            bands.append(blocks.reshape(r, nk, k, k))
+        horizontal = F.pad(bands[0].permute(0, 2, 1, 3).reshape(r, k, nk * k), pads)
+        vertical = F.pad(bands[1].reshape(r, nk * k, k), (0, 0, *pads))
+        centre = kernels[self.idx_identity.long()].sum(1)  # (R, k, k)
+        return horizontal.unsqueeze(1), vertical.unsqueeze(1), centre.unsqueeze(1)
+
+    def _cross_kernels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eval-mode (k x D kernel with the centre terms and the identity tap, D x k kernel, bias)."""
+        if self.form == "cross":
+            return self.dense_h.weight, self.dense_v.weight, self.dense_h.bias
+        r, h, c0 = self.rep_channels, self.small_kernel // 2, self.dense_size // 2
+        horizontal, vertical, centre = self.band_kernels()
+        scale, bias = self.term_affine()
+        horizontal = scale[0].view(r, 1, 1, 1) * horizontal
+        centre = scale[2].view(r, 1, 1, 1) * centre
+        centre[:, :, h, h] += 1  # identity shortcut
+        horizontal = torch.cat([horizontal[..., :c0 - h], horizontal[..., c0 - h:c0 + h + 1] + centre,
+                                horizontal[..., c0 + h + 1:]], dim=-1)
+        return horizontal, scale[1].view(r, 1, 1, 1) * vertical, bias
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -233,63 +284,77 @@ class ShiftwiseConv2d(nn.Module):
     def _rep_dense_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.form == "dense":
             return self.dense.weight[:, 0].clone(), self.dense.bias.clone()
-        r, nk, k, g = self.rep_channels, self.nk, self.small_kernel, self.n_rep
-        d, c0, h, half_big = self.dense_size, self.dense_size // 2, self.small_kernel // 2, self.big_kernel // 2
-        kernels = self.small_kernels().reshape(r * nk, k, k)
-        scale, bias = self.term_affine()
-        first = torch.arange(r, device=kernels.device).repeat_interleave(nk) * nk  # c*nk per row of pad_hv
-        bands = []
-        for term in range(2):
-            blocks = torch.zeros_like(kernels)  # row c*nk + slot
-            for grp in range(g):
-                slot = (half_big - self.padding - self.pad_hv[:, term * g + grp].long()) // k
-                blocks.index_add_(0, first + slot, kernels)
-            bands.append(blocks.reshape(r, nk, k, k))
-        lo = c0 - half_big
-        dense = kernels.new_zeros(r, d, d)
-        dense[:, c0 - h:c0 + h + 1, lo:lo + nk * k] += (
-            scale[0].view(r, 1, 1) * bands[0].permute(0, 2, 1, 3).reshape(r, k, nk * k))
-        dense[:, lo:lo + nk * k, c0 - h:c0 + h + 1] += scale[1].view(r, 1, 1) * bands[1].reshape(r, nk * k, k)
-        centre = kernels[self.idx_identity.long()].sum(1)  # (R, k, k)
-        dense[:, c0 - h:c0 + h + 1, c0 - h:c0 + h + 1] += scale[2].view(r, 1, 1) * centre
-        dense[:, c0, c0] += 1  # identity shortcut
-        return dense, bias
+        horizontal, vertical, bias = self._cross_kernels()
+        d, c0, h = self.dense_size, self.dense_size // 2, self.small_kernel // 2
+        dense = horizontal.new_zeros(self.rep_channels, d, d)
+        dense[:, c0 - h:c0 + h + 1, :] += horizontal[:, 0]
+        dense[:, :, c0 - h:c0 + h + 1] += vertical[:, 0]
+        return dense, bias.clone()
 
     @torch.no_grad()
-    def to_dense(self) -> None:
-        """Deploy as one large depthwise conv (``dense``: D x D, bias) on the rep channels; exact in eval."""
-        if self.form == "dense":
-            return
-        weight, bias = self._rep_dense_kernel()
-        conv = DepthwiseConv2d(self.rep_channels, self.dense_size, bias=True)
-        conv = conv.to(device=weight.device, dtype=weight.dtype)
-        conv.weight.copy_(weight.unsqueeze(1))
-        conv.bias.copy_(bias)
-        for name in ("LoRAs", "LoRA", "bn_lora1", "bn_lora2", "bn_small", "term_scale", "term_bias"):
+    def to_dense(self, kind: str = "square") -> None:
+        """Deploy as large depthwise convs on the rep channels (exact in eval): ``kind="square"``: one D x D
+        ``dense`` (with bias); ``"cross"``: ``dense_h`` (k x D, bias) + ``dense_v`` (D x k)."""
+        if kind not in ("square", "cross"):
+            raise ValueError(f"kind must be 'square' or 'cross', got {kind!r}")
+        if self.form in ("dense", "cross"):
+            if self.form == ("dense" if kind == "square" else "cross"):
+                return
+            if self.form == "dense":
+                raise ValueError("a square dense layer cannot be converted to the cross form")
+        r, d, k = self.rep_channels, self.dense_size, self.small_kernel
+        if kind == "square":
+            weight, bias = self._rep_dense_kernel()
+            convs = {"dense": (DepthwiseConv2d(r, d, bias=True), weight.unsqueeze(1), bias)}
+        else:
+            horizontal, vertical, bias = self._cross_kernels()
+            convs = {"dense_h": (DepthwiseConv2d(r, (k, d), bias=True), horizontal, bias),
+                     "dense_v": (DepthwiseConv2d(r, (d, k), bias=False), vertical, None)}
+        built = {}
+        for name, (conv, weight, b) in convs.items():
+            conv = conv.to(device=weight.device, dtype=weight.dtype)
+            conv.weight.copy_(weight)
+            if b is not None:
+                conv.bias.copy_(b)
+            built[name] = conv
+        for name in ("LoRAs", "LoRA", "bn_lora1", "bn_lora2", "bn_small", "term_scale", "term_bias", "dense_h",
+                     "dense_v"):
             if hasattr(self, name):
                 delattr(self, name)
-        self.dense = conv
+        for name, conv in built.items():
+            setattr(self, name, conv)
 
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         rep = x.index_select(1, self.rep_idx) if self.ghost_channels else x
-        if self.form == "dense":
+        inference = not self.training and not torch.is_grad_enabled()
+        form = self.form
+        if form == "dense":
             out = self.dense(rep)
+        elif form == "cross":
+            out = self.dense_h(rep) + self.dense_v(rep)
+        elif self.impl == "bands" and inference:
+            horizontal, vertical, bias = self._cross_kernels()
+            out = depthwise_conv2d(rep, horizontal, bias) + depthwise_conv2d(rep, vertical)
         else:
-            y = F.conv2d(rep, self.small_kernels(), None, 1, self.padding, 1, self.rep_channels)
-            if not self.training and not torch.is_grad_enabled():  # inference: one fused pass, no BN/cat
-                scale, bias = self.term_affine()
-                return shift_add_eval(y, self.pad_hv, self.idx_identity, self.extra_pad, scale, bias, x,
-                                      self.rep_idx, self.ghost_idx)
-            t = shift_add(y, self.pad_hv, self.idx_identity, self.extra_pad)
-            if self.form == "folded":
-                out = torch.einsum("tbrhw,tr->brhw", t, self.term_scale) + self.term_bias.view(1, -1, 1, 1)
+            if self.impl == "bands":
+                t = [depthwise_conv2d(rep, kernel) for kernel in self.band_kernels()]
+            else:
+                y = F.conv2d(rep, self.small_kernels(), None, 1, self.padding, 1, self.rep_channels)
+                if inference:  # one fused pass: three terms, BN affine, identity, ghost channels
+                    scale, bias = self.term_affine()
+                    return shift_add_eval(y, self.pad_hv, self.idx_identity, self.extra_pad, scale, bias, x,
+                                          self.rep_idx, self.ghost_idx)
+                t = shift_add(y, self.pad_hv, self.idx_identity, self.extra_pad)
+            if form == "folded":
+                out = sum(t[i] * self.term_scale[i].view(1, -1, 1, 1) for i in range(3))
+                out = out + self.term_bias.view(1, -1, 1, 1)
             elif self.use_bn:
                 out = self.bn_lora1(t[0]) + self.bn_lora2(t[1]) + self.bn_small(t[2])
             else:
-                out = t.sum(0)
+                out = t[0] + t[1] + t[2]
             out = out + rep
         if self.ghost_channels:
             out = torch.cat([out, x.index_select(1, self.ghost_idx)], dim=1)
@@ -298,4 +363,4 @@ class ShiftwiseConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, big_kernel={self.big_kernel}, small_kernel={self.small_kernel}, "
                 f"rep={self.rep_channels}, ghost={self.ghost_channels}, n_path={self.n_path}, "
-                f"n_rep={self.n_rep}, bn={self.use_bn}, form={self.form}")
+                f"n_rep={self.n_rep}, bn={self.use_bn}, impl={self.impl}, form={self.form}")

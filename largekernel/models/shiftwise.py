@@ -40,10 +40,10 @@ class ShiftWiseBlock(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int, small_kernel: int = 3, drop_path: float = 0.0,
                  layer_scale_init_value: float = 1e-6, ghost_ratio: float = 0.23, n_path: int = 2, n_rep: int = 4,
-                 bn: bool = True) -> None:
+                 bn: bool = True, impl: str = "shiftadd") -> None:
         super().__init__()
         self.large_kernel = ShiftwiseConv2d(dim, kernel_size, small_kernel, bn=bn, ghost_ratio=ghost_ratio,
-                                            n_path=n_path, n_rep=n_rep)
+                                            n_path=n_path, n_rep=n_rep, impl=impl)
         self.norm = nn.BatchNorm2d(dim)
         self.se = SEBlock(dim, dim // 4)
         self.pwconv1 = nn.Sequential(_ToNHWC(), nn.Linear(dim, 4 * dim))
@@ -66,7 +66,8 @@ class ShiftWiseV2(nn.Module):
 
     Input (N, in_chans, H, W); ``forward_features`` (N, dims[-1], H/32, W/32); logits (N, num_classes).
     ``kernel_sizes`` are the big kernels per stage, ``small_kernel`` the shift-wise small kernel (the official
-    ``kernel_size`` list is ``[*kernel_sizes, small_kernel]``).
+    ``kernel_size`` list is ``[*kernel_sizes, small_kernel]``). ``impl``: the shift-wise layers' implementation
+    (``"shiftadd"``, official, or ``"bands"``; same parameters and function, see :class:`ShiftwiseConv2d`).
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class ShiftWiseV2(nn.Module):
         n_path: int = 2,
         n_rep: int = 4,
         bn: bool = True,
+        impl: str = "shiftadd",
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "avg",
@@ -120,7 +122,7 @@ class ShiftWiseV2(nn.Module):
             first = sum(depths[:i])
             self.stages.append(nn.Sequential(*[
                 ShiftWiseBlock(dims[i], kernel_sizes[i], small_kernel, dpr[first + j], layer_scale_init_value,
-                               ghost_ratio, n_path, n_rep, bn)
+                               ghost_ratio, n_path, n_rep, bn, impl)
                 for j in range(depth)]))
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
@@ -148,11 +150,12 @@ class ShiftWiseV2(nn.Module):
             if isinstance(m, ShiftwiseConv2d):
                 m.reparameterize()
 
-    def to_dense(self) -> None:
-        """Run every shift-wise layer as one large depthwise conv (its dense equivalent). In place, eval only."""
+    def to_dense(self, kind: str = "square") -> None:
+        """Run every shift-wise layer as its dense equivalent: one D x D depthwise conv (``"square"``) or a
+        k x D + D x k pair (``"cross"``). In place; inference only (exact in eval mode)."""
         for m in self.modules():
             if isinstance(m, ShiftwiseConv2d):
-                m.to_dense()
+                m.to_dense(kind)
 
     # ---- timm surface -------------------------------------------------------------------------------------
     @torch.jit.ignore
