@@ -117,3 +117,12 @@ def test_feature_last_stage_matches_layer4_of_timm_resnet() -> None:
     np.testing.assert_allclose(a, b, rtol=1e-10)
     with pytest.raises(ValueError, match="feature"):
         compute_erf(model, x, feature="bogus", device="cpu")
+
+
+def test_cli_plugin_erf(tmp_path) -> None:
+    from largekernel.cli import main
+
+    rc = main(["erf", "resnet18", "--model-arg", "resnet18:zero_init_last=False", "--num-images", "2",
+               "--input-size", "64", "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert rc == 0 and (tmp_path / "erf_ratios.json").is_file()
+    assert main(["erf", "resnet18", "--model-arg", "vgg:x=1", "--out-dir", str(tmp_path)]) == 2  # one-line error

@@ -113,3 +113,10 @@ def test_cli_rejects_bad_guideline(capsys) -> None:
         guidelines_main(["7"])
     with pytest.raises(ValueError, match="guideline"):
         run_guideline(9, quick=True, out_dir=None)
+
+
+def test_cli_plugin_guidelines(tmp_path) -> None:
+    from largekernel.cli import main
+
+    assert main(["guidelines", "1", "--quick", "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "guideline_1.md").is_file()
