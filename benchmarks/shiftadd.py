@@ -10,9 +10,11 @@ ratio 0.23, N_rep 4). For each:
   write the three terms (3, B, R, H, W) (backward: the reverse); GB/s and % of the measured device-to-device
   copy bandwidth (``clone`` of y: bytes read + written) and of the 2.96 TB/s H100 anchor; the fused inference
   epilogue (``shift_add_eval``: read y and x, write the (B, C, H, W) output).
-* the SW layer (merged, eval, inference) vs the same layer run as one D x D depthwise conv
-  (``to_dense()``, through ``largekernel.ops.depthwise_conv2d``); training fwd+bwd of the SW layer (train
-  form) vs the dense depthwise conv fwd+bwd.
+* the SW layer, inference (eval, no grad): merged form with the fused shift-add pass, the ``bands``
+  implementation (k x D + D x k depthwise convs built from the small kernels), and the deploy forms
+  ``to_dense("square")`` (one D x D depthwise conv) and ``to_dense("cross")`` (k x D + D x k convs), all
+  through ``largekernel.ops.depthwise_conv2d``; training fwd+bwd: ``impl="shiftadd"`` (official structure),
+  ``impl="bands"``, and the square dense depthwise conv as a plain trainable large kernel.
 
 Before timing, the Triton shift-add is checked against the reference on the GPU (forward and backward).
 Median of >= 20 CUDA-event-timed runs after warm-up. Prints a table; writes ``$OUT/shiftadd.json`` if $OUT.
@@ -112,17 +114,22 @@ def bench_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.
         row[f"{key}_pct_copy"] = 100 * gbs / row["copy_GBs"]
         row[f"{key}_pct_anchor"] = 100 * gbs / COPY_ANCHOR_GBS
 
-    # the layer: inference (merged, eval) vs its dense equivalent; training fwd+bwd vs dense fwd+bwd
+    # the layer: inference forms and training implementations, vs its dense equivalent
     layer = layer.to(dtype)
+    forms = {}
     merged = copy.deepcopy(layer).eval()
     merged.reparameterize()
-    dense = copy.deepcopy(merged)
-    dense.to_dense()
+    forms["shiftadd"] = merged  # fused shift-add inference pass
+    forms["bands"] = copy.deepcopy(merged)
+    forms["bands"].impl = "bands"  # k x D + D x k depthwise convs from the small kernels
+    forms["square"] = copy.deepcopy(merged)
+    forms["square"].to_dense("square")
+    forms["cross"] = copy.deepcopy(merged)
+    forms["cross"].to_dense("cross")
     row["D"] = merged.dense_size
     with torch.no_grad():
-        row["sw_infer_ms"] = cuda_time(lambda: merged(x))
-        row["dense_infer_ms"] = cuda_time(lambda: dense(x))
-    layer.train()
+        for name, module in forms.items():
+            row[f"infer_{name}_ms"] = cuda_time(lambda m=module: m(x))
     xg = x.clone().requires_grad_()
 
     def train_step(module):
@@ -131,10 +138,16 @@ def bench_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.
             out.backward(torch.ones_like(out))
         return run
 
-    dense.train()
-    row["sw_train_ms"] = cuda_time(train_step(layer))
-    row["dense_train_ms"] = cuda_time(train_step(dense))
+    bands = copy.deepcopy(layer).train()
+    bands.impl = "bands"
+    square = forms["square"].train()
+    for name, module in (("shiftadd", layer.train()), ("bands", bands), ("square", square)):
+        row[f"train_{name}_ms"] = cuda_time(train_step(module))
     return row
+
+
+LAYER_COLS = ["infer_shiftadd", "infer_bands", "infer_square", "infer_cross", "train_shiftadd", "train_bands",
+              "train_square"]
 
 
 def main() -> None:
@@ -152,21 +165,27 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "correctness": check_gpu_correctness(device), "rows": []}
     print("GPU correctness (Triton vs reference):", json.dumps(result["correctness"]))
-    head = (f"{'dtype':9}{'C':>5}{'H':>4}{'K':>4}{'D':>4}{'MB':>8}{'copy GB/s':>10}{'fwd ms':>8}{'fwd GB/s':>9}"
-            f"{'%copy':>6}{'bwd ms':>8}{'bwd GB/s':>9}{'%copy':>6}{'eval ms':>8}{'%copy':>6}{'ref ms':>8}"
-            f"{'SW inf':>8}{'dense inf':>10}"
-            f"{'SW trn':>8}{'dense trn':>10}")
-    print(head)
+    rows = []
     for dtype in dtypes:
         for c, hw, big, small in SHAPES:
             row = bench_shape(c, hw, big, small, batch, dtype, device)
-            result["rows"].append(row)
-            print(f"{row['dtype']:9}{c:>5}{hw:>4}{big:>4}{row['D']:>4}{row['bytes_MB']:>8.1f}{row['copy_GBs']:>10.0f}"
-                  f"{row['sa_fwd_ms']:>8.3f}{row['sa_fwd_GBs']:>9.0f}{row['sa_fwd_pct_copy']:>6.0f}"
-                  f"{row['sa_bwd_ms']:>8.3f}{row['sa_bwd_GBs']:>9.0f}{row['sa_bwd_pct_copy']:>6.0f}"
-                  f"{row['eval_ms']:>8.3f}{row['eval_pct_copy']:>6.0f}"
-                  f"{row['ref_fwd_ms']:>8.2f}{row['sw_infer_ms']:>8.3f}{row['dense_infer_ms']:>10.3f}"
-                  f"{row['sw_train_ms']:>8.3f}{row['dense_train_ms']:>10.3f}", flush=True)
+            rows.append(row)
+            print(".", end="", flush=True)
+    result["rows"] = rows
+    print(f"\nshift-add op, batch {batch} (GB/s = HBM bytes / time; %copy of the measured copy bandwidth)")
+    print(f"{'dtype':9}{'C':>5}{'H':>4}{'K':>4}{'MB':>8}{'copy GB/s':>10}{'fwd ms':>8}{'fwd GB/s':>9}{'%copy':>6}"
+          f"{'bwd ms':>8}{'bwd GB/s':>9}{'%copy':>6}{'eval ms':>8}{'%copy':>6}{'ref fwd ms':>11}")
+    for row in rows:
+        print(f"{row['dtype']:9}{row['C']:>5}{row['H']:>4}{row['K']:>4}{row['bytes_MB']:>8.1f}"
+              f"{row['copy_GBs']:>10.0f}{row['sa_fwd_ms']:>8.3f}{row['sa_fwd_GBs']:>9.0f}"
+              f"{row['sa_fwd_pct_copy']:>6.0f}{row['sa_bwd_ms']:>8.3f}{row['sa_bwd_GBs']:>9.0f}"
+              f"{row['sa_bwd_pct_copy']:>6.0f}{row['eval_ms']:>8.3f}{row['eval_pct_copy']:>6.0f}"
+              f"{row['ref_fwd_ms']:>11.2f}")
+    print(f"\nSW layer, batch {batch}, ms: inference (no grad, eval) and training fwd+bwd")
+    print(f"{'dtype':9}{'C':>5}{'H':>4}{'K':>4}{'D':>4}" + "".join(f"{col:>15}" for col in LAYER_COLS))
+    for row in rows:
+        print(f"{row['dtype']:9}{row['C']:>5}{row['H']:>4}{row['K']:>4}{row['D']:>4}"
+              + "".join(f"{row[col + '_ms']:>15.3f}" for col in LAYER_COLS))
     out_dir = os.environ.get("OUT")
     if out_dir:
         with open(os.path.join(out_dir, "shiftadd.json"), "w") as f:
