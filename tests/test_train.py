@@ -146,3 +146,16 @@ def test_ddp_two_processes_match_one(tmp_path):
     b = json.loads((tmp_path / "two" / "metrics.json").read_text())["step_losses"]
     assert len(a) == len(b) == 3
     assert b == pytest.approx(a, rel=1e-4)
+
+
+def test_sparse_hook_keeps_masks(tmp_path):
+    from largekernel.train.sparse import find_sparse_targets
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "sparse": 0.5, "sparse_kwargs": {"init": "uniform", "update_every": 1}})
+    model, tl, vl, _ = prepare(cfg)
+    result = fit(model, tl, vl, cfg, run_dir=tmp_path)
+    assert result.sparsity.steps == 3
+    assert abs(result.sparsity.current_density() - 0.5) < 0.05
+    for t in find_sparse_targets(model):
+        if t.name not in result.sparsity.dense_names:
+            assert torch.all(t.param.detach()[(t.mask.expand_as(t.param) == 0)] == 0)
+    assert load_state(tmp_path / "last.pth")["sparse"]["steps"] == 3
