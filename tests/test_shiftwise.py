@@ -241,6 +241,23 @@ def test_sparsity_protocol_masks_whole_kernels():
     torch.testing.assert_close(got, layer(x))
 
 
+def test_dynamic_sparsity_engine_prunes_whole_kernels_of_all_paths():
+    from largekernel.train.sparse import DynamicSparsity
+
+    torch.manual_seed(0)
+    model = timm.create_model("shiftwise_v2_test")
+    engine = DynamicSparsity(model, sparsity=0.3, init="uniform", scope="protocol", update_every=1)
+    layer = model.stages[0][0].large_kernel
+    masks = [conv.weight_mask for conv in layer.LoRAs]
+    assert torch.equal(masks[0], masks[1])  # tied across paths
+    assert abs(1 - masks[0].mean().item() - 0.3) < 0.05
+    engine.step()
+    masks = [conv.weight_mask for conv in layer.LoRAs]
+    assert torch.equal(masks[0], masks[1])
+    pruned = masks[0].flatten() == 0
+    assert (layer.LoRAs[1].weight.flatten(1)[pruned] == 0).all()  # whole small kernels zeroed
+
+
 # ---- models --------------------------------------------------------------------------------------------------
 
 

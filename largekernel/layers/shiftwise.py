@@ -207,6 +207,11 @@ class ShiftwiseConv2d(nn.Module):
             bias = bias + bn.bias - bn.running_mean * scale
         return torch.stack(scales), bias
 
+    def sparse_ties(self) -> list[list[str]]:
+        """Parameters whose sparsity masks are tied (the dynamic-sparsity engine's hook): the paths' kernels,
+        as the official ``add_module_sum_rep`` copies path 0's mask to every path."""
+        return [[f"LoRAs.{p}.weight" for p in range(len(self.LoRAs))]] if self.form == "train" else []
+
     def band_kernels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The three terms as centred depthwise kernels, before BN: horizontal (R, 1, k, D), vertical
         (R, 1, D, k), identity (R, 1, k, k). Slot i of a band sits at offsets i*k - K//2 ... along the long
