@@ -352,7 +352,7 @@ class ShiftwiseConv2d(nn.Module):
                     scale, bias = self.term_affine()
                     return shift_add_eval(y, self.pad_hv, self.idx_identity, self.extra_pad, scale, bias, x,
                                           self.rep_idx, self.ghost_idx)
-                t = shift_add(y, self.pad_hv, self.idx_identity, self.extra_pad)
+                t = shift_add(y, self.pad_hv, self.idx_identity, self.extra_pad).unbind(0)  # one stacked grad
             if form == "folded":
                 out = sum(t[i] * self.term_scale[i].view(1, -1, 1, 1) for i in range(3))
                 out = out + self.term_bias.view(1, -1, 1, 1)
