@@ -27,7 +27,10 @@ CASES = [
     ("bf16_bias", 2, 5, 9, 13, 7, 7, "bfloat16", "nchw", True, "xwb"),
     ("bf16_even_cl", 1, 3, 10, 7, 6, 4, "bfloat16", "cl", False, "xw"),
     ("fp16_rect", 1, 3, 8, 9, 3, 5, "float16", "nchw", True, "xwb"),
+    ("vec8_bf16", 2, 3, 9, 16, 5, 7, "bfloat16", "nchw", True, "xwb"),   # W, strides multiples of 8
+    ("vec4_even_fp32", 1, 5, 6, 24, 6, 4, "float32", "nchw", False, "xw"),
 ]
+VARIANTS = (0, 1)   # first-generation kernels; prefetching forward + row-walking weight grad
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 5e-3}
 
 
@@ -83,8 +86,10 @@ def _main() -> None:
     set_backend("triton")
     dw.POISON = True
     results = {"seed": seed}
-    for case in CASES:
-        results[case[0]] = _run_case(case, torch, F, depthwise_conv2d, depthwise_path)
+    for variant in VARIANTS:
+        dw.INTERP_VARIANT = variant
+        for case in CASES:
+            results[f"{case[0]}/v{variant}"] = _run_case(case, torch, F, depthwise_conv2d, depthwise_path)
     print(json.dumps(results))
 
 
@@ -99,9 +104,10 @@ def results():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_triton_matches_float64_reference(results, case):
-    r = results[case[0]]
+def test_triton_matches_float64_reference(results, case, variant):
+    r = results[f"{case[0]}/v{variant}"]
     tol = TOL[case[7]]
     assert r["path"] == "triton", r
     for key in ("y", "dx", "dw", "db"):

@@ -113,16 +113,180 @@ def _dw_wgrad_kernel(x_ptr, g_ptr, dw_ptr,
     tl.store(out, acc, mask=(j < KW)[:, None] & (i < KH)[None, :])
 
 
+@triton.jit
+def _fwd_tiles(t, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw,
+               BLOCK_U: tl.constexpr):
+    """A (rows x input columns) and B (Toeplitz band) tiles of step t = i * num_u + uc; zeros past T."""
+    i = t // num_u
+    uc = t - i * num_u
+    live = t < T
+    yy = y + i - PH
+    row_ok = row_in & (yy >= 0) & (yy < H) & live
+    u = w0 - PWA + uc * BLOCK_U + du
+    a = tl.load(x_rows[:, None] + yy[:, None] * sxh + u[None, :] * sxw,
+                mask=row_ok[:, None] & ((u >= 0) & (u < W))[None, :], other=0.0)
+    tt = t0 + uc * BLOCK_U
+    b = tl.load(w_tap + i * KW + tt, mask=(tt >= 0) & (tt < KW) & live, other=0.0)
+    return a, b
+
+
+@triton.jit
+def _dw_fwd2_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
+                    N, C, H, W_V, KH, KW, PH, PW, PWA_V,
+                    sxn_v, sxc_v, sxh_v, sxw, syn, syc, syh, syw,
+                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
+                    BLOCK_U: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr,
+                    VEC: tl.constexpr):
+    """_dw_fwd_kernel with the (kernel row, column chunk) loop flattened and the next step's tiles
+    loaded before the current dot (register double buffering: the loads are 2-byte gathers that
+    Triton's cp.async pipeliner does not take).
+
+    VEC: W, the x strides and the column-chunk starts are passed as multiples of VEC (``*_v`` = value /
+    VEC, chunks start at ``w0 - PWA`` with PWA = PW rounded up to VEC) so that Triton can prove VEC-wide
+    aligned, uniformly masked runs and emit vector loads for the x tile."""
+    W = W_V * VEC
+    PWA = PWA_V * VEC
+    sxn = sxn_v * VEC
+    sxc = sxc_v * VEC
+    sxh = sxh_v * VEC
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(N * H, BLOCK_M)
+    num_w = tl.cdiv(W, BLOCK_W)
+    wb = pid % num_w
+    mb = (pid // num_w) % num_m
+    c = pid // (num_w * num_m)
+
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = rows // H
+    y = rows % H
+    row_in = rows < N * H
+    w0 = wb * BLOCK_W
+    v = w0 + tl.arange(0, BLOCK_W)
+    du = tl.arange(0, BLOCK_U)
+    x_rows = x_ptr + c.to(tl.int64) * sxc + n.to(tl.int64) * sxn
+    w_tap = w_ptr + c * KH * KW
+    t0 = du[:, None] - tl.arange(0, BLOCK_W)[None, :] - (PWA - PW)    # = u - v + PW - uc * BLOCK_U
+    num_u = tl.cdiv(BLOCK_W + KW - 1 + PWA - PW, BLOCK_U)
+    T = KH * num_u
+
+    acc = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
+    a, b = _fwd_tiles(0, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw, BLOCK_U)
+    for t in range(0, T):
+        a_cur = a
+        b_cur = b
+        a, b = _fwd_tiles(t + 1, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw,
+                          BLOCK_U)
+        if CAST_F32:
+            a_cur = a_cur.to(tl.float32)
+            b_cur = b_cur.to(tl.float32)
+        acc = tl.dot(a_cur, b_cur, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c).to(tl.float32)
+    y_ptrs = (y_ptr + c.to(tl.int64) * syc + n.to(tl.int64)[:, None] * syn + y[:, None] * syh
+              + v[None, :] * syw)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_in[:, None] & (v < W)[None, :])
+
+
+@triton.jit
+def _wg_tiles(t, T, num_v, r_start, x_c, g_c, j, i, dv, H, W, KH, KW, PH, PW,
+              sxn, sxh, sxw, sgn, sgh, sgw, BLOCK_V: tl.constexpr):
+    """Step t = (row, column chunk): A = shifted windows of one x row, B = shifted grad_out rows."""
+    tv = t // num_v
+    r = r_start + tv
+    v0 = (t - tv * num_v) * BLOCK_V
+    live = t < T
+    n = (r // H).to(tl.int64)
+    yy = r % H
+    v = v0 + dv
+    v_ok = (v < W) & live
+    xcol = v[None, :] + j[:, None] - PW
+    a = tl.load(x_c + n * sxn + yy * sxh + xcol * sxw,
+                mask=v_ok[None, :] & (j < KW)[:, None] & (xcol >= 0) & (xcol < W), other=0.0)
+    grow = yy - i + PH
+    b = tl.load(g_c + n * sgn + grow[None, :] * sgh + v[:, None] * sgw,
+                mask=v_ok[:, None] & ((i < KH) & (grow >= 0) & (grow < H))[None, :], other=0.0)
+    return a, b
+
+
+@triton.jit
+def _dw_wgrad2_kernel(x_ptr, g_ptr, dw_ptr,
+                      N, C, H, W_V, KH, KW, PH, PW, ROWS_PER_SPLIT, SPLITS,
+                      sxn, sxc, sxh, sxw, sgn_v, sgc_v, sgh_v, sgw,
+                      BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_V: tl.constexpr,
+                      PRECISION: tl.constexpr, CAST_F32: tl.constexpr, VEC: tl.constexpr):
+    """Weight grad with the reduction walked row by row (scalar row indices, no per-element div/mod)
+    and the next step's tiles loaded before the current dot. W and the grad_out strides come as multiples
+    of VEC (see _dw_fwd2_kernel) so the grad_out rows load as vectors."""
+    W = W_V * VEC
+    sgn = sgn_v * VEC
+    sgc = sgc_v * VEC
+    sgh = sgh_v * VEC
+    pid = tl.program_id(0)
+    s = pid % SPLITS
+    c = pid // SPLITS
+    r_start = s * ROWS_PER_SPLIT
+    r_end = tl.minimum(r_start + ROWS_PER_SPLIT, N * H)
+    num_v = tl.cdiv(W, BLOCK_V)
+    T = (r_end - r_start) * num_v
+
+    j = tl.arange(0, BLOCK_J)
+    i = tl.arange(0, BLOCK_I)
+    dv = tl.arange(0, BLOCK_V)
+    x_c = x_ptr + c.to(tl.int64) * sxc
+    g_c = g_ptr + c.to(tl.int64) * sgc
+    acc = tl.zeros((BLOCK_J, BLOCK_I), dtype=tl.float32)
+    a, b = _wg_tiles(0, T, num_v, r_start, x_c, g_c, j, i, dv, H, W, KH, KW, PH, PW,
+                     sxn, sxh, sxw, sgn, sgh, sgw, BLOCK_V)
+    for t in range(0, T):
+        a_cur = a
+        b_cur = b
+        a, b = _wg_tiles(t + 1, T, num_v, r_start, x_c, g_c, j, i, dv, H, W, KH, KW, PH, PW,
+                         sxn, sxh, sxw, sgn, sgh, sgw, BLOCK_V)
+        if CAST_F32:
+            a_cur = a_cur.to(tl.float32)
+            b_cur = b_cur.to(tl.float32)
+        acc = tl.dot(a_cur, b_cur, acc, input_precision=PRECISION)
+
+    out = dw_ptr + (s.to(tl.int64) * C + c) * KH * KW + i[None, :] * KW + j[:, None]
+    tl.store(out, acc, mask=(j < KW)[:, None] & (i < KH)[None, :])
+
+
+def _vec(t, cfg: dict) -> int:
+    """Widest run (<= 16 bytes) that W, the strides and the data pointer are all multiples of."""
+    n, c, h, w = t.shape
+    vec = min(cfg.get("vec", 16), 16 // t.element_size())
+    while vec > 1 and not (t.stride(3) == 1 and w % vec == 0 and t.stride(0) % vec == 0 and t.stride(1) % vec == 0
+                           and t.stride(2) % vec == 0 and t.data_ptr() % (vec * t.element_size()) == 0):
+        vec //= 2
+    return vec
+
+
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
 def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_f32: bool) -> None:
     """y = depthwise 'same'-style conv of x with w (C, kh, kw) and top/left padding (ph, pw)."""
+    import torch
+
     N, C, H, W = x.shape
     KH, KW = w.shape[-2:]
     bm, bw, bu = cfg["BLOCK_M"], cfg["BLOCK_W"], cfg["BLOCK_U"]
     grid = (C * triton.cdiv(N * H, bm) * triton.cdiv(W, bw),)
+    if cfg.get("prefetch"):
+        vec = _vec(x, cfg)
+        sn, sc, sh, sw = x.stride()
+        pwa = -(-pw // vec) * vec
+        if bias is None:   # one compiled variant for forward and input grad
+            bias = torch.zeros(C, device=x.device, dtype=x.dtype)
+        _dw_fwd2_kernel[grid](x, w, bias, y,
+                              N, C, H, W // vec, KH, KW, ph, pw, pwa // vec,
+                              sn // vec, sc // vec, sh // vec, sw, *y.stride(),
+                              HAS_BIAS=True, BLOCK_M=bm, BLOCK_W=bw, BLOCK_U=bu,
+                              PRECISION=precision, CAST_F32=cast_f32, VEC=vec,
+                              num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+        return
     _dw_fwd_kernel[grid](x, w, bias if bias is not None else w, y,
                          N, C, H, W, KH, KW, ph, pw,
                          *x.stride(), *y.stride(),
@@ -137,6 +301,23 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
     import torch
 
     N, C, H, W = x.shape
+    if "BLOCK_V" in cfg:   # row-walking kernel
+        rows = N * H
+        splits = max(1, min(rows, triton.cdiv(cfg.get("programs", 1024), C)))
+        rows_per_split = triton.cdiv(rows, splits)
+        splits = triton.cdiv(rows, rows_per_split)
+        partial = torch.empty((splits, C, kh, kw), device=x.device, dtype=torch.float32)
+        if poison:
+            partial.fill_(float("nan"))
+        vec = _vec(g, cfg)
+        gn, gc, gh, gw = g.stride()
+        _dw_wgrad2_kernel[(C * splits,)](x, g, partial,
+                                         N, C, H, W // vec, kh, kw, ph, pw, rows_per_split, splits,
+                                         *x.stride(), gn // vec, gc // vec, gh // vec, gw,
+                                         BLOCK_J=_pow2(kw), BLOCK_I=_pow2(kh), BLOCK_V=cfg["BLOCK_V"],
+                                         PRECISION=precision, CAST_F32=cast_f32, VEC=vec,
+                                         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+        return partial.sum(0) if splits > 1 else partial[0]
     bk = cfg["BLOCK_K"]
     total = N * H * W
     blocks = triton.cdiv(total, bk)

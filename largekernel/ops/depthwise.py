@@ -124,31 +124,86 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 # ----------------------------------------------------------------------------------------------------
 # Triton implementation and the custom op
 
-# Tile configurations; benchmarks override these to compare variants.
+# Per pass (forward, input grad, weight grad) a few candidates: tile configurations of our two kernel
+# generations and, for odd kernels, cuDNN's own kernel for that pass. On the GPU the fastest candidate is
+# picked once per (pass, shape, dtype, layout) by timing each on the real arguments (a one-time, cached
+# micro-benchmark; LARGEKERNEL_TUNE=0 turns it off and takes the first candidate). FWD_CFG / WGRAD_CFG
+# force one configuration (benchmarks, tests).
 FWD_CFG: dict = {}
 WGRAD_CFG: dict = {}
+TUNE = os.environ.get("LARGEKERNEL_TUNE", "1") == "1"
 FP32_PRECISION = os.environ.get("LARGEKERNEL_FP32_PRECISION", "tf32x3")   # or 'ieee' (CUDA-core FMA)
 POISON = False   # tests: fill kernel outputs with NaN before the launch so unwritten elements show
-_INTERP_FWD = dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16)
-_INTERP_WGRAD = dict(BLOCK_K=32, programs=8)
+INTERP_VARIANT = 0   # interpreter tests: 0 = first-generation kernels, 1 = prefetching/row-walking ones
+_TUNED: dict = {}
 
 
-def _fwd_cfg(x: torch.Tensor, kh: int, kw: int) -> dict:
+def _bw(W: int) -> int:
+    return min(64, max(16, 1 << (W - 1).bit_length()))
+
+
+def _fwd_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
     if x.device.type == "cpu":
-        return _INTERP_FWD
+        return [dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, prefetch=bool(INTERP_VARIANT))]
     if FWD_CFG:
-        return FWD_CFG
-    W = x.shape[3]
-    bw = 16 if W <= 16 else (32 if W <= 32 else 64)
-    return dict(BLOCK_M=64, BLOCK_W=bw, BLOCK_U=32, num_warps=4, num_stages=2)
+        return [FWD_CFG]
+    bw = _bw(x.shape[3])
+    cands = [dict(BLOCK_M=64, BLOCK_W=min(32, bw), BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True),
+             dict(BLOCK_M=128, BLOCK_W=bw, BLOCK_U=32, num_warps=8, num_stages=2, prefetch=True),
+             dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=16, num_warps=4, num_stages=3)]
+    if kh % 2 and kw % 2:
+        cands.append(dict(native=True))
+    return cands
 
 
-def _wgrad_cfg(x: torch.Tensor) -> dict:
+def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
     if x.device.type == "cpu":
-        return _INTERP_WGRAD
+        return [dict(BLOCK_V=16, programs=8) if INTERP_VARIANT else dict(BLOCK_K=32, programs=8)]
     if WGRAD_CFG:
-        return WGRAD_CFG
-    return dict(BLOCK_K=64, programs=132 * 8, num_warps=4, num_stages=2)
+        return [WGRAD_CFG]
+    bv = _bw(x.shape[3])
+    cands = [dict(BLOCK_V=min(32, bv), programs=2112, num_warps=4, num_stages=2),
+             dict(BLOCK_V=bv, programs=1056, num_warps=8, num_stages=2),
+             dict(BLOCK_K=32, programs=1056, num_warps=4, num_stages=3)]
+    if kh % 2 and kw % 2:
+        cands.append(dict(native=True))
+    return cands
+
+
+def _cuda_ms(fn, reps: int = 3) -> float:
+    fn()   # compile / warm up
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _pick(kind: str, x: torch.Tensor, kh: int, kw: int, cands: list[dict], run) -> dict:
+    """The fastest candidate for this pass and argument signature, timed once and cached."""
+    if len(cands) == 1 or not TUNE or not x.is_cuda or torch.cuda.is_current_stream_capturing():
+        return cands[0]
+    key = (kind, x.dtype, tuple(x.shape), kh, kw, x.stride(-1) == 1, x.device.index, FP32_PRECISION)
+    if key not in _TUNED:
+        best, best_ms = cands[0], float("inf")
+        for cand in cands:
+            try:
+                ms = _cuda_ms(lambda c=cand: run(c))
+            except Exception:  # noqa: BLE001 - a candidate that fails to compile/launch is skipped
+                continue
+            if ms < best_ms:
+                best, best_ms = cand, ms
+        _TUNED[key] = best
+    return _TUNED[key]
+
+
+def tuned_choices() -> dict:
+    """What the one-time tuning picked so far: {(pass, dtype, shape, kh, kw, ...): candidate}."""
+    return dict(_TUNED)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -160,41 +215,70 @@ def _rowmajor(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _format_of(t: torch.Tensor) -> torch.memory_format:
+    cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 def _alloc_like(t: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(t)
     return out.fill_(float("nan")) if POISON else out
 
 
-def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _conv_pass(cand: dict, src: torch.Tensor, w: torch.Tensor, bias, out: torch.Tensor, ph: int, pw: int):
+    """out = 'same'-style conv of src with w (C, 1, kh, kw), top/left padding (ph, pw)."""
+    from largekernel.ops import _dw_kernels as K
+
+    C, _, kh, kw = w.shape
+    if cand.get("native"):   # odd kernels only: then (ph, pw) is the centred 'same' padding
+        out.copy_(F.conv2d(src, w, bias, padding="same", groups=C))
+        return
+    K.launch_fwd(_rowmajor(src), w.reshape(C, kh, kw).contiguous(),
+                 bias.contiguous() if bias is not None else None, out, ph, pw, cand,
+                 _precision(src.dtype), src.device.type == "cpu")
+
+
+def _wgrad_pass(cand: dict, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     from largekernel.ops import _dw_kernels as K
 
     C, _, kh, kw = weight.shape
     ph, pw = _pads(kh, kw)
+    if cand.get("native"):
+        return torch.nn.grad.conv2d_weight(x, weight.shape, g, padding=(ph, pw), groups=C)
+    dw = K.launch_wgrad(_rowmajor(x), _rowmajor(g), kh, kw, ph, pw, cand, _precision(x.dtype),
+                        x.device.type == "cpu", POISON)
+    return dw.reshape(C, 1, kh, kw).to(weight.dtype)
+
+
+def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    kh, kw = weight.shape[-2:]
+    ph, pw = _pads(kh, kw)
     y = _alloc_like(x)
-    xin = _rowmajor(x)
-    w = weight.reshape(C, kh, kw).contiguous()
-    K.launch_fwd(xin, w, bias.contiguous() if bias is not None else None, y, ph, pw, _fwd_cfg(x, kh, kw),
-                 _precision(x.dtype), x.device.type == "cpu")
+    cand = _pick("fwd", x, kh, kw, _fwd_candidates(x, kh, kw), lambda c: _conv_pass(c, x, weight, bias, y, ph, pw))
+    if cand.get("native"):
+        return F.conv2d(x, weight, bias, padding="same", groups=weight.shape[0])
+    _conv_pass(cand, x, weight, bias, y, ph, pw)
     return y
 
 
 def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool,
                      need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from largekernel.ops import _dw_kernels as K
-
-    C, _, kh, kw = weight.shape
+    kh, kw = weight.shape[-2:]
     ph, pw = _pads(kh, kw)
-    cast = x.device.type == "cpu"
-    prec = _precision(x.dtype)
-    g = _rowmajor(grad)
     dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    if need_w:   # first, so that its fp32 partial sums are freed before dx is allocated (peak memory)
+        cand = _pick("wgrad", x, kh, kw, _wgrad_candidates(x, kh, kw), lambda c: _wgrad_pass(c, x, grad, weight))
+        dw = _wgrad_pass(cand, x, grad, weight)
     if need_x:
         dx = _alloc_like(x)
-        wf = weight.reshape(C, kh, kw).flip(-2, -1).contiguous()
-        K.launch_fwd(g, wf, None, dx, kh - 1 - ph, kw - 1 - pw, _fwd_cfg(x, kh, kw), prec, cast)
-    if need_w:
-        dw = K.launch_wgrad(_rowmajor(x), g, kh, kw, ph, pw, _wgrad_cfg(x), prec, cast, POISON)
-        dw = dw.reshape(C, 1, kh, kw).to(weight.dtype)
+        wf = weight.flip(-2, -1)
+        cand = _pick("dgrad", x, kh, kw, _fwd_candidates(x, kh, kw),
+                     lambda c: _conv_pass(c, grad, wf, None, dx, kh - 1 - ph, kw - 1 - pw))
+        if cand.get("native"):
+            dx = F.conv2d(grad, wf, None, padding="same", groups=weight.shape[0]).contiguous(
+                memory_format=_format_of(x))
+        else:
+            _conv_pass(cand, grad, wf, None, dx, kh - 1 - ph, kw - 1 - pw)
     if need_b:
         db = grad.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
     return dx, dw, db

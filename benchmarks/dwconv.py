@@ -1,0 +1,162 @@
+"""Depthwise 'same' conv benchmark: our Triton path vs PyTorch native (best of NCHW / channels_last).
+
+    PYTHONPATH=. python3 benchmarks/dwconv.py [--batch 64] [--dtypes float32,bfloat16] [--quick]
+
+Times the forward and forward+backward (output, input grad, weight grad: 3 passes; ``torch.autograd.grad``)
+of batch-64 RepLKNet-31B stage shapes, K=51 and 3/7/13 kernels. Median of >= 20 CUDA-event-timed runs
+after warm-up. Effective TFLOP/s counts 2*kh*kw*C*H*W*N per pass. Prints a table and, when $OUT is set,
+writes ``$OUT/dwconv.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+# (C, H=W, kh, kw)
+SHAPES = [(128, 56, 31, 31), (256, 28, 29, 29), (512, 14, 27, 27), (1024, 7, 13, 13), (128, 56, 51, 51),
+          (128, 56, 3, 3), (128, 56, 7, 7), (128, 56, 13, 13), (128, 56, 51, 5), (128, 56, 5, 51)]
+
+
+def cuda_time(fn, min_runs: int = 20, budget_ms: float = 300.0) -> float:
+    """Median ms of fn over >= min_runs CUDA-event-timed runs, after warm-up."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end), 1e-3)
+    runs = max(min_runs, min(200, int(budget_ms / est)))
+    times = []
+    for _ in range(runs):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def flops(n: int, c: int, h: int, kh: int, kw: int) -> float:
+    return 2.0 * kh * kw * c * h * h * n
+
+
+def _native(x, w, b):
+    return F.conv2d(x, w, b, padding="same", groups=w.shape[0])
+
+
+def _ours(x, w, b):
+    return torch.ops.largekernel.depthwise_conv2d(x, w, b)
+
+
+def time_impl(fn, x, w, b) -> tuple[float, float]:
+    """(fwd ms, fwd+bwd ms) of fn on leaf tensors x, w, b that require grad."""
+    with torch.no_grad():
+        t_fwd = cuda_time(lambda: fn(x, w, b))
+    g = torch.randn_like(fn(x, w, b))
+
+    def step():
+        y = fn(x, w, b)
+        torch.autograd.grad(y, (x, w, b), g)
+
+    return t_fwd, cuda_time(step)
+
+
+def make_inputs(n, c, h, kh, kw, dtype, channels_last=False):
+    x = torch.randn(n, c, h, h, device="cuda", dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(c, 1, kh, kw, device="cuda", dtype=dtype) / (kh * kw) ** 0.5)
+    b = torch.randn(c, device="cuda", dtype=dtype)
+    return x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+
+
+def _native_rows(path: str) -> dict:
+    with open(path) as f:
+        data = json.load(f)
+    rows = data.get("bench", data.get("rows", []))
+    return {(r["dtype"], r["C"], r["H"], r["kh"], r["kw"]): r for r in rows}
+
+
+def run(batch: int = 64, dtypes=("float32", "bfloat16"), shapes=SHAPES, ours_cl: bool = False,
+        native_from: str | None = None) -> list[dict]:
+    """Time ours and native per shape. native_from: take the native columns from an earlier run's JSON
+    (same script, same GPU kind) instead of timing them again."""
+    import largekernel.ops  # noqa: F401  (registers the op)
+
+    old = _native_rows(native_from) if native_from else None
+    torch.backends.cudnn.benchmark = old is None
+    rows = []
+    for dt_name in dtypes:
+        dt = getattr(torch, dt_name)
+        for (c, h, kh, kw) in shapes:
+            x, w, b = make_inputs(batch, c, h, kh, kw, dt)
+            xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+            row = dict(dtype=dt_name, C=c, H=h, kh=kh, kw=kw, N=batch, gflop_pass=flops(batch, c, h, kh, kw) / 1e9)
+            if old is not None:
+                prev = old[(dt_name, c, h, kh, kw)]
+                row.update({k: prev[k] for k in prev if k.startswith("native")}, native_source=native_from)
+            else:
+                nat = [time_impl(_native, x, w, b), time_impl(_native, xc, w, b)]
+                row.update(native_nchw_fwd=nat[0][0], native_nchw_fwdbwd=nat[0][1],
+                           native_cl_fwd=nat[1][0], native_cl_fwdbwd=nat[1][1],
+                           native_fwd=min(nat[0][0], nat[1][0]), native_fwdbwd=min(nat[0][1], nat[1][1]))
+            ours = time_impl(_ours, x, w, b)
+            row.update(ours_fwd=ours[0], ours_fwdbwd=ours[1])
+            if ours_cl:
+                oc = time_impl(_ours, xc, w, b)
+                row.update(ours_cl_fwd=oc[0], ours_cl_fwdbwd=oc[1])
+            rows.append(row)
+            del x, w, b, xc
+            torch.cuda.empty_cache()
+            print(format_row(row), flush=True)
+    return rows
+
+
+def tuned() -> dict:
+    from largekernel.ops.depthwise import tuned_choices
+
+    return {str(k): v for k, v in tuned_choices().items()}
+
+
+HEADER = ("| dtype | C | H | K | native fwd ms | ours fwd ms | TFLOP/s | x | native f+b ms | ours f+b ms | "
+          "TFLOP/s | x |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def format_row(r: dict) -> str:
+    gf = r["gflop_pass"]
+    k = f"{r['kh']}" if r["kh"] == r["kw"] else f"{r['kh']}x{r['kw']}"
+    return (f"| {r['dtype']} | {r['C']} | {r['H']} | {k} | {r['native_fwd']:.3f} | {r['ours_fwd']:.3f} | "
+            f"{gf / r['ours_fwd']:.1f} | {r['native_fwd'] / r['ours_fwd']:.1f} | {r['native_fwdbwd']:.2f} | "
+            f"{r['ours_fwdbwd']:.3f} | {3 * gf / r['ours_fwdbwd']:.1f} | {r['native_fwdbwd'] / r['ours_fwdbwd']:.1f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--quick", action="store_true", help="the four RepLKNet stage shapes only")
+    ap.add_argument("--native-from", default=None, help="JSON of an earlier run to take native timings from")
+    args = ap.parse_args()
+    shapes = SHAPES[:4] if args.quick else SHAPES
+    rows = run(args.batch, tuple(args.dtypes.split(",")), shapes, native_from=args.native_from)
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}")
+    print(HEADER)
+    for r in rows:
+        print(format_row(r))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "dwconv.json"), "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows, tuned=tuned()),
+                      f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""One GPU call: correctness at full shapes, peak memory, tile-config sweep, then the benchmark table.
+
+    PYTHONPATH=. python3 benchmarks/gpu_check.py [--no-sweep] [--no-bench]
+
+Correctness: our op (outputs NaN-poisoned before every launch) vs float64 ``F.conv2d`` on fresh random
+inputs at the full C/H/K of the benchmark shapes (batch 2, plus one batch-64 case), fp32 (1e-5) and bf16
+(1e-2), NCHW and channels_last, with bias; forward and all three gradients. Exits non-zero on a failure.
+Logs and JSON go to $OUT when set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dwconv  # noqa: E402
+
+import largekernel.ops.depthwise as dwmod  # noqa: E402
+
+CHECKS = [  # (N, C, H, W, kh, kw, channels_last)
+    (2, 128, 56, 56, 31, 31, False), (2, 256, 28, 28, 29, 29, True), (2, 512, 14, 14, 27, 27, False),
+    (64, 1024, 7, 7, 13, 13, False), (2, 128, 56, 56, 51, 51, False), (2, 128, 56, 56, 51, 5, True),
+    (2, 128, 56, 56, 5, 51, False), (1, 96, 30, 45, 4, 6, False), (3, 77, 33, 19, 63, 63, False),
+    (2, 128, 56, 56, 3, 3, True),
+]
+
+
+def rel(a: torch.Tensor, r: torch.Tensor) -> float:
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return float((a.double() - r).norm() / r.norm())
+
+
+# Kernel configurations checked at full shapes (the tuner may pick any of them, or cuDNN's).
+VARIANTS = [
+    ("v2", lambda w: dict(BLOCK_M=64, BLOCK_W=min(32, dwmod._bw(w)), BLOCK_U=32, num_warps=4, prefetch=True),
+     lambda w: dict(BLOCK_V=min(32, dwmod._bw(w)), programs=2112, num_warps=4)),
+    ("v2-big", lambda w: dict(BLOCK_M=128, BLOCK_W=dwmod._bw(w), BLOCK_U=32, num_warps=8, prefetch=True),
+     lambda w: dict(BLOCK_V=dwmod._bw(w), programs=1056, num_warps=8)),
+    ("v1", lambda w: dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=16, num_warps=4, num_stages=3),
+     lambda w: dict(BLOCK_K=32, programs=1056, num_warps=4, num_stages=3)),
+]
+
+
+def check_correctness(variants=VARIANTS) -> list[dict]:
+    dwmod.POISON = True
+    out = []
+    for ci, case in enumerate(CHECKS):
+        for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            vs = variants if ci < 4 else variants[:1]   # every variant on the four stage shapes
+            try:
+                out.extend(_check_case(case, dt, tol, vs))
+            except Exception as e:  # noqa: BLE001 - record and go on
+                out.append(dict(shape=case, dtype=str(dt), ok=False, error=repr(e)[:500]))
+                print("FAIL", out[-1], flush=True)
+    dwmod.FWD_CFG, dwmod.WGRAD_CFG = {}, {}
+    dwmod.POISON = False
+    torch.cuda.empty_cache()
+    return out
+
+
+def _check_case(case, dt, tol, variants) -> list[dict]:
+    """Fresh inputs and one float64 reference, then each kernel variant against it."""
+    n, c, h, w_, kh, kw, cl = case
+    x = torch.randn(n, c, h, w_, device="cuda", dtype=dt)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c, 1, kh, kw, device="cuda", dtype=dt) / (kh * kw) ** 0.5
+    b = torch.randn(c, device="cuda", dtype=dt)
+    g = torch.randn_like(x)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    yr = F.conv2d(xd, wd, bd, padding="same", groups=c)
+    rx, rw, rb = torch.autograd.grad(yr, (xd, wd, bd), g.double())
+    yr = yr.detach()
+    for t in (x, w, b):
+        t.requires_grad_()
+    rows = []
+    for vname, fcfg, wcfg in variants:
+        dwmod.FWD_CFG, dwmod.WGRAD_CFG = fcfg(w_), wcfg(w_)
+        y = torch.ops.largekernel.depthwise_conv2d(x, w, b)
+        gx, gw, gb = torch.autograd.grad(y, (x, w, b), g)
+        errs = dict(y=rel(y.detach(), yr), dx=rel(gx, rx), dw=rel(gw, rw), db=rel(gb, rb))
+        ok = all(e <= tol for e in errs.values()) and y.stride() == x.stride()
+        row = dict(shape=(n, c, h, w_, kh, kw), channels_last=cl, dtype=str(dt), variant=vname, ok=ok, **errs)
+        print(("OK  " if ok else "FAIL"), row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def peak_memory() -> list[dict]:
+    rows = []
+    for dt in (torch.bfloat16, torch.float32):
+        for cl in (False, True):
+            res = {}
+            for name, fn in (("native", dwconv._native), ("ours", dwconv._ours)):
+                x, w, b = dwconv.make_inputs(64, 128, 56, 31, 31, dt, cl)
+                g = torch.randn_like(x)
+                torch.autograd.grad(fn(x, w, b), (x, w, b), g)   # warm-up (compile, tuning) not measured
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                y = fn(x, w, b)
+                grads = torch.autograd.grad(y, (x, w, b), g)
+                torch.cuda.synchronize()
+                res[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                del x, w, b, g, y, grads
+                torch.cuda.empty_cache()
+            row = dict(dtype=str(dt), channels_last=cl, native_mib=res["native"], ours_mib=res["ours"])
+            rows.append(row)
+            print("peak fwd+bwd above inputs (MiB):", row, flush=True)
+    return rows
+
+
+FWD_SWEEP = [dict(BLOCK_M=64, BLOCK_W=64, BLOCK_U=32, num_warps=4, num_stages=2),
+             dict(BLOCK_M=64, BLOCK_W=32, BLOCK_U=32, num_warps=4, num_stages=3),
+             dict(BLOCK_M=128, BLOCK_W=32, BLOCK_U=32, num_warps=8, num_stages=3),
+             dict(BLOCK_M=128, BLOCK_W=64, BLOCK_U=32, num_warps=8, num_stages=3),
+             dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=16, num_warps=4, num_stages=3)]
+WGRAD_SWEEP = [dict(BLOCK_K=64, programs=1056, num_warps=4, num_stages=2),
+               dict(BLOCK_K=128, programs=1056, num_warps=4, num_stages=3),
+               dict(BLOCK_K=128, programs=2112, num_warps=8, num_stages=3),
+               dict(BLOCK_K=32, programs=1056, num_warps=4, num_stages=3)]
+
+
+def _sweep_one(rows: list, kind: str, dt, prec: str, shape, cfg: dict, fn) -> None:
+    c, h, kh, kw = shape
+    try:
+        t = dwconv.cuda_time(fn, min_runs=10, budget_ms=100)
+    except Exception as e:  # noqa: BLE001 - a config that does not compile is a result, not a stop
+        print(f"{kind} {dt} {prec} C{c} K{kh} {cfg}: ERROR {repr(e)[:300]}", flush=True)
+        return
+    rows.append(dict(kind=kind, dtype=str(dt), prec=prec, C=c, H=h, K=kh, cfg=cfg, ms=t))
+    print(f"{kind:5s} {dt} {prec:6s} C{c} H{h} K{kh} {cfg}: {t:.3f} ms "
+          f"{dwconv.flops(64, c, h, kh, kw) / t / 1e9:.1f} TFLOP/s", flush=True)
+
+
+def _sweep_shape(rows: list, dt, shape) -> None:
+    c, h, kh, kw = shape
+    x, w, b = dwconv.make_inputs(64, c, h, kh, kw, dt)
+    g = torch.randn_like(x)
+    for prec in (("tf32x3", "ieee") if dt == torch.float32 else ("tf32",)):
+        dwmod.FP32_PRECISION = prec
+        for i, cfg in enumerate(FWD_SWEEP):
+            if prec == "ieee" and i > 1:
+                continue
+            dwmod.FWD_CFG = dict(cfg, BLOCK_W=min(cfg["BLOCK_W"], max(16, 1 << (h - 1).bit_length())))
+            with torch.no_grad():
+                _sweep_one(rows, "fwd", dt, prec, shape, dwmod.FWD_CFG, lambda: dwconv._ours(x, w, b))
+        dwmod.FWD_CFG = {}
+        for i, cfg in enumerate(WGRAD_SWEEP):
+            if prec == "ieee" and i > 1:
+                continue
+            dwmod.WGRAD_CFG = cfg
+            _sweep_one(rows, "wgrad", dt, prec, shape, cfg,
+                       lambda: torch.ops.largekernel.depthwise_conv2d_backward(g, x, w, False, True, False))
+        dwmod.WGRAD_CFG = {}
+    dwmod.FP32_PRECISION = "tf32x3"
+
+
+def sweep() -> list[dict]:
+    rows: list[dict] = []
+    for dt in (torch.bfloat16, torch.float32):
+        for shape in dwconv.SHAPES[:5]:
+            _sweep_shape(rows, dt, shape)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def check_compile() -> dict:
+    from largekernel.layers.conv import DepthwiseConv2d
+    from largekernel.ops import use_backend
+
+    layer = DepthwiseConv2d(64, 31, bias=True).cuda()
+    x = torch.randn(4, 64, 32, 32, device="cuda")
+    with use_backend("triton"):
+        path = layer.conv_path(x)
+        ref = layer(x)
+        torch._dynamo.reset()
+        y = torch.compile(layer, fullgraph=True)(x)
+    err = rel(y, ref.double())
+    print(f"torch.compile(fullgraph=True) inductor: path={path} rel diff vs eager {err:.2e}", flush=True)
+    return dict(path=path, rel=err)
+
+
+def _dump(report: dict) -> None:
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "gpu_check.json"), "w") as f:
+            json.dump(report, f, indent=1, default=str)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true", help="also time fixed tile configurations one by one")
+    ap.add_argument("--compile", action="store_true", help="also check torch.compile (inductor)")
+    ap.add_argument("--native-from", default=None, help="JSON of an earlier run to take native timings from")
+    ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--shapes", default="all", help="'quick' = the 4 stage shapes")
+    args = ap.parse_args()
+    t0 = time.time()
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    report: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
+    report["correctness"] = check_correctness()
+    try:
+        report["memory"] = peak_memory()
+    except Exception as e:  # noqa: BLE001
+        print("memory check failed:", repr(e)[:500], flush=True)
+    _dump(report)
+    if args.compile:
+        try:
+            report["compile"] = check_compile()
+        except Exception as e:  # noqa: BLE001 - report, do not stop the run
+            print("compile check failed:", repr(e)[:500], flush=True)
+            report["compile"] = dict(error=repr(e)[:500])
+    print(f"[{time.time() - t0:.0f}s] checks done", flush=True)
+    if args.sweep:
+        report["sweep"] = sweep()
+        print(f"[{time.time() - t0:.0f}s] sweep done", flush=True)
+    if not args.no_bench:
+        shapes = dwconv.SHAPES[:4] if args.shapes == "quick" else dwconv.SHAPES
+        report["bench"] = dwconv.run(64, ("bfloat16", "float32"), shapes, ours_cl=True, native_from=args.native_from)
+        report["tuned"] = dwconv.tuned()
+        print(f"\n[{time.time() - t0:.0f}s] {torch.cuda.get_device_name()}, batch 64")
+        print(dwconv.HEADER)
+        for r in report["bench"]:
+            print(dwconv.format_row(r))
+    _dump(report)
+    bad = [r for r in report["correctness"] if not r["ok"]]
+    print(f"correctness: {len(report['correctness']) - len(bad)} ok, {len(bad)} failed")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
