@@ -285,7 +285,8 @@ def _complexity_row(model_name: str, input_size: int, dense: bool = False, **kwa
     return {"params_m": count_params(model) / 1e6, "gmacs": macs / 1e9}
 
 
-def guideline_1(quick: bool = False) -> dict:
+def guideline_1(quick: bool = False, seed: int = 0) -> dict:
+    """Counts are deterministic; ``seed`` is accepted for a uniform signature."""
     big, size = ("replknet_test", 64) if quick else ("replknet_31b", 224)
     rows: dict[str, dict] = {}
     variants = {
@@ -342,8 +343,8 @@ _TASKS = ("Dense: Pathfinder 'curve ends at a marker' segmentation, mIoU over cu
           "CPU budget for every arm, so it cannot rank them).")
 
 
-def guideline_2(quick: bool = False) -> dict:
-    scale = QUICK if quick else FULL
+def guideline_2(quick: bool = False, seed: int = 0) -> dict:
+    scale = replace(QUICK if quick else FULL, seed=seed)
     runs = {}
     for k in (3, 13):
         for shortcut in (True, False):
@@ -353,8 +354,8 @@ def guideline_2(quick: bool = False) -> dict:
             "paper": "MobileNetV2 ImageNet top-1: shortcut 3x3 71.76, 13x13 72.53; no shortcut 3x3 68.67, 13x13 53.98"}
 
 
-def guideline_3(quick: bool = False) -> dict:
-    scale = QUICK if quick else FULL
+def guideline_3(quick: bool = False, seed: int = 0) -> dict:
+    scale = replace(QUICK if quick else FULL, seed=seed)
     runs = {}
     for k in (9, 13):
         for small in (None, 3):
@@ -365,8 +366,8 @@ def guideline_3(quick: bool = False) -> dict:
                      "ImageNet and Cityscapes (Table 3)"}
 
 
-def guideline_4(quick: bool = False) -> dict:
-    scale = QUICK if quick else replace(FULL, n_train=2000, epochs=3)
+def guideline_4(quick: bool = False, seed: int = 0) -> dict:
+    scale = replace(QUICK if quick else replace(FULL, n_train=2000, epochs=3), seed=seed)
     runs = {f"{k}x{k}": train_both(scale, erf=True, kernel_size=k) for k in (3, 13, 31)}
     base = runs["3x3"]
     for r in runs.values():
@@ -377,9 +378,9 @@ def guideline_4(quick: bool = False) -> dict:
                      "+3 points (Table 5); MobileNetV2 13x13: small ImageNet gain, larger Cityscapes gain"}
 
 
-def guideline_5(quick: bool = False) -> dict:
+def guideline_5(quick: bool = False, seed: int = 0) -> dict:
     # 7x7 maps: a 56x56 input through the total-stride-8 MobileNetV2; only stages 5-6 (on 7x7) change kernel.
-    scale = replace(QUICK, size=56, length=40) if quick else replace(FULL, size=56, length=48)
+    scale = replace(QUICK, size=56, length=40, seed=seed) if quick else replace(FULL, size=56, length=48, seed=seed)
     runs = {f"last stage {k}x{k} on 7x7 maps": train_both(scale, arch=STRIDE8_ARCH, kernel_size=(3, 3, 3, 3, 3, k, k))
             for k in (3, 7, 13)}
     return {"scale": asdict(scale), "tasks": _TASKS, "runs": runs,
@@ -447,8 +448,11 @@ def _plot(n: int, result: dict, path: str) -> None:
 
 
 def run_guideline(n: int, quick: bool = False, out_dir: str | None = "runs/guidelines", threads: int | None = None,
-                  verbose: bool = True) -> dict:
-    """Run guideline ``n`` (1-5); write ``guideline_<n>.{json,md,png}`` under ``out_dir`` (None: no files)."""
+                  verbose: bool = True, seed: int = 0) -> dict:
+    """Run guideline ``n`` (1-5); write ``guideline_<n>.{json,md,png}`` under ``out_dir`` (None: no files).
+
+    ``seed`` seeds the data (Pathfinder generator, digits split), the initialisation and the batch order.
+    """
     if n not in GUIDELINES:
         raise ValueError(f"guideline must be one of {sorted(GUIDELINES)}, got {n!r}")
     prev = torch.get_num_threads()
@@ -458,10 +462,10 @@ def run_guideline(n: int, quick: bool = False, out_dir: str | None = "runs/guide
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     try:
-        result = GUIDELINES[n](quick=quick)
+        result = GUIDELINES[n](quick=quick, seed=seed)
     finally:
         torch.set_num_threads(prev)
-    result = {"guideline": n, "quick": quick, "seconds": time.perf_counter() - t0, **result}
+    result = {"guideline": n, "quick": quick, "seed": seed, "seconds": time.perf_counter() - t0, **result}
     erf_maps = {name: r.pop("_erf") for name, r in result.get("runs", {}).items() if "_erf" in r}
     table = _table(result)
     if verbose:
@@ -489,11 +493,13 @@ def add_guidelines_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--quick", action="store_true", help="tiny setting (seconds; for tests)")
     parser.add_argument("--out-dir", default="runs/guidelines")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and batch order")
     return parser
 
 
 def guidelines_from_args(args: argparse.Namespace) -> list[dict]:
-    return [run_guideline(n, quick=args.quick, out_dir=args.out_dir, threads=args.threads) for n in args.n]
+    return [run_guideline(n, quick=args.quick, out_dir=args.out_dir, threads=args.threads, seed=args.seed)
+            for n in args.n]
 
 
 def guidelines_main(argv: Sequence[str] | None = None) -> int:
