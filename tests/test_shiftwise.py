@@ -356,6 +356,12 @@ def test_state_dict_round_trip_and_official_layout(tmp_path):
     fresh.load_state_dict(checkpoint_filter_fn(official, fresh), strict=True)  # training -> merged form
     torch.testing.assert_close(fresh(x), ref, rtol=1e-6, atol=1e-6)
 
+    with torch.device("meta"):  # a model materialised without init: the filter recomputes the tables
+        lazy = timm.create_model("shiftwise_v2_test")
+    lazy = lazy.to_empty(device="cpu").eval()
+    lazy.load_state_dict(checkpoint_filter_fn(official, lazy), strict=True)
+    assert torch.equal(lazy(x), ref)
+
     path = tmp_path / "sw_official.pth"  # the timm route: pretrained=True with a local file
     torch.save({"model": official}, path)
     loaded = timm.create_model("shiftwise_v2_test", pretrained=True,

@@ -159,18 +159,25 @@ class ShiftwiseConv2d(nn.Module):
         self.dense_size = 2 * max(big_kernel // 2, self.nk * small_kernel - 1 - big_kernel // 2) + 1
         self.use_bn = bn
         self.impl = impl
-        self.register_buffer("rep_idx", torch.tensor(rep, dtype=torch.long))
-        self.register_buffer("ghost_idx", torch.tensor(ghost, dtype=torch.long))
-        # Deterministic (seed 123): every layer of the same shape gets the same tables, as in the official code.
-        pad_hv, idx_identity = _tables(big_kernel, small_kernel, self.rep_channels, n_rep)
-        self.register_buffer("pad_hv", pad_hv.clone())
-        self.register_buffer("idx_identity", idx_identity.clone())
+        for name, value in self.official_buffers().items():  # on the default device (meta-safe)
+            self.register_buffer(name, value.to(torch.get_default_device()))
         self.LoRAs = nn.ModuleList(ShiftwisePathConv(self.rep_channels, self.nk, small_kernel)
                                    for _ in range(n_path))
         if bn:
             self.bn_lora1 = nn.BatchNorm2d(self.rep_channels)
             self.bn_lora2 = nn.BatchNorm2d(self.rep_channels)
             self.bn_small = nn.BatchNorm2d(self.rep_channels)
+
+    def official_buffers(self) -> dict[str, torch.Tensor]:
+        """The channel split and shift tables the official code draws at construction (NumPy / torch seed 123;
+        every layer of the same shape gets the same ones), as CPU tensors: ``rep_idx``, ``ghost_idx``,
+        ``pad_hv``, ``idx_identity``. Used to fill in official checkpoints, which do not save them."""
+        rep, ghost = shiftwise_channel_split(self.in_channels, self.ghost_ratio)
+        pad_hv, idx_identity = _tables(self.big_kernel, self.small_kernel, len(rep), self.n_rep)
+        cpu = torch.device("cpu")
+        return {"rep_idx": torch.tensor(rep, dtype=torch.long, device=cpu),
+                "ghost_idx": torch.tensor(ghost, dtype=torch.long, device=cpu),
+                "pad_hv": pad_hv.clone(), "idx_identity": idx_identity.clone()}
 
     # ---- forms -------------------------------------------------------------------------------------------
     @property

@@ -251,9 +251,6 @@ class ShiftWiseV2(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-_TABLE_KEYS = ("rep_idx", "ghost_idx", "pad_hv", "idx_identity")
-
-
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ShiftWiseV2) -> dict[str, torch.Tensor]:
     """Map an official (or our) state dict onto ``model``.
 
@@ -288,11 +285,11 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ShiftWis
                 mask = state.pop(f"{p}LoRAs.{i}.weight_mask", None)
                 weight = weight + (w if mask is None else w * mask)
             state[f"{p}LoRA.weight"] = weight
-        for key in _TABLE_KEYS:
-            state.setdefault(p + key, own[p + key])
+        for key, value in m.official_buffers().items():  # recomputed: also right for a model built on 'meta'
+            state.setdefault(p + key, value)
         for sub, conv in m.named_modules():
             if isinstance(conv, ShiftwisePathConv):
-                state.setdefault(f"{p}{sub}.weight_mask", own[f"{p}{sub}.weight_mask"])
+                state.setdefault(f"{p}{sub}.weight_mask", torch.ones(own[f"{p}{sub}.weight_mask"].shape))
     return {k: v for k, v in state.items() if k in own or not k.startswith(("head.", "norm."))}
 
 

@@ -188,6 +188,7 @@ def shift_add_eval(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Te
             rep_idx.to(dev), ghost_idx.to(dev))
     t = shift_add(y, pad_hv, idx_identity, extra_pad)
     dtype = torch.promote_types(y.dtype, x.dtype)
-    out = torch.einsum("tbrhw,tr->brhw", t.to(dtype), scale.to(dtype)) + bias.to(dtype).view(1, -1, 1, 1)
+    scale = scale.to(dtype).view(3, 1, r, 1, 1)
+    out = t[0] * scale[0] + t[1] * scale[1] + t[2] * scale[2] + bias.to(dtype).view(1, -1, 1, 1)
     out = out + x.index_select(1, rep_idx)
     return torch.cat([out, x.index_select(1, ghost_idx).to(dtype)], dim=1) if ghost_idx.numel() else out
