@@ -1,7 +1,7 @@
 """Shift-wise convolution (ShiftwiseConv, CVPR 2025, Sec. 3): a big depthwise kernel from small ones.
 
-Exact re-implementation of the official ``ShifthWiseConv2dImplicit`` (lidc54/shift-wiseConv, commit 2202e6b;
-``docs``: shared/reference/shiftwise-semantics.md). Per layer, for input (B, C, H, W):
+Exact re-implementation of the official ``ShifthWiseConv2dImplicit`` (lidc54/shift-wiseConv, commit 2202e6b,
+``backbones/SW_v2_unirep.py`` and ``shiftadd/ops``). Per layer, for input (B, C, H, W):
 
 1. the channels split into R shift-wise ("rep") and C-R ghost channels (fixed draw, NumPy seed 123);
 2. ``n_path`` grouped small convs R -> R*nk (k x k, padding k-1, nk = ceil(K/k)) are summed;
