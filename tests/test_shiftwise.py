@@ -16,7 +16,7 @@ import largekernel
 from largekernel.analysis.complexity import count_macs
 from largekernel.layers.shiftwise import ShiftwiseConv2d, ShiftwisePathConv
 from largekernel.models.shiftwise import checkpoint_filter_fn
-from largekernel.ops.dispatch import use_backend
+from largekernel.ops.dispatch import triton_interpreting, use_backend
 
 # ---- independent reference: the official draws and the dense kernel, written from the paper/semantics doc ----
 
@@ -99,6 +99,41 @@ def random_configs(n: int) -> list[tuple]:
 
 
 # ---- the operator --------------------------------------------------------------------------------------------
+
+
+def test_shift_add_reference_matches_the_scatter_definition():
+    """The official CUDA op as a loop (scatter every y element to its three targets), random tables."""
+    from largekernel.ops.shiftadd import shift_add, shift_add_path, shift_add_reference
+
+    gen = torch.Generator().manual_seed(3)
+    b, r, nk, g, e, h, w = 2, 2, 3, 2, 1, 4, 5
+    y = torch.randn(b, r * nk, h + 2 * e, w + 2 * e, dtype=torch.float64, generator=gen)
+    pad_hv = torch.randint(-6, 7, (r * nk, 2 * g), generator=gen, dtype=torch.int32)
+    ident = (torch.randint(0, nk, (r, g), generator=gen) + torch.arange(r)[:, None] * nk).int()
+    want = torch.zeros(3, b, r, h, w, dtype=torch.float64)
+    for pb in range(b):
+        for pc in range(r * nk):
+            oc = pc // nk
+            for ph in range(h + 2 * e):
+                for pw in range(w + 2 * e):
+                    v = y[pb, pc, ph, pw]
+                    for grp in range(g):
+                        for term, (hh, ww) in enumerate(((ph - e, pw + pad_hv[pc, grp].item()),
+                                                         (ph + pad_hv[pc, g + grp].item(), pw - e),
+                                                         (ph - e, pw - e))):
+                            if term == 2 and pc != ident[oc, grp]:
+                                continue
+                            if 0 <= hh < h and 0 <= ww < w:
+                                want[term, pb, oc, hh, ww] += v
+    torch.testing.assert_close(shift_add_reference(y, pad_hv, ident, e), want, rtol=1e-12, atol=1e-12)
+    assert shift_add_path(y) == "native"  # CPU: 'auto' never takes the interpreter
+    with use_backend("triton"):
+        assert shift_add_path(y) == ("triton" if triton_interpreting() else "native")
+        torch.testing.assert_close(shift_add(y, pad_hv, ident, e), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="pad_hv"):
+        shift_add(y, pad_hv[:, :3], ident, e)
+    with pytest.raises(ValueError, match="extra_pad"):
+        shift_add(y, pad_hv, ident, 5)
 
 
 @pytest.mark.parametrize("cfg", random_configs(10))
