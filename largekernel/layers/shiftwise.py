@@ -354,7 +354,8 @@ class ShiftwiseConv2d(nn.Module):
             if self.impl == "bands":
                 t = [depthwise_conv2d(rep, kernel) for kernel in self.band_kernels()]
             else:
-                y = F.conv2d(rep, self.small_kernels(), None, 1, self.padding, 1, self.rep_channels)
+                # NCHW: the shift-add reads y (nk times larger than rep) as planes; converting rep is cheaper
+                y = F.conv2d(rep.contiguous(), self.small_kernels(), None, 1, self.padding, 1, self.rep_channels)
                 if inference:  # one fused pass: three terms, BN affine, identity, ghost channels
                     scale, bias = self.term_affine()
                     return shift_add_eval(y, self.pad_hv, self.idx_identity, self.extra_pad, scale, bias, x,
