@@ -257,8 +257,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ShiftWis
     Unwraps ``{'model': ...}`` and ``module.``; converts between the training (``LoRAs.p.weight``) and merged
     (``LoRA.weight``) layouts in either direction (merged -> training puts the sum on path 0, zeros on the
     others: same function); adds what the official code does not save: the channel split and shift tables
-    (the model's own, drawn with the official seeds) and all-ones sparsity masks (pruned kernels are zeros in
-    official checkpoints); drops the head/final norm for headless models.
+    (recomputed with the official seeds, :meth:`ShiftwiseConv2d.official_buffers`) and all-ones sparsity masks
+    (pruned kernels are zeros in official checkpoints); drops the head/final norm for headless models.
+    Checkpoints of ours (tables and masks included) pass through unchanged.
     """
     for key in ("model", "state_dict", "model_ema"):
         if key in state_dict and isinstance(state_dict[key], Mapping):
