@@ -29,7 +29,7 @@ def test_generator_deterministic_and_seed_dependent():
     np.testing.assert_array_equal(generate(CFG, 3, 7)["image"], a["images"][7])
 
 
-@pytest.mark.parametrize("cfg", [CFG, PathfinderConfig()])
+@pytest.mark.parametrize("cfg", [CFG, PathfinderConfig(), PathfinderConfig(size=24, length=18, scale=2)])
 def test_labels_and_masks_match_flood_fill(cfg):
     a = generate_arrays(cfg, seed=0, n=150)
     labels = a["labels"]

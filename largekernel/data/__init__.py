@@ -45,12 +45,12 @@ def create_dataset(name: str, split: str = "train", *, root: str | None = None, 
     if name == "pathfinder":
         cfg_keys = {f.name for f in fields(PathfinderConfig)}
         if img_size is not None:
-            kw.setdefault("size", img_size)
+            kw.setdefault("size", img_size // kw.get("scale", 1))
         cfg = PathfinderConfig(**{k: kw.pop(k) for k in list(kw) if k in cfg_keys})
         allowed = {"n", "return_mask", "cache", "progress"}
         _reject_unknown(name, kw, allowed)
         ds = PathfinderDataset(split, seed=seed, config=cfg, augment=augment, **kw)
-        ds.default_img_size = cfg.size
+        ds.default_img_size = cfg.size * cfg.scale
         return ds
     if name == "digits":
         _reject_unknown(name, kw, set())

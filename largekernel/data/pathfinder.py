@@ -39,6 +39,7 @@ class PathfinderConfig:
     curvature: float = 0.35   # std of the heading change per step, radians
     margin: int = 2           # min Chebyshev gap between different curves (>= 1 keeps curves apart)
     marker: int = 1           # marker half-size: a (2m+1)^2 square
+    scale: int = 1            # nearest-neighbour upsampling of the drawn image (curves ``scale`` px wide)
 
     def validate(self) -> None:
         if self.size < 16:
@@ -49,6 +50,8 @@ class PathfinderConfig:
             raise ValueError(f"pathfinder distractors must be >= 0, got {self.distractors}")
         if self.margin < 1:
             raise ValueError(f"pathfinder margin must be >= 1 (curves must not touch), got {self.margin}")
+        if self.scale < 1:
+            raise ValueError(f"pathfinder scale must be >= 1, got {self.scale}")
         if self.marker < 0 or self.curvature < 0:
             raise ValueError(f"pathfinder marker/curvature must be >= 0, got {self.marker}/{self.curvature}")
 
@@ -165,6 +168,7 @@ def generate(cfg: PathfinderConfig, seed: int, index: int) -> dict:
 
     Returns dict(image=uint8 (H, W) in {0, 1}, label=int, p=(y, x), q=(y, x), mask=uint8 (H, W)) where
     ``mask`` marks every pixel of the curve(s) touching marker P (the connected component of P).
+    H = W = ``size * scale``; marker coordinates are in the upsampled image.
     """
     label = int(np.random.default_rng([seed, index, 7]).integers(0, 2))
     for attempt in range(1000):
@@ -172,8 +176,12 @@ def generate(cfg: PathfinderConfig, seed: int, index: int) -> dict:
         out = _sample(cfg, rng, label)
         if out is not None:
             owner, p, q = out
-            return dict(image=(owner >= 0).astype(np.uint8), label=label, p=p, q=q,
-                        mask=(owner == owner[p]).astype(np.uint8))
+            image, mask = (owner >= 0).astype(np.uint8), (owner == owner[p]).astype(np.uint8)
+            if cfg.scale > 1:
+                k = cfg.scale
+                image, mask = (np.kron(a, np.ones((k, k), np.uint8)) for a in (image, mask))
+                p, q = (p[0] * k, p[1] * k), (q[0] * k, q[1] * k)
+            return dict(image=image, label=label, p=p, q=q, mask=mask)
     raise RuntimeError(f"pathfinder generator could not place the curves with {cfg}; lower length/distractors")
 
 
@@ -181,7 +189,8 @@ def generate_arrays(cfg: PathfinderConfig, seed: int, n: int, start: int = 0,
                     progress: bool = False) -> dict[str, np.ndarray]:
     """Samples ``start .. start+n-1`` stacked: images/masks (n, H, W) uint8, labels (n,), markers (n, 2, 2)."""
     from tqdm.auto import tqdm
-    imgs = np.zeros((n, cfg.size, cfg.size), np.uint8)
+    side = cfg.size * cfg.scale
+    imgs = np.zeros((n, side, side), np.uint8)
     masks = np.zeros_like(imgs)
     labels = np.zeros(n, np.int64)
     markers = np.zeros((n, 2, 2), np.int64)
