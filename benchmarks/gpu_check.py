@@ -188,6 +188,43 @@ def check_compile() -> dict:
     return dict(path=path, rel=err)
 
 
+def quick(native_from: str | None) -> dict:
+    """Short run: in-place kernel flip + small-plane tiles at full C/H/K, timings of the small-plane stage
+    shapes, peak memory (bf16, NCHW)."""
+    small_w = lambda w: dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=min(64, dwmod._bw(16 + 27 + 7)),  # noqa: E731
+                             num_warps=8, prefetch=True)
+    variants = [VARIANTS[0], ("small", small_w, lambda w: dict(BLOCK_K=128, programs=1056, num_stages=3))]
+    dwmod.POISON = True
+    out = []
+    for case, vs in (((2, 128, 56, 56, 31, 31, False), variants[:1]), ((2, 512, 14, 14, 27, 27, False), variants),
+                     ((8, 1024, 7, 7, 13, 13, True), variants)):
+        for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            out.extend(_check_case(case, dt, tol, vs))
+    dwmod.FWD_CFG, dwmod.WGRAD_CFG = {}, {}
+    dwmod.POISON = False
+    rep = dict(correctness=out)
+    rep["bench"] = dwconv.run(64, ("bfloat16", "float32"), [(512, 14, 27, 27), (1024, 7, 13, 13)],
+                              native_from=native_from)
+    rep["tuned"] = dwconv.tuned()
+    x, w, b = dwconv.make_inputs(64, 128, 56, 31, 31, torch.bfloat16)
+    g = torch.randn_like(x)
+    mem = {}
+    for name, fn in (("native", dwconv._native), ("ours", dwconv._ours)):
+        torch.autograd.grad(fn(x, w, b), (x, w, b), g)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        grads = torch.autograd.grad(fn(x, w, b), (x, w, b), g)
+        torch.cuda.synchronize()
+        mem[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del grads
+    print("peak fwd+bwd above inputs (MiB), bf16 NCHW 128/56/31:", mem, flush=True)
+    rep["memory"] = mem
+    for r in rep["bench"]:
+        print(dwconv.format_row(r))
+    return rep
+
+
 def _dump(report: dict) -> None:
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "gpu_check.json"), "w") as f:
@@ -196,6 +233,7 @@ def _dump(report: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="short run, see quick()")
     ap.add_argument("--sweep", action="store_true", help="also time fixed tile configurations one by one")
     ap.add_argument("--compile", action="store_true", help="also check torch.compile (inductor)")
     ap.add_argument("--native-from", default=None, help="JSON of an earlier run to take native timings from")
@@ -204,6 +242,12 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.time()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    if args.quick:
+        report = quick(args.native_from)
+        _dump(report)
+        bad = [r for r in report["correctness"] if not r["ok"]]
+        print(f"[{time.time() - t0:.0f}s] correctness: {len(report['correctness']) - len(bad)} ok, {len(bad)} failed")
+        sys.exit(1 if bad else 0)
     report: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
     report["correctness"] = check_correctness()
     try:

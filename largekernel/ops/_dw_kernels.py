@@ -114,7 +114,7 @@ def _dw_wgrad_kernel(x_ptr, g_ptr, dw_ptr,
 
 
 @triton.jit
-def _fwd_tiles(t, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw,
+def _fwd_tiles(t, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw, swh, sww,
                BLOCK_U: tl.constexpr):
     """A (rows x input columns) and B (Toeplitz band) tiles of step t = i * num_u + uc; zeros past T."""
     i = t // num_u
@@ -126,13 +126,13 @@ def _fwd_tiles(t, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, 
     a = tl.load(x_rows[:, None] + yy[:, None] * sxh + u[None, :] * sxw,
                 mask=row_ok[:, None] & ((u >= 0) & (u < W))[None, :], other=0.0)
     tt = t0 + uc * BLOCK_U
-    b = tl.load(w_tap + i * KW + tt, mask=(tt >= 0) & (tt < KW) & live, other=0.0)
+    b = tl.load(w_tap + i * swh + tt * sww, mask=(tt >= 0) & (tt < KW) & live, other=0.0)
     return a, b
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[13, 14, 15])   # w_off, swh, sww: forward and input grad share a binary
 def _dw_fwd2_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
-                    N, C, H, W_V, KH, KW, PH, PW, PWA_V,
+                    N, C, H, W_V, KH, KW, PH, PW, PWA_V, w_off, swh, sww,
                     sxn_v, sxc_v, sxh_v, sxw, syn, syc, syh, syw,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
                     BLOCK_U: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr,
@@ -143,7 +143,8 @@ def _dw_fwd2_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
 
     VEC: W, the x strides and the column-chunk starts are passed as multiples of VEC (``*_v`` = value /
     VEC, chunks start at ``w0 - PWA`` with PWA = PW rounded up to VEC) so that Triton can prove VEC-wide
-    aligned, uniformly masked runs and emit vector loads for the x tile."""
+    aligned, uniformly masked runs and emit vector loads for the x tile. Tap (i, j) of channel c is read
+    at ``w_ptr + w_off + c*KH*KW + i*swh + j*sww`` (the input grad reads the kernel flipped in place)."""
     W = W_V * VEC
     PWA = PWA_V * VEC
     sxn = sxn_v * VEC
@@ -164,18 +165,19 @@ def _dw_fwd2_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     v = w0 + tl.arange(0, BLOCK_W)
     du = tl.arange(0, BLOCK_U)
     x_rows = x_ptr + c.to(tl.int64) * sxc + n.to(tl.int64) * sxn
-    w_tap = w_ptr + c * KH * KW
+    w_tap = w_ptr + w_off + c * KH * KW
     t0 = du[:, None] - tl.arange(0, BLOCK_W)[None, :] - (PWA - PW)    # = u - v + PW - uc * BLOCK_U
     num_u = tl.cdiv(BLOCK_W + KW - 1 + PWA - PW, BLOCK_U)
     T = KH * num_u
 
     acc = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
-    a, b = _fwd_tiles(0, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw, BLOCK_U)
+    a, b = _fwd_tiles(0, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw, swh, sww,
+                      BLOCK_U)
     for t in range(0, T):
         a_cur = a
         b_cur = b
         a, b = _fwd_tiles(t + 1, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw,
-                          BLOCK_U)
+                          swh, sww, BLOCK_U)
         if CAST_F32:
             a_cur = a_cur.to(tl.float32)
             b_cur = b_cur.to(tl.float32)
@@ -266,8 +268,10 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_f32: bool) -> None:
-    """y = depthwise 'same'-style conv of x with w (C, kh, kw) and top/left padding (ph, pw)."""
+def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_f32: bool,
+               flip: bool = False) -> None:
+    """y = depthwise 'same'-style conv of x with w (C, kh, kw) (flipped in both axes if flip) and top/left
+    padding (ph, pw)."""
     import torch
 
     N, C, H, W = x.shape
@@ -280,13 +284,16 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         pwa = -(-pw // vec) * vec
         if bias is None:   # one compiled variant for forward and input grad
             bias = torch.zeros(C, device=x.device, dtype=x.dtype)
+        w_off, swh, sww = (KH * KW - 1, -KW, -1) if flip else (0, KW, 1)
         _dw_fwd2_kernel[grid](x, w, bias, y,
-                              N, C, H, W // vec, KH, KW, ph, pw, pwa // vec,
+                              N, C, H, W // vec, KH, KW, ph, pw, pwa // vec, w_off, swh, sww,
                               sn // vec, sc // vec, sh // vec, sw, *y.stride(),
                               HAS_BIAS=True, BLOCK_M=bm, BLOCK_W=bw, BLOCK_U=bu,
                               PRECISION=precision, CAST_F32=cast_f32, VEC=vec,
                               num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
         return
+    if flip:
+        w = w.flip(-2, -1).contiguous()
     _dw_fwd_kernel[grid](x, w, bias if bias is not None else w, y,
                          N, C, H, W, KH, KW, ph, pw,
                          *x.stride(), *y.stride(),

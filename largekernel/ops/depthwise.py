@@ -69,12 +69,17 @@ def _triton_runs_on(x: torch.Tensor) -> bool:
 
 
 def _auto_prefers_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """'auto': where our kernels beat cuDNN (measured on the H100, docs/performance.md)."""
-    kh, kw = weight.shape[-2:]
-    return x.is_cuda and max(kh, kw) >= AUTO_MIN_K
+    """'auto': where our op beats PyTorch's conv in the same layout, forward+backward, measured on the H100
+    (docs/performance.md): every kernel from 13 up; 7..12 for NCHW inputs (cuDNN's channels_last kernel
+    is faster there); never below 7."""
+    k = max(weight.shape[-2:])
+    if not x.is_cuda or k < AUTO_MIN_K:
+        return False
+    return k >= AUTO_ANY_LAYOUT_K or x.stride(-1) == 1
 
 
-AUTO_MIN_K = 5
+AUTO_MIN_K = 7
+AUTO_ANY_LAYOUT_K = 13
 
 
 def depthwise_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
@@ -143,28 +148,35 @@ def _bw(W: int) -> int:
 
 
 def _fwd_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
-    if x.device.type == "cpu":
-        return [dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, prefetch=bool(INTERP_VARIANT))]
     if FWD_CFG:
         return [FWD_CFG]
-    bw = _bw(x.shape[3])
+    if x.device.type == "cpu":
+        return [dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, prefetch=bool(INTERP_VARIANT))]
+    W = x.shape[3]
+    bw = _bw(W)
     cands = [dict(BLOCK_M=64, BLOCK_W=min(32, bw), BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True),
              dict(BLOCK_M=128, BLOCK_W=bw, BLOCK_U=32, num_warps=8, num_stages=2, prefetch=True),
              dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=16, num_warps=4, num_stages=3)]
+    if W <= 16:   # small planes: more rows per program and the whole band in one column chunk
+        bu = min(64, _bw(16 + kw + 7))
+        cands += [dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=bu, num_warps=8, num_stages=2, prefetch=True),
+                  dict(BLOCK_M=64, BLOCK_W=16, BLOCK_U=bu, num_warps=4, num_stages=2, prefetch=True)]
     if kh % 2 and kw % 2:
         cands.append(dict(native=True))
     return cands
 
 
 def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
-    if x.device.type == "cpu":
-        return [dict(BLOCK_V=16, programs=8) if INTERP_VARIANT else dict(BLOCK_K=32, programs=8)]
     if WGRAD_CFG:
         return [WGRAD_CFG]
+    if x.device.type == "cpu":
+        return [dict(BLOCK_V=16, programs=8) if INTERP_VARIANT else dict(BLOCK_K=32, programs=8)]
     bv = _bw(x.shape[3])
     cands = [dict(BLOCK_V=min(32, bv), programs=2112, num_warps=4, num_stages=2),
              dict(BLOCK_V=bv, programs=1056, num_warps=8, num_stages=2),
              dict(BLOCK_K=32, programs=1056, num_warps=4, num_stages=3)]
+    if x.shape[3] <= 16:   # several short rows per reduction step
+        cands.append(dict(BLOCK_K=128, programs=1056, num_warps=4, num_stages=3))
     if kh % 2 and kw % 2:
         cands.append(dict(native=True))
     return cands
@@ -187,7 +199,7 @@ def _pick(kind: str, x: torch.Tensor, kh: int, kw: int, cands: list[dict], run) 
     """The fastest candidate for this pass and argument signature, timed once and cached."""
     if len(cands) == 1 or not TUNE or not x.is_cuda or torch.cuda.is_current_stream_capturing():
         return cands[0]
-    key = (kind, x.dtype, tuple(x.shape), kh, kw, x.stride(-1) == 1, x.device.index, FP32_PRECISION)
+    key = (kind, x.dtype, tuple(x.shape), kh, kw, x.stride(-1) == 1, x.device.index, _precision(x.dtype))
     if key not in _TUNED:
         best, best_ms = cands[0], float("inf")
         for cand in cands:
@@ -225,17 +237,19 @@ def _alloc_like(t: torch.Tensor) -> torch.Tensor:
     return out.fill_(float("nan")) if POISON else out
 
 
-def _conv_pass(cand: dict, src: torch.Tensor, w: torch.Tensor, bias, out: torch.Tensor, ph: int, pw: int):
-    """out = 'same'-style conv of src with w (C, 1, kh, kw), top/left padding (ph, pw)."""
+def _conv_pass(cand: dict, src: torch.Tensor, w: torch.Tensor, bias, out: torch.Tensor, ph: int, pw: int,
+               flip: bool = False):
+    """out = 'same'-style conv of src with w (C, 1, kh, kw) (flipped if flip: the input grad), top/left
+    padding (ph, pw)."""
     from largekernel.ops import _dw_kernels as K
 
     C, _, kh, kw = w.shape
     if cand.get("native"):   # odd kernels only: then (ph, pw) is the centred 'same' padding
-        out.copy_(F.conv2d(src, w, bias, padding="same", groups=C))
+        out.copy_(F.conv2d(src, w.flip(-2, -1) if flip else w, bias, padding="same", groups=C))
         return
     K.launch_fwd(_rowmajor(src), w.reshape(C, kh, kw).contiguous(),
                  bias.contiguous() if bias is not None else None, out, ph, pw, cand,
-                 _precision(src.dtype), src.device.type == "cpu")
+                 _precision(src.dtype), src.device.type == "cpu", flip)
 
 
 def _wgrad_pass(cand: dict, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -271,14 +285,13 @@ def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
         dw = _wgrad_pass(cand, x, grad, weight)
     if need_x:
         dx = _alloc_like(x)
-        wf = weight.flip(-2, -1)
         cand = _pick("dgrad", x, kh, kw, _fwd_candidates(x, kh, kw),
-                     lambda c: _conv_pass(c, grad, wf, None, dx, kh - 1 - ph, kw - 1 - pw))
+                     lambda c: _conv_pass(c, grad, weight, None, dx, kh - 1 - ph, kw - 1 - pw, flip=True))
         if cand.get("native"):
-            dx = F.conv2d(grad, wf, None, padding="same", groups=weight.shape[0]).contiguous(
+            dx = F.conv2d(grad, weight.flip(-2, -1), None, padding="same", groups=weight.shape[0]).contiguous(
                 memory_format=_format_of(x))
-        else:
-            _conv_pass(cand, grad, wf, None, dx, kh - 1 - ph, kw - 1 - pw)
+        else:   # our kernels read the kernel flipped in place: no flipped copy (peak memory = native's)
+            _conv_pass(cand, grad, weight, None, dx, kh - 1 - ph, kw - 1 - pw, flip=True)
     if need_b:
         db = grad.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
     return dx, dw, db
