@@ -412,6 +412,8 @@ def _table(result: dict) -> str:
 
 
 def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1e-2 and v != 0 else f"{v:.2f}"
     return str(v)
