@@ -13,6 +13,7 @@ Paths (see :func:`depthwise_path`):
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -313,11 +314,17 @@ def _native_backward(grad, x, weight, need_x, need_w, need_b):
     return dx, dw, db
 
 
+def _on_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it x's."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 @torch.library.custom_op("largekernel::depthwise_conv2d", mutates_args=(),
                          schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if _triton_runs_on(x) and _triton_supported(x, weight, bias):
-        return _triton_forward(x, weight, bias)
+        with _on_device(x):
+            return _triton_forward(x, weight, bias)
     return F.conv2d(x, weight, bias, padding="same", groups=weight.shape[0])
 
 
@@ -332,7 +339,8 @@ def _(x, weight, bias):
 def _op_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool,
                  need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _triton_runs_on(x) and _triton_supported(x, weight, None):
-        return _triton_backward(grad, x, weight, need_x, need_w, need_b)
+        with _on_device(x):
+            return _triton_backward(grad, x, weight, need_x, need_w, need_b)
     return _native_backward(grad, x, weight, need_x, need_w, need_b)
 
 
