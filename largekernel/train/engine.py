@@ -224,7 +224,7 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: TrainConfig | None = No
 
     net = base
     if world_size > 1:
-        if cfg.sync_bn:
+        if cfg.sync_bn and not any(isinstance(m, nn.SyncBatchNorm) for m in base.modules()):
             raise ValueError("sync_bn must be applied before fit(); use train() or convert the model first")
         net = nn.parallel.DistributedDataParallel(base, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
