@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=DEFAULT)
     p.add_argument("--backends", nargs="+", default=["auto", "native"],
                    help="depthwise backends to run our models under ('auto' = fast kernels)")
+    p.add_argument("--native-models", nargs="*", default=["replknet_31b"],
+                   help="our models that also run under the non-first backends (the rest: first backend only)")
     p.add_argument("--batch", type=int, default=128, help="inference batch")
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--res", type=int, default=224)
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skip {name}: not registered", file=sys.stderr)
             continue
         ours = is_ours(name)
-        for backend in (args.backends if ours else ["-"]):
+        backends = (args.backends if name in args.native_models else args.backends[:1]) if ours else ["-"]
+        for backend in backends:
             t0 = time.time()
             try:
                 with use_backend(backend if ours else "auto"):
