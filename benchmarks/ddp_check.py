@@ -3,8 +3,8 @@
     PYTHONPATH=. python benchmarks/ddp_check.py --gpus 2          # on a machine with 2 GPUs
 
 Both runs use the same seed, the same seeded DistributedSampler order (the global batch of step s holds the same
-images), SyncBN (on CUDA; a CPU dry run has per-process BN), no drop path and fp32, so the only differences are
-reduction order and cuDNN non-determinism.
+images), no augmentation (its symmetry draw comes from each process's own RNG), SyncBN (on CUDA; a CPU dry
+run has per-process BN), no drop path and fp32, so the only differences are reduction order and cuDNN non-determinism.
 Prints the per-step losses side by side and the max relative difference; writes ``$OUT/ddp_check.json``.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def run(nproc: int, batch: int, out: Path, args: argparse.Namespace) -> list[flo
            "--batch-size", str(batch), "--seed", "0", "--drop-path", "0", "--amp", "none", "--device", args.device,
            "--sync-bn" if args.device == "cuda" else "--no-sync-bn", "--no-reparam", "--no-progress",
            "--output", str(out), "--name", f"p{nproc}",
-           "--warmup-epochs", "0.2"]
+           "--warmup-epochs", "0.2", "--data-kwargs", "augment=False"]
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -4,8 +4,9 @@
     PYTHONPATH=. python benchmarks/models.py --models replknet_31b swin_base_patch4_window7_224 --backends auto native
 
 Inference: eval mode, re-parameterized (``largekernel.reparameterize``; timm models via
-``timm.utils.reparameterize_model``), ``torch.no_grad``, bf16 autocast, channels_last. Training: one SGD step
-(forward, cross-entropy, backward, step) under bf16 autocast. Median of ``--iters`` CUDA-event-timed iterations
+``timm.utils.reparameterize_model``), ``torch.no_grad``, bf16 autocast, ``--layouts`` (default channels_last).
+Training: one SGD step (forward, cross-entropy, backward, step) under bf16 autocast. Median of ``--iters``
+CUDA-event-timed iterations
 after ``--warmup``; random inputs. Writes ``$OUT/models.json`` when ``$OUT`` is set.
 """
 from __future__ import annotations
@@ -53,16 +54,17 @@ def _time(fn, warmup: int, iters: int) -> float:
 
 
 def bench_model(name: str, batch: int, train_batch: int, warmup: int, iters: int, res: int,
-                train: bool = True) -> dict:
+                train: bool = True, channels_last: bool = True) -> dict:
     device = "cuda"
-    row: dict = {"model": name}
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    row: dict = {"model": name, "layout": "channels_last" if channels_last else "NCHW"}
     model = timm.create_model(name, num_classes=1000)
     row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=fmt)
     if train:
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        x = torch.randn(train_batch, 3, res, res, device=device).to(memory_format=torch.channels_last)
+        x = torch.randn(train_batch, 3, res, res, device=device).to(memory_format=fmt)
         y = torch.randint(0, 1000, (train_batch,), device=device)
 
         def step() -> None:
@@ -84,7 +86,7 @@ def bench_model(name: str, batch: int, train_batch: int, warmup: int, iters: int
         from timm.utils import reparameterize_model
 
         model = reparameterize_model(model)
-    x = torch.randn(batch, 3, res, res, device=device).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, res, res, device=device).to(memory_format=fmt)
 
     @torch.no_grad()
     def infer() -> None:
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-train", action="store_true")
+    p.add_argument("--layouts", nargs="+", default=["channels_last"], choices=["channels_last", "NCHW"],
+                   help="memory layouts to run every model in")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/models.py needs a CUDA GPU", file=sys.stderr)
@@ -120,16 +124,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ours = is_ours(name)
         backends = (args.backends if name in args.native_models else args.backends[:1]) if ours else ["-"]
-        for backend in backends:
+        for backend, layout in [(b, lay) for b in backends for lay in args.layouts]:
             t0 = time.time()
             try:
                 with use_backend(backend if ours else "auto"):
                     row = bench_model(name, args.batch, args.train_batch, args.warmup, args.iters, args.res,
-                                      train=not args.no_train)
+                                      train=not args.no_train, channels_last=layout == "channels_last")
             except Exception as err:  # report and go on: one model's failure must not lose the run
                 row = {"model": name, "error": f"{type(err).__name__}: {str(err)[:200]}"}
             torch.cuda.empty_cache()
-            row["backend"] = backend
+            row["backend"], row["layout"] = backend, layout
             row["wall_s"] = round(time.time() - t0, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -139,14 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "models.json"), "w") as f:
             json.dump(meta, f, indent=1)
-    print(f"\n{meta['gpu']}, torch {meta['torch']}, bf16 autocast, channels_last, {args.res}px")
-    print(f"| model | backend | params (M) | infer img/s (b{args.batch}) | train img/s (b{args.train_batch}) |")
-    print("|---|---|---|---|---|")
+    print(f"\n{meta['gpu']}, torch {meta['torch']}, bf16 autocast, {args.res}px")
+    print(f"| model | backend | layout | params (M) | infer img/s (b{args.batch}) "
+          f"| train img/s (b{args.train_batch}) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['backend']} | error: {r['error'][:80]} | | |")
+            print(f"| {r['model']} | {r['backend']} | {r['layout']} | error: {r['error'][:80]} | | |")
         else:
-            print(f"| {r['model']} | {r['backend']} | {r['params_M']:.1f} | {r['infer_img_s']:.0f} | "
+            print(f"| {r['model']} | {r['backend']} | {r['layout']} | {r['params_M']:.1f} | {r['infer_img_s']:.0f} | "
                   f"{r.get('train_img_s', float('nan')):.0f} |")
     return 0
 
