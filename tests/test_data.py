@@ -15,7 +15,7 @@ from largekernel.data import (
     generate_arrays,
 )
 
-CFG = PathfinderConfig(size=32, length=24, distractors=1)
+CFG = PathfinderConfig(size=32, length=24, distractors=1, scale=1)
 
 
 def test_generator_deterministic_and_seed_dependent():
@@ -29,7 +29,8 @@ def test_generator_deterministic_and_seed_dependent():
     np.testing.assert_array_equal(generate(CFG, 3, 7)["image"], a["images"][7])
 
 
-@pytest.mark.parametrize("cfg", [CFG, PathfinderConfig(), PathfinderConfig(size=24, length=18, scale=2)])
+@pytest.mark.parametrize("cfg", [CFG, PathfinderConfig(),
+                                 PathfinderConfig(size=32, length=40, curvature=0.3, margin=1, scale=1)])
 def test_labels_and_masks_match_flood_fill(cfg):
     a = generate_arrays(cfg, seed=0, n=150)
     labels = a["labels"]
@@ -53,15 +54,16 @@ def test_classes_have_same_ink():
 
 def test_pathfinder_dataset_and_loader(tmp_path, monkeypatch):
     monkeypatch.setenv("LARGEKERNEL_CACHE", str(tmp_path))
-    ds = create_dataset("pathfinder", "train", n=40, size=32, length=24, distractors=1, return_mask=True,
-                        augment=False)
+    ds = create_dataset("pathfinder", "train", n=40, size=32, length=24, distractors=1, scale=1,
+                        return_mask=True, augment=False)
     x, y, m = ds[0]
     assert x.shape == (1, 32, 32) and m.shape == (32, 32) and y in (0, 1)
     assert ds.num_classes == 2 and ds.in_chans == 1
     assert list(tmp_path.glob("pathfinder-*.npz"))  # cached
-    again = create_dataset("pathfinder", "train", n=40, size=32, length=24, distractors=1, augment=False)
+    again = create_dataset("pathfinder", "train", n=40, size=32, length=24, distractors=1, scale=1,
+                           augment=False)
     torch.testing.assert_close(again[5][0], ds[5][0], rtol=0, atol=0)
-    val = create_dataset("pathfinder", "val", n=40, size=32, length=24, distractors=1)
+    val = create_dataset("pathfinder", "val", n=40, size=32, length=24, distractors=1, scale=1)
     assert not torch.equal(val[0][0], ds[0][0])
     loader = create_loader(ds, batch_size=8, train=True, seed=1)
     loader.sampler.set_epoch(0)
@@ -72,7 +74,8 @@ def test_pathfinder_dataset_and_loader(tmp_path, monkeypatch):
 
 def test_augment_preserves_mask_alignment(tmp_path, monkeypatch):
     monkeypatch.setenv("LARGEKERNEL_CACHE", str(tmp_path))
-    ds = create_dataset("pathfinder", "train", n=8, size=32, length=24, distractors=1, return_mask=True)
+    ds = create_dataset("pathfinder", "train", n=8, size=16, length=12, distractors=1,
+                        return_mask=True)
     torch.manual_seed(0)
     for i in range(8):
         x, _, m = ds[i]

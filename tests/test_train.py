@@ -15,7 +15,8 @@ import torch
 from largekernel.train import TrainConfig, TrainingDiverged, fit, load_state, prepare, save_weights, train
 from largekernel.train.checkpoint import atomic_write, load_weights, model_from_checkpoint
 
-TINY = dict(model="replknet_test", data="pathfinder", data_kwargs={"size": 32, "length": 20, "distractors": 1},
+TINY = dict(model="replknet_test", data="pathfinder",
+            data_kwargs={"size": 32, "length": 20, "distractors": 1, "scale": 1},
             train_samples=64, val_samples=32, batch_size=16, epochs=3, steps_per_epoch=3, threads=1,
             progress=False, lr=1e-3)
 
@@ -33,6 +34,7 @@ def _cli(args: list[str], env_extra: dict | None = None) -> subprocess.Completed
 
 def _args(out: Path, name: str) -> list[str]:
     return ["train", "--model", "replknet_test", "--data-kwargs", "size=32", "length=20", "distractors=1",
+            "scale=1",
             "--train-samples", "64", "--val-samples", "32", "--batch-size", "16", "--epochs", "3",
             "--steps-per-epoch", "3", "--threads", "1", "--lr", "1e-3", "--no-progress", "--drop-path", "0.1",
             "--ema-decay", "0.9", "--output", str(out), "--name", name]
@@ -131,7 +133,8 @@ def test_grad_accumulation_matches_big_batch():
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 def test_ddp_two_processes_match_one(tmp_path):
-    common = ["--model", "convnext_atto", "--data-kwargs", "size=32", "length=20", "distractors=1", "augment=False",
+    common = ["--model", "convnext_atto", "--data-kwargs", "size=32", "length=20", "distractors=1", "scale=1",
+              "augment=False",
               "--train-samples", "64", "--val-samples", "32", "--epochs", "1", "--steps-per-epoch", "3",
               "--threads", "1", "--no-progress", "--drop-path", "0", "--output", str(tmp_path), "--no-reparam"]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -1,7 +1,8 @@
 """Pathfinder-style long-range dataset, generated procedurally and deterministically from a seed.
 
-Each image shows two square markers and several smooth 1-pixel curves. Label 1: the markers sit at the
-two ends of one curve; label 0: each marker ends its own curve. Whether the markers are joined is a
+Each image shows two square markers and several smooth curves (drawn 1 cell wide on a ``size`` grid, then
+upsampled ``scale`` times). Label 1: the markers sit at the two ends of one curve; label 0: each marker ends
+its own curve. Whether the markers are joined is a
 property of the whole path, not of any local patch, so a model needs a receptive field (or an effective
 one) spanning the curve length -- the setting where large kernels should help (RepLKNet, Sec. 3).
 
@@ -31,15 +32,16 @@ from torch.utils.data import Dataset
 
 @dataclass(frozen=True)
 class PathfinderConfig:
-    """Generator parameters (pixels / steps). Defaults: the embedded long-range benchmark."""
+    """Generator parameters (grid cells / steps). Defaults: the embedded long-range benchmark, 48x48 images
+    whose marker-to-marker path is 36 px long (2 px wide), with 4 other curves."""
 
-    size: int = 48
-    length: int = 44          # steps of the marker-to-marker path (1 px per step)
+    size: int = 24            # drawing grid; the image is size * scale pixels
+    length: int = 18          # steps of the marker-to-marker path (1 grid cell per step)
     distractors: int = 2      # extra half-length curves
-    curvature: float = 0.35   # std of the heading change per step, radians
+    curvature: float = 0.05   # std of the heading change per step, radians
     margin: int = 2           # min Chebyshev gap between different curves (>= 1 keeps curves apart)
     marker: int = 1           # marker half-size: a (2m+1)^2 square
-    scale: int = 1            # nearest-neighbour upsampling of the drawn image (curves ``scale`` px wide)
+    scale: int = 2            # nearest-neighbour upsampling of the drawn image (curves ``scale`` px wide)
 
     def validate(self) -> None:
         if self.size < 16:
