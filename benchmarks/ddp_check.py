@@ -41,7 +41,11 @@ def main() -> int:
     p.add_argument("--global-batch", type=int, default=64)
     p.add_argument("--samples", type=int, default=3200)
     p.add_argument("--device", default="cuda", help="cuda (NCCL) or cpu (gloo, for a dry run)")
-    p.add_argument("--tol", type=float, default=0.02, help="max relative difference of any step's loss")
+    p.add_argument("--tol-first", type=float, default=1e-3,
+                   help="max relative difference of each of the first 3 steps (same weights, same batch)")
+    p.add_argument("--tol-mean", type=float, default=0.05,
+                   help="max relative difference of the 10-step means (later steps drift apart: training "
+                        "amplifies the reduction-order rounding, as it does between two 1-process runs)")
     args = p.parse_args()
     out = Path(os.environ.get("OUT") or tempfile.mkdtemp())
     single = run(1, args.global_batch, out, args)
@@ -51,12 +55,16 @@ def main() -> int:
     print(f"step | 1 process | {args.gpus} processes | rel diff")
     for i in range(0, n, max(n // 10, 1)):
         print(f"{i:4d} | {single[i]:.6f} | {multi[i]:.6f} | {rel[i]:.2e}")
-    ok = len(single) == len(multi) and max(rel) <= args.tol
+    means = [(sum(single[i:i + 10]) / 10, sum(multi[i:i + 10]) / 10) for i in range(0, n - 9, 10)]
+    rel_means = [abs(a - b) / abs(a) for a, b in means]
+    ok = len(single) == len(multi) and max(rel[:3]) <= args.tol_first and max(rel_means) <= args.tol_mean
     summary = dict(model=args.model, global_batch=args.global_batch, gpus=args.gpus, steps=n,
+                   max_rel_diff_first3=max(rel[:3]), max_rel_diff_10step_means=max(rel_means),
                    max_rel_diff=max(rel), mean_rel_diff=sum(rel) / n, final_single=single[-1], final_multi=multi[-1],
-                   tol=args.tol, ok=ok, single=single, multi=multi)
+                   tol_first=args.tol_first, tol_mean=args.tol_mean, ok=ok, single=single, multi=multi)
     (out / "ddp_check.json").write_text(json.dumps(summary, indent=1))
-    print(f"steps {n}: max rel diff {max(rel):.2e}, mean {summary['mean_rel_diff']:.2e} -> {'OK' if ok else 'FAIL'}")
+    print(f"steps {n}: first 3 steps max rel diff {max(rel[:3]):.2e} (tol {args.tol_first}), 10-step means "
+          f"{max(rel_means):.2e} (tol {args.tol_mean}), any step {max(rel):.2e} -> {'OK' if ok else 'FAIL'}")
     return 0 if ok else 1
 
 
