@@ -438,7 +438,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             stages[d["stage"]].append(k)
     rows = [("model", f"{name} {kwargs or ''}".strip()), ("form", "deploy" if args.deploy else "training"),
             ("params", f"{info['params'] / 1e6:.3f} M"),
-            ("MACs", f"{info['macs'] / 1e9:.3f} G at {chans}x{args.img_size}x{args.img_size}"),
+            ("MACs", (f"{info['macs'] / 1e9:.3f} G" if info["macs"] >= 1e9 else f"{info['macs'] / 1e6:.2f} M")
+             + f" at {chans}x{args.img_size}x{args.img_size}"),
             ("depthwise convs", str(len(info["depthwise"])))]
     rows += [(f"kernels {s}", ", ".join(ks)) for s, ks in stages.items()]
     print(format_table(rows))
@@ -591,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     from largekernel.train.engine import TrainingDiverged
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # output piped into `head`
+        return 0
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (a run folder can be continued with `largekernel train --resume <run>`)",
               file=sys.stderr)
