@@ -165,3 +165,14 @@ def test_argparse_error_is_one_line(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "invalid int value" in err
+
+
+def test_train_options_amp_ema_accum_checkpointing(tmp_path, capsys):
+    code = main([*TRAIN, "--amp", "bf16", "--channels-last", "--grad-checkpointing", "--ema-decay", "0.9",
+                 "--accum-steps", "2", "--label-smoothing", "0.1", "--clip-grad", "1.0", "--drop-path", "0.1",
+                 "--output", str(tmp_path), "--name", "opts"])
+    assert code == 0, capsys.readouterr().err
+    m = json.loads((tmp_path / "opts" / "metrics.json").read_text())
+    assert len(m["step_losses"]) == 2 and "val_ema_top1" in m["epochs"][0]
+    assert (tmp_path / "opts" / "model_ema.safetensors").is_file()
+    assert m["summary"]["deploy_matches"] is True

@@ -333,6 +333,8 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: TrainConfig | None = No
                 break
         row: dict[str, Any] = dict(epoch=epoch + 1, step=global_step, train_loss=loss_sum / max(n_steps, 1),
                                    lr=optimizer.param_groups[0]["lr"], epoch_time_s=time.time() - t_epoch)
+        if getattr(train_loader, "skipped", 0):
+            row["skipped_images"] = train_loader.skipped  # unreadable images so far (not fatal up to max_skipped)
         if val_loader is not None and main:
             ev = evaluate(base, val_loader, device, cfg.amp, cfg.channels_last)
             row.update({f"val_{k}": v for k, v in ev.items() if k != "n"})
