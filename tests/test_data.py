@@ -14,6 +14,7 @@ from largekernel.data import (
     generate,
     generate_arrays,
 )
+from largekernel.train.config import DEFAULT_PATHFINDER
 
 CFG = PathfinderConfig(size=32, length=24, distractors=1, scale=1)
 
@@ -29,8 +30,8 @@ def test_generator_deterministic_and_seed_dependent():
     np.testing.assert_array_equal(generate(CFG, 3, 7)["image"], a["images"][7])
 
 
-@pytest.mark.parametrize("cfg", [CFG, PathfinderConfig(),
-                                 PathfinderConfig(size=32, length=40, curvature=0.3, margin=1, scale=1)])
+@pytest.mark.parametrize("cfg", [CFG, PathfinderConfig(), PathfinderConfig(size=32, length=40, margin=1),
+                                 PathfinderConfig(**DEFAULT_PATHFINDER)])
 def test_labels_and_masks_match_flood_fill(cfg):
     a = generate_arrays(cfg, seed=0, n=150)
     labels = a["labels"]

@@ -32,16 +32,17 @@ from torch.utils.data import Dataset
 
 @dataclass(frozen=True)
 class PathfinderConfig:
-    """Generator parameters (grid cells / steps). Defaults: the embedded long-range benchmark, 48x48 images
-    whose marker-to-marker path is 36 px long (2 px wide), with 4 other curves."""
+    """Generator parameters (grid cells / steps). ``largekernel train`` uses ``size=24, scale=2, length=18,
+    curvature=0.05`` (see ``largekernel.train.config.DEFAULT_PATHFINDER``): 48x48 images whose 2-px wide
+    marker-to-marker path is 36 px long, with 4 other curves."""
 
-    size: int = 24            # drawing grid; the image is size * scale pixels
-    length: int = 18          # steps of the marker-to-marker path (1 grid cell per step)
+    size: int = 48            # drawing grid; the image is size * scale pixels
+    length: int = 44          # steps of the marker-to-marker path (1 grid cell per step)
     distractors: int = 2      # extra half-length curves
-    curvature: float = 0.05   # std of the heading change per step, radians
+    curvature: float = 0.35   # std of the heading change per step, radians
     margin: int = 2           # min Chebyshev gap between different curves (>= 1 keeps curves apart)
     marker: int = 1           # marker half-size: a (2m+1)^2 square
-    scale: int = 2            # nearest-neighbour upsampling of the drawn image (curves ``scale`` px wide)
+    scale: int = 1            # nearest-neighbour upsampling of the drawn image (curves ``scale`` px wide)
 
     def validate(self) -> None:
         if self.size < 16:

@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 AMP_MODES = ("none", "bf16", "fp16")
+# The embedded task of `largekernel train`: 48x48 Pathfinder (24-cell grid drawn 2x: 2-px curves), gently
+# curving 36-px paths, 4 other curves. ``data_kwargs`` given for 'pathfinder' are applied on top of this.
+DEFAULT_PATHFINDER: dict[str, Any] = {"size": 24, "scale": 2, "length": 18, "distractors": 2, "curvature": 0.05}
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -26,7 +29,7 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data: str = "pathfinder"
     data_dir: str | None = None
-    data_kwargs: dict[str, Any] = field(default_factory=dict)
+    data_kwargs: dict[str, Any] = field(default_factory=dict)   # pathfinder: on top of DEFAULT_PATHFINDER
     train_samples: int = 6000
     val_samples: int = 1000
     img_size: int | None = None

@@ -375,9 +375,20 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]], step_losses: lis
 
 
 # ---------------------------------------------------------------------------------------------- train
+def data_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """The dataset options a run uses: for 'pathfinder', ``cfg.data_kwargs`` over ``DEFAULT_PATHFINDER``."""
+    from largekernel.train.config import DEFAULT_PATHFINDER
+    if cfg.data == "pathfinder":
+        kw = {**DEFAULT_PATHFINDER, **cfg.data_kwargs}
+        if cfg.img_size is not None and "size" not in cfg.data_kwargs:
+            kw.pop("size")  # derived from img_size // scale
+        return kw
+    return dict(cfg.data_kwargs)
+
+
 def _datasets(cfg: TrainConfig):
     from largekernel.data import create_dataset
-    kw = dict(cfg.data_kwargs)
+    kw = data_kwargs(cfg)
     common = dict(root=cfg.data_dir, img_size=cfg.img_size, seed=cfg.seed)
     if cfg.data == "pathfinder":
         tr = create_dataset("pathfinder", "train", n=cfg.train_samples, progress=cfg.progress, **common, **kw)
@@ -389,7 +400,7 @@ def _datasets(cfg: TrainConfig):
 
 
 def _model_meta(cfg: TrainConfig, num_classes: int, in_chans: int, img_size: int) -> dict[str, Any]:
-    data = dict(name=cfg.data, data_dir=cfg.data_dir, data_kwargs=cfg.data_kwargs, seed=cfg.seed,
+    data = dict(name=cfg.data, data_dir=cfg.data_dir, data_kwargs=data_kwargs(cfg), seed=cfg.seed,
                 val_samples=cfg.val_samples)
     return dict(model=cfg.model, model_kwargs=cfg.model_kwargs, num_classes=num_classes, in_chans=in_chans,
                 img_size=img_size, data=data)
