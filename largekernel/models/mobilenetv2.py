@@ -60,7 +60,7 @@ class LKMobileNetV2(nn.Module):
     global average pool -> dropout -> Linear.
 
     ``kernel_size``: one depthwise kernel for all stages or one per stage (7); ``small_kernel``: parallel
-    re-param branch (None: off), likewise per stage; ``shortcut``: identity shortcuts on/off.
+    re-param branch (None or 0: off), likewise per stage; ``shortcut``: identity shortcuts on/off.
     Input (N, in_chans, H, W); features (N, num_features, H/32, W/32) for the default stride pattern.
     Intermediates (``forward_intermediates``/``features_only``) are the outputs of stages 1, 2, 4, 6
     (strides 4, 8, 16, 32).
@@ -87,6 +87,7 @@ class LKMobileNetV2(nn.Module):
             raise ValueError(f"arch must be non-empty (t, c, n, s) tuples of positive ints, got {arch}")
         kernels = [kernel_size] * n_st if isinstance(kernel_size, int) else list(kernel_size)
         smalls = [small_kernel] * n_st if small_kernel is None or isinstance(small_kernel, int) else list(small_kernel)
+        smalls = [sk or None for sk in smalls]  # 0 means no branch (timm.create_model drops None kwargs)
         if len(kernels) != n_st:
             raise ValueError(f"kernel_size must be an int or {n_st} ints, got {kernel_size!r}")
         if len(smalls) != n_st:
