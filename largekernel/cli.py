@@ -84,7 +84,7 @@ _TRAIN_HELP = {
     "finetune": "checkpoint (ours or an official .pth) to start from; the head is replaced if classes differ",
     "sparse": "dynamic sparse training (SLaK) at this sparsity, e.g. 0.4",
     "sparse_kwargs": "DynamicSparsity options, e.g. init=snip update_every=100 scope=protocol",
-    "threads": "torch CPU threads (default: torch's choice)",
+    "threads": "torch CPU threads (None: 1 on the CPU, fastest for small models on shared machines)",
     "output": "parent folder of run folders",
     "name": "run folder name (default: timestamp-model-data)",
     "max_skipped": "unreadable images tolerated before stopping",
