@@ -119,6 +119,7 @@ def test_subcommand_table_is_extensible():
     (["train", "--model-kwargs", "large_kernel_sizes=(4,4,4,4)", "--train-samples", "16", "--val-samples", "8"],
      ("cannot build model",)),
     (["train", "--resume", "/nonexistent/run"], ("does not exist",)),
+    (["train", "--model-kwargs", "small_kernel=None"], ("silently ignored",)),
     (["eval", "/nonexistent/x.safetensors"], ("does not exist",)),
     (["info", "not_a_model"], ("unknown model",)),
 ])

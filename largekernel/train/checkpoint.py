@@ -130,6 +130,10 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, drop_path_rate:
     """``timm.create_model`` with one-line errors for unknown names and bad keyword arguments."""
     import timm
     check_model_name(name)
+    nones = sorted(k for k, v in kwargs.items() if v is None)
+    if nones:
+        raise ValueError(f"model argument(s) {nones} = None would be silently ignored (timm.create_model drops "
+                         "None-valued arguments); leave them out or use the model's own 'off' value")
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
     try:
