@@ -177,3 +177,23 @@ def test_train_options_amp_ema_accum_checkpointing(tmp_path, capsys):
     assert len(m["step_losses"]) == 2 and "val_ema_top1" in m["epochs"][0]
     assert (tmp_path / "opts" / "model_ema.safetensors").is_file()
     assert m["summary"]["deploy_matches"] is True
+
+
+def test_train_and_eval_on_image_folder(tmp_path, capsys):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    (tmp_path / "data" / "train" / "a" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    code = main(["train", "--model", "replknet_test", "--data", str(tmp_path / "data"), "--img-size", "32",
+                 "--batch-size", "4", "--epochs", "1", "--no-progress", "--output", str(tmp_path), "--name", "f"])
+    assert code == 0, capsys.readouterr().err
+    m = json.loads((tmp_path / "f" / "metrics.json").read_text())
+    assert m["epochs"][0]["skipped_images"] >= 1  # counted, not fatal
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "f"), "--form", "deploy"]) == 0
+    assert "images     | 16" in capsys.readouterr().out
