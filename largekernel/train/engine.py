@@ -57,6 +57,8 @@ class RunResult:
     files: dict[str, str] = field(default_factory=dict)
     model: nn.Module | None = None
     deploy_model: nn.Module | None = None
+    ema_model: nn.Module | None = None
+    sparsity: Any = None  # the DynamicSparsity engine of a --sparse run
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -351,10 +353,8 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: TrainConfig | None = No
     bar.close()
     metrics = dict(history[-1]) if history else {}
     metrics["train_time_s"] = time.time() - t_start
-    result = RunResult(run_dir, metrics, history, step_losses, model=base)
-    result.ema_model = ema.module if ema is not None else None  # type: ignore[attr-defined]
-    result.sparsity = sparsity  # type: ignore[attr-defined]
-    return result
+    return RunResult(run_dir, metrics, history, step_losses, model=base,
+                     ema_model=ema.module if ema is not None else None, sparsity=sparsity)
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]], step_losses: list[float],

@@ -81,7 +81,7 @@ def finish_run(result, cfg: TrainConfig, meta: dict[str, Any], val_loader, devic
     files = {}
     files["model"] = str(run_dir / "model.safetensors")
     save_weights(files["model"], model, {**meta, "form": "train", "epoch": epoch})
-    if getattr(result, "ema_model", None) is not None:
+    if result.ema_model is not None:
         files["model_ema"] = str(run_dir / "model_ema.safetensors")
         save_weights(files["model_ema"], result.ema_model, {**meta, "form": "train", "epoch": epoch, "ema": True})
     summary: dict[str, Any] = dict(result.metrics)
