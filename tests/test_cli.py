@@ -12,7 +12,7 @@ from largekernel.cli import COMMANDS, PLUGINS, main
 
 TRAIN = ["train", "--model", "replknet_test", "--data-kwargs", "size=32", "length=20", "distractors=1",
          "scale=1", "--train-samples", "48", "--val-samples", "16", "--batch-size", "8", "--epochs", "1",
-         "--steps-per-epoch", "2", "--threads", "1", "--no-progress"]
+         "--steps-per-epoch", "2", "--threads", "1", "--no-progress", "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ from largekernel.train.checkpoint import atomic_write, load_weights, model_from_
 
 TINY = dict(model="replknet_test", data="pathfinder",
             data_kwargs={"size": 32, "length": 20, "distractors": 1, "scale": 1},
-            train_samples=64, val_samples=32, batch_size=16, epochs=3, steps_per_epoch=3, threads=1,
+            train_samples=64, val_samples=32, batch_size=16, epochs=3, steps_per_epoch=3, threads=1, device="cpu",
             progress=False, lr=1e-3)
 
 
@@ -37,7 +37,7 @@ def _args(out: Path, name: str) -> list[str]:
             "scale=1",
             "--train-samples", "64", "--val-samples", "32", "--batch-size", "16", "--epochs", "3",
             "--steps-per-epoch", "3", "--threads", "1", "--lr", "1e-3", "--no-progress", "--drop-path", "0.1",
-            "--ema-decay", "0.9", "--output", str(out), "--name", name]
+            "--ema-decay", "0.9", "--device", "cpu", "--output", str(out), "--name", name]
 
 
 def test_resume_after_kill_reproduces_losses(tmp_path):
@@ -136,7 +136,8 @@ def test_ddp_two_processes_match_one(tmp_path):
     common = ["--model", "convnext_atto", "--data-kwargs", "size=32", "length=20", "distractors=1", "scale=1",
               "augment=False",
               "--train-samples", "64", "--val-samples", "32", "--epochs", "1", "--steps-per-epoch", "3",
-              "--threads", "1", "--no-progress", "--drop-path", "0", "--output", str(tmp_path), "--no-reparam"]
+              "--threads", "1", "--no-progress", "--drop-path", "0", "--output", str(tmp_path), "--no-reparam",
+              "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "largekernel.cli", "train", *common, "--batch-size", "16",
                           "--name", "one"], capture_output=True, text=True, env=env, timeout=300)
