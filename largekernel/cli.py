@@ -465,6 +465,7 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--iters", type=int, default=5, help="timed iterations (after 2 warm-up)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--deploy", action=argparse.BooleanOptionalAction, default=True,
                    help="time inference in the re-parameterized form")
 
@@ -522,6 +523,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"{name} must be >= 1, got {v}")
     if args.amp == "fp16" and device.type == "cpu":
         raise ValueError("--amp fp16 needs a GPU; use bf16 on the CPU")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     names = [args.model] + ([args.peer] if args.peer and args.peer.lower() != "none" else [])
     for n in names:
         check_model_name(n)
