@@ -130,5 +130,7 @@ def print_summary(result, cfg: TrainConfig, file=None) -> None:
                  ("deploy vs training max|diff|", f"{m['deploy_max_abs_diff']:.2e} (rel {m['deploy_rel_diff']:.1e})"),
                  ("deploy matches training", "yes" if m["deploy_matches"] else "NO"),
                  ("deploy params", f"{m['deploy_params'] / 1e6:.3f} M")]
+    if m.get("skipped_images"):
+        rows.append(("unreadable images skipped", str(m["skipped_images"])))
     rows.append(("run folder", str(result.run_dir)))
     print(format_table(rows), file=file or sys.stdout, flush=True)
