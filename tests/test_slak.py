@@ -106,7 +106,7 @@ def test_undecomposed_variant_merges() -> None:
 
 
 def test_model_forward_backward_and_features() -> None:
-    model = timm.create_model("test_slak", num_classes=7)
+    model = timm.create_model("slak_test", num_classes=7)
     x = torch.randn(2, 3, 64, 64)
     out = model(x)
     assert out.shape == (2, 7)
@@ -115,7 +115,7 @@ def test_model_forward_backward_and_features() -> None:
     assert all(p.grad is not None for p in model.parameters())
     assert model.num_features == 83 and model.get_classifier().out_features == 7
 
-    feats = timm.create_model("test_slak", features_only=True)
+    feats = timm.create_model("slak_test", features_only=True)
     maps = feats(x)
     assert [m.shape for m in maps] == [(2, 20, 16, 16), (2, 41, 8, 8), (2, 62, 4, 4), (2, 83, 2, 2)]
     assert feats.feature_info.reduction() == [4, 8, 16, 32]
@@ -131,7 +131,7 @@ def test_model_forward_backward_and_features() -> None:
 
 
 def test_model_reparameterize_equivalence() -> None:
-    model = timm.create_model("test_slak")
+    model = timm.create_model("slak_test")
     randomize_bn(model)
     with torch.no_grad():
         for m in model.modules():
@@ -155,9 +155,9 @@ def test_model_reparameterize_equivalence() -> None:
     assert deployed.state_dict()["stages.3.0.large_kernel.lkb_reparam.weight"].shape == (83, 1, 7, 7)
 
     # deploy form built directly loads the merged state dict strictly; a training-form checkpoint is merged
-    direct = timm.create_model("test_slak", deploy=True).eval()
+    direct = timm.create_model("slak_test", deploy=True).eval()
     direct.load_state_dict(deployed.state_dict(), strict=True)
-    merged = timm.create_model("test_slak", deploy=True).eval()
+    merged = timm.create_model("slak_test", deploy=True).eval()
     merged.load_state_dict(checkpoint_filter_fn({"model": model.state_dict()}, merged), strict=True)
     with torch.no_grad():
         assert rel_err(direct(x), ref) <= 1e-5
@@ -215,7 +215,7 @@ def _official_state_dict(depths, dims, kernels) -> dict[str, torch.Tensor]:
 
 def test_strict_load_of_official_layout() -> None:
     sd = _official_state_dict((1, 1, 1, 1), (20, 41, 62, 83), (13, 11, 9, 7, 3))
-    model = timm.create_model("test_slak")
+    model = timm.create_model("slak_test")
     wrapped = {"model": {"module." + k: v for k, v in sd.items()}}  # as saved by the official main.py (DDP)
     model.load_state_dict(checkpoint_filter_fn(wrapped, model), strict=True)
     own = {k for k in model.state_dict() if not k.endswith("_mask")}
@@ -224,7 +224,7 @@ def test_strict_load_of_official_layout() -> None:
     assert torch.equal(lora2.weight, sd["stages.2.0.large_kernel.LoRA2.conv.weight"])
     assert torch.equal(lora2.weight_mask, torch.ones_like(lora2.weight))
     # a bare official state dict loads with plain load_state_dict(strict=True) too (masks default to ones)
-    timm.create_model("test_slak").load_state_dict(sd, strict=True)
+    timm.create_model("slak_test").load_state_dict(sd, strict=True)
 
 
 def test_slak_tiny_official_key_layout_meta() -> None:

@@ -49,7 +49,7 @@ def _check_masked_zero(engine: DynamicSparsity) -> None:
 
 
 def test_targets_follow_official_scopes() -> None:
-    model = timm.create_model("test_slak")
+    model = timm.create_model("slak_test")
     protocol = [t.name for t in find_sparse_targets(model, "protocol")]
     assert protocol == [f"stages.{i}.0.large_kernel.LoRA{j}.conv.weight" for i in range(4) for j in (1, 2)]
     names = {t.name for t in find_sparse_targets(model, "all")}
@@ -60,7 +60,7 @@ def test_targets_follow_official_scopes() -> None:
 
 
 def test_density_kept_and_masked_weights_stay_zero_through_training() -> None:
-    model = timm.create_model("test_slak", num_classes=10)
+    model = timm.create_model("slak_test", num_classes=10)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)  # moves zeroed weights back
     engine = DynamicSparsity(model, sparsity=0.4, init="uniform", prune_rate=0.3, update_every=2, total_steps=8,
                              optimizer=opt)
@@ -167,7 +167,7 @@ def test_state_dict_round_trip_reproduces_future_updates() -> None:
 
 
 def test_snip_and_erk_budgets() -> None:
-    model = timm.create_model("test_slak", num_classes=4)
+    model = timm.create_model("slak_test", num_classes=4)
     batch = (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
     engine = DynamicSparsity(model, sparsity=0.4, init="snip", snip_batch=batch, update_every=0)
     densities = [engine.init_densities[t.name] for t in engine.targets]
@@ -212,7 +212,7 @@ def test_bad_arguments() -> None:
 
 
 def test_engine_follows_the_model_across_to() -> None:
-    model = timm.create_model("test_slak", num_classes=3)
+    model = timm.create_model("slak_test", num_classes=3)
     engine = DynamicSparsity(model, sparsity=0.4, init="uniform", update_every=1)
     model.double()  # replaces every buffer tensor (the protocol masks included)
     lora = model.stages[1][0].large_kernel.LoRA2.conv

@@ -262,7 +262,7 @@ default_cfgs = generate_default_cfgs({
         origin_url="https://drive.google.com/file/d/1duUxUD3RSblQ6eDHd0n-u0aulwGypf1j/view",
         description="SLaK-B 51x51, ImageNet-1K 300 epochs, sparsity 0.4", notes=("top1=84.0", "epochs=300")),
     "slak_large": _cfg(description="SLaK-L (defined by the official code; no released weights)"),
-    "test_slak": _cfg(input_size=(3, 64, 64), pool_size=(2, 2), description="tiny SLaK for tests"),
+    "slak_test": _cfg(input_size=(3, 64, 64), pool_size=(2, 2), description="tiny SLaK for tests"),
 })
 
 
@@ -301,7 +301,7 @@ def slak_large(pretrained: bool = False, **kwargs: object) -> SLaK:
 
 
 @register_model
-def test_slak(pretrained: bool = False, **kwargs: object) -> SLaK:
+def slak_test(pretrained: bool = False, **kwargs: object) -> SLaK:
     """Tiny SLaK for tests: one block per stage, widths 20/41/62/83, kernels 13/11/9/7 + 3."""
     args = dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), kernel_size=(13, 11, 9, 7, 3))
-    return _create_slak("test_slak", pretrained, **dict(args, **kwargs))
+    return _create_slak("slak_test", pretrained, **dict(args, **kwargs))
