@@ -12,37 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
+from _timing import cuda_time  # benchmarks/ is the script directory
 
 # (C, H=W, kh, kw)
 SHAPES = [(128, 56, 31, 31), (256, 28, 29, 29), (512, 14, 27, 27), (1024, 7, 13, 13), (128, 56, 51, 51),
           (128, 56, 3, 3), (128, 56, 7, 7), (128, 56, 13, 13), (128, 56, 51, 5), (128, 56, 5, 51)]
-
-
-def cuda_time(fn, min_runs: int = 20, budget_ms: float = 300.0) -> float:
-    """Median ms of fn over >= min_runs CUDA-event-timed runs, after warm-up."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    est = max(start.elapsed_time(end), 1e-3)
-    runs = max(min_runs, min(200, int(budget_ms / est)))
-    times = []
-    for _ in range(runs):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
 
 
 def flops(n: int, c: int, h: int, kh: int, kw: int) -> float:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
 import timm
 import torch
 import torch.nn.functional as F
+from _timing import cuda_time  # benchmarks/ is the script directory
 
 import largekernel
 from largekernel.ops.dispatch import use_backend
@@ -36,21 +36,6 @@ OUR_MODULES = ("replknet", "slak", "unireplknet", "shiftwise", "mobilenetv2")
 
 def is_ours(name: str) -> bool:
     return any(name.split(".")[0] in timm.list_models(module=m) for m in OUR_MODULES)
-
-
-def _time(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def bench_model(name: str, batch: int, train_batch: int, warmup: int, iters: int, res: int,
@@ -75,7 +60,7 @@ def bench_model(name: str, batch: int, train_batch: int, warmup: int, iters: int
             opt.zero_grad(set_to_none=True)
 
         torch.cuda.reset_peak_memory_stats()
-        t = _time(step, warmup, iters)
+        t = cuda_time(step, iters, budget_ms=0, warmup=warmup) / 1e3
         row["train_img_s"] = train_batch / t
         row["train_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         del opt
@@ -93,7 +78,7 @@ def bench_model(name: str, batch: int, train_batch: int, warmup: int, iters: int
         with torch.autocast("cuda", dtype=torch.bfloat16):
             model(x)
 
-    row["infer_img_s"] = batch / _time(infer, warmup, iters)
+    row["infer_img_s"] = batch / (cuda_time(infer, iters, budget_ms=0, warmup=warmup) / 1e3)
     return row
 
 

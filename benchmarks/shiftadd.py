@@ -25,9 +25,9 @@ import argparse
 import copy
 import json
 import os
-import statistics
 
 import torch
+from _timing import cuda_time  # benchmarks/ is the script directory
 
 from largekernel.layers.shiftwise import ShiftwiseConv2d
 from largekernel.ops.dispatch import use_backend
@@ -36,29 +36,6 @@ from largekernel.ops.shiftadd import shift_add, shift_add_reference
 COPY_ANCHOR_GBS = 2960.0
 # (C, H=W, big kernel, small kernel): SW-tiny stages
 SHAPES = [(80, 56, 51, 3), (160, 28, 49, 3), (320, 14, 47, 3), (640, 7, 13, 3)]
-
-
-def cuda_time(fn, min_runs: int = 20, budget_ms: float = 300.0) -> float:
-    """Median ms of fn over >= min_runs CUDA-event-timed runs, after warm-up."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    est = max(start.elapsed_time(end), 1e-3)
-    runs = max(min_runs, min(200, int(budget_ms / est)))
-    times = []
-    for _ in range(runs):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
 
 
 def check_gpu_correctness(device: torch.device) -> dict:
