@@ -27,6 +27,18 @@ class DepthwiseConv2d(nn.Conv2d):
             padding = (kh // 2, kw // 2)
         super().__init__(channels, channels, (kh, kw), stride=stride, padding=padding, groups=channels, bias=bias)
 
+    @classmethod
+    def from_weights(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1) -> DepthwiseConv2d:
+        """A depthwise conv holding ``weight`` (C, 1, kh, kw) and ``bias`` (C,) on their device and dtype
+        (the merged conv of a re-parameterization)."""
+        conv = cls(weight.shape[0], tuple(weight.shape[-2:]), stride=stride, bias=bias is not None)
+        conv = conv.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if bias is not None:
+                conv.bias.copy_(bias)
+        return conv
+
     def _is_same(self) -> bool:
         kh, kw = self.kernel_size
         return (self.stride == (1, 1) and self.dilation == (1, 1) and kh % 2 == 1 and kw % 2 == 1

@@ -141,10 +141,7 @@ class DecomposedLargeKernelConv(nn.Module):
         if hasattr(self, "lkb_reparam"):
             return
         kernel, bias = self.get_equivalent_kernel_bias()
-        conv = DepthwiseConv2d(self.channels, self.kernel_size, stride=self.stride, bias=True)
-        conv = conv.to(device=kernel.device, dtype=kernel.dtype)
-        conv.weight.copy_(kernel)
-        conv.bias.copy_(bias)
+        conv = DepthwiseConv2d.from_weights(kernel, bias, stride=self.stride)
         for name in ("LoRA1", "LoRA2", "lkb_origin", "small_conv"):
             if hasattr(self, name):
                 delattr(self, name)

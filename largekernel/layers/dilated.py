@@ -123,10 +123,7 @@ class DilatedReparamBlock(nn.Module):
         if self.deployed:
             return
         weight, bias = self.merged_kernel()
-        merged = DepthwiseConv2d(self.channels, self.kernel_size, bias=True).to(weight.device, weight.dtype)
-        merged.weight.copy_(weight)
-        merged.bias.copy_(bias)
-        self.lk_origin = merged
+        self.lk_origin = DepthwiseConv2d.from_weights(weight, bias)
         del self.origin_bn
         for k, r in zip(self.kernel_sizes, self.dilates):
             delattr(self, f"dil_conv_k{k}_{r}")

@@ -70,11 +70,7 @@ class ReparamLargeKernelConv(nn.Module):
         if hasattr(self, "lkb_reparam"):
             return
         kernel, bias = self.get_equivalent_kernel_bias()
-        conv = DepthwiseConv2d(self.channels, self.kernel_size, stride=self.stride, bias=True)
-        conv = conv.to(device=kernel.device, dtype=kernel.dtype)
-        conv.weight.copy_(kernel)
-        conv.bias.copy_(bias)
-        self.lkb_reparam = conv
+        self.lkb_reparam = DepthwiseConv2d.from_weights(kernel, bias, stride=self.stride)
         del self.lkb_origin
         if hasattr(self, "small_conv"):
             del self.small_conv

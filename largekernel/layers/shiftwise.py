@@ -314,21 +314,13 @@ class ShiftwiseConv2d(nn.Module):
                 return
             if self.form == "dense":
                 raise ValueError("a square dense layer cannot be converted to the cross form")
-        r, d, k = self.rep_channels, self.dense_size, self.small_kernel
         if kind == "square":
             weight, bias = self._rep_dense_kernel()
-            convs = {"dense": (DepthwiseConv2d(r, d, bias=True), weight.unsqueeze(1), bias)}
+            built = {"dense": DepthwiseConv2d.from_weights(weight.unsqueeze(1), bias)}
         else:
             horizontal, vertical, bias = self._cross_kernels()
-            convs = {"dense_h": (DepthwiseConv2d(r, (k, d), bias=True), horizontal, bias),
-                     "dense_v": (DepthwiseConv2d(r, (d, k), bias=False), vertical, None)}
-        built = {}
-        for name, (conv, weight, b) in convs.items():
-            conv = conv.to(device=weight.device, dtype=weight.dtype)
-            conv.weight.copy_(weight)
-            if b is not None:
-                conv.bias.copy_(b)
-            built[name] = conv
+            built = {"dense_h": DepthwiseConv2d.from_weights(horizontal, bias),
+                     "dense_v": DepthwiseConv2d.from_weights(vertical)}
         for name in ("LoRAs", "LoRA", "bn_lora1", "bn_lora2", "bn_small", "term_scale", "term_bias", "dense_h",
                      "dense_v"):
             if hasattr(self, name):

@@ -90,9 +90,7 @@ class UniRepLKNetBlock(nn.Module):
         if not isinstance(self.norm, nn.Identity):
             conv = self.dwconv.lk_origin if isinstance(self.dwconv, DilatedReparamBlock) else self.dwconv
             weight, bias = fuse_bn(conv.weight, self.norm, conv.bias)
-            fused = DepthwiseConv2d(conv.in_channels, conv.kernel_size, bias=True).to(weight.device, weight.dtype)
-            fused.weight.copy_(weight)
-            fused.bias.copy_(bias)
+            fused = DepthwiseConv2d.from_weights(weight, bias)
             if isinstance(self.dwconv, DilatedReparamBlock):
                 self.dwconv.lk_origin = fused
             else:
