@@ -126,3 +126,20 @@ def test_cli_plugin_erf(tmp_path) -> None:
                "--input-size", "64", "--device", "cpu", "--out-dir", str(tmp_path)])
     assert rc == 0 and (tmp_path / "erf_ratios.json").is_file()
     assert main(["erf", "resnet18", "--model-arg", "vgg:x=1", "--out-dir", str(tmp_path)]) == 2  # one-line error
+
+
+def test_build_model_loads_local_checkpoint(tmp_path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    from largekernel.analysis.erf import build_model
+
+    torch.manual_seed(3)
+    src = timm.create_model("lk_mobilenetv2_tiny", num_classes=4)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    model = build_model("lk_mobilenetv2_tiny", str(path), num_classes=4, seed=0)
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    with pytest.raises(ValueError):
+        build_model("lk_mobilenetv2_tiny", str(tmp_path / "missing.pth"))

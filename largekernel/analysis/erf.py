@@ -357,26 +357,13 @@ def format_table(ratios: dict[str, dict[str, dict[str, float | None]]]) -> str:
 
 # ----------------------------------------------------------------------------------------------- driver
 def load_weights(model: nn.Module, path: str) -> None:
-    """Load a local checkpoint safely (safetensors, or torch.load(weights_only=True)); strict keys."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    """Load a local checkpoint safely (safetensors or ``torch.load(weights_only=True)``), strict keys, through
+    the package's shared loader (official wrappers unwrapped, the family's ``checkpoint_filter_fn`` applied)."""
+    from largekernel.models._helpers import load_checkpoint
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    filt = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if callable(filt):
-        try:
-            state = filt(state, model)
-        except Exception:  # filters written for one layout may reject another; fall back to the raw keys
-            pass
-    model.load_state_dict(state)
+    filt = getattr(model, "checkpoint_filter_fn", None) or getattr(
+        sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    load_checkpoint(model, path, strict=True, filter_fn=filt)
 
 
 def build_model(name: str, checkpoint: str | None = None, pretrained: bool = False, seed: int = 0,
