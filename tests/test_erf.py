@@ -143,3 +143,16 @@ def test_build_model_loads_local_checkpoint(tmp_path) -> None:
         assert torch.equal(model.state_dict()[k], v), k
     with pytest.raises(ValueError):
         build_model("lk_mobilenetv2_tiny", str(tmp_path / "missing.pth"))
+
+
+def test_iter_images_folder(tmp_path) -> None:
+    from PIL import Image
+
+    for i, size in enumerate([(40, 30), (20, 50), (33, 33)]):
+        Image.fromarray(np.full((size[1], size[0], 3), 50 * i, np.uint8)).save(tmp_path / f"im{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    batches = list(iter_images(str(tmp_path), num_images=10, input_size=16, batch_size=2, mean=(0, 0, 0),
+                               std=(1, 1, 1)))
+    x = torch.cat(batches)
+    assert x.shape == (3, 3, 16, 16)  # capped at the 3 images present, resized
+    np.testing.assert_allclose(x[:, 0, 0, 0].numpy(), np.array([0, 50, 100]) / 255, atol=1e-6)
