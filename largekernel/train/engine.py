@@ -269,8 +269,9 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: TrainConfig | None = No
 
     t_start = time.time()
     epochs = range(start_epoch, cfg.epochs)
+    # On a terminal the bar redraws in place; into a log file every redraw is a new line, so redraw rarely there.
     bar = tqdm(total=total_steps, initial=global_step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not (cfg.progress and main), file=sys.stderr)
+               disable=not (cfg.progress and main), file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 15.0)
     for epoch in epochs:
         net.train()
         sampler = getattr(train_loader, "sampler", None)
