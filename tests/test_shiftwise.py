@@ -435,3 +435,13 @@ def test_params_and_macs_match_official(variant):
     for got, ref in zip((params_train, params_merged, macs_train, macs_merged), want):
         assert abs(got - ref) <= 0.01 * ref, (variant, got, ref)
     assert params_train == want[0] and params_merged == want[1]
+
+
+@pytest.mark.parametrize("coarse", [True, False])
+def test_group_matcher_covers_every_parameter(coarse: bool) -> None:
+    from timm.models import group_parameters
+
+    model = timm.create_model("shiftwise_v2_test")
+    groups = group_parameters(model, model.group_matcher(coarse))
+    assert set().union(*map(set, groups.values())) == {n for n, _ in model.named_parameters()}
+    assert len(groups) > 3

@@ -162,7 +162,7 @@ class ShiftWiseV2(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(
             stem=r"^downsample_layers\.0",
-            blocks=r"^stages\.(\d+)|^downsample_layers\.(\d+)" if coarse else [
+            blocks=r"^(?:stages|downsample_layers)\.(\d+)" if coarse else [
                 (r"^stages\.(\d+)\.(\d+)", None),
                 (r"^downsample_layers\.(\d+)", (0,)),
                 (r"^norm", (99999,)),
