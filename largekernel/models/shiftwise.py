@@ -17,8 +17,9 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from largekernel.layers.blocks import GRN, LayerNorm, SEBlock
+from largekernel.layers.blocks import GRN, SEBlock
 from largekernel.layers.shiftwise import ShiftwiseConv2d, ShiftwisePathConv
+from largekernel.models.unireplknet import downsample_layers
 
 __all__ = ["ShiftWiseV2", "ShiftWiseBlock", "checkpoint_filter_fn"]
 
@@ -104,16 +105,7 @@ class ShiftWiseV2(nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.grad_checkpointing = False
 
-        self.downsample_layers = nn.ModuleList([nn.Sequential(
-            nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1),
-            LayerNorm(dims[0] // 2, eps=1e-6),
-            nn.GELU(),
-            nn.Conv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1),
-            LayerNorm(dims[0], eps=1e-6),
-        )])
-        for i in range(3):
-            self.downsample_layers.append(nn.Sequential(
-                nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), LayerNorm(dims[i + 1], eps=1e-6)))
+        self.downsample_layers = downsample_layers(in_chans, dims)
         n_blocks = sum(depths)
         dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]  # linspace, meta-safe
         self.stages = nn.ModuleList()

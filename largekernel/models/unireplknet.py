@@ -128,6 +128,23 @@ DEFAULT_KERNEL_SIZES: dict[tuple[int, ...], tuple[tuple[int, ...], ...]] = {
 }
 
 
+def downsample_layers(in_chans: int, dims: Sequence[int]) -> nn.ModuleList:
+    """UniRepLKNet's stem (two 3x3 stride-2 convs with LN, GELU between: stride 4) followed by one 3x3 stride-2
+    conv + LN before each later stage. Keys ``downsample_layers.{i}.{j}`` as in the official release; the
+    shift-wise nets use the same macro design."""
+    layers = nn.ModuleList([nn.Sequential(
+        nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1),
+        LayerNorm(dims[0] // 2, eps=1e-6),
+        nn.GELU(),
+        nn.Conv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1),
+        LayerNorm(dims[0], eps=1e-6),
+    )])
+    for i in range(len(dims) - 1):
+        layers.append(nn.Sequential(
+            nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), LayerNorm(dims[i + 1], eps=1e-6)))
+    return layers
+
+
 class UniRepLKNet(nn.Module):
     """UniRepLKNet for image classification. (N, in_chans, H, W) -> (N, num_classes).
 
@@ -167,16 +184,7 @@ class UniRepLKNet(nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.grad_checkpointing = with_cp
 
-        self.downsample_layers = nn.ModuleList([nn.Sequential(
-            nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1),
-            LayerNorm(dims[0] // 2, eps=1e-6),
-            nn.GELU(),
-            nn.Conv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1),
-            LayerNorm(dims[0], eps=1e-6),
-        )])
-        for i in range(3):
-            self.downsample_layers.append(nn.Sequential(
-                nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), LayerNorm(dims[i + 1], eps=1e-6)))
+        self.downsample_layers = downsample_layers(in_chans, dims)
 
         n_blocks = sum(depths)
         dp_rates = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]  # linspace, no tensors
