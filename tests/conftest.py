@@ -26,3 +26,19 @@ def randomize_bn(model: torch.nn.Module, generator: torch.Generator | None = Non
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def run_interpreted(script: str) -> dict:
+    """Run ``script`` (a test module's ``__main__``) in a fresh interpreter with ``TRITON_INTERPRET=1`` (Triton
+    reads it at import, so it cannot be set inside this process) and return the JSON it prints last."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(script)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -7,8 +7,6 @@ Inputs are drawn fresh each run (the seed is printed on failure); kernel outputs
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -95,13 +93,9 @@ def _main() -> None:
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from conftest import run_interpreted
+
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
