@@ -104,6 +104,12 @@ def tuned() -> dict:
     return {str(k): v for k, v in tuned_choices().items()}
 
 
+def tuning_log() -> dict:
+    from largekernel.ops.depthwise import tuned_choices
+
+    return {str(k): [[str(c), t] for c, t in v] for k, v in tuned_choices(with_times=True).items()}
+
+
 HEADER = ("| dtype | C | H | K | native fwd ms | ours fwd ms | TFLOP/s | x | native f+b ms | ours f+b ms | "
           "TFLOP/s | x |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -131,7 +137,8 @@ def main() -> None:
         print(format_row(r))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "dwconv.json"), "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows, tuned=tuned()),
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows, tuned=tuned(),
+                           tuning_log=tuning_log()),
                       f, indent=1)
 
 

@@ -45,6 +45,10 @@ VARIANTS = [
      lambda w: dict(BLOCK_V=dwmod._bw(w), programs=1056, num_warps=8)),
     ("v1", lambda w: dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=16, num_warps=4, num_stages=3),
      lambda w: dict(BLOCK_K=32, programs=1056, num_warps=4, num_stages=3)),
+    ("plane", lambda w: dict(plane=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4),
+     lambda w: dict(NB=max(1, 64 // (1 << (w - 1).bit_length())), programs=2112, num_warps=4)),
+    ("transposed", lambda w: dict(BLOCK_M=64, BLOCK_W=32, BLOCK_U=32, num_warps=4, transpose=True),
+     lambda w: dict(BLOCK_V=32, programs=2112, num_warps=4, transpose=True)),
 ]
 
 
@@ -53,7 +57,7 @@ def check_correctness(variants=VARIANTS) -> list[dict]:
     out = []
     for ci, case in enumerate(CHECKS):
         for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
-            vs = variants if ci < 4 else variants[:1]   # every variant on the four stage shapes
+            vs = variants if ci < 4 else [variants[0], *variants[3:]]   # every variant on the stage shapes
             try:
                 out.extend(_check_case(case, dt, tol, vs))
             except Exception as e:  # noqa: BLE001 - record and go on

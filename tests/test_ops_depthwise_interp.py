@@ -28,7 +28,7 @@ CASES = [
     ("vec8_bf16", 2, 3, 9, 16, 5, 7, "bfloat16", "nchw", True, "xwb"),   # W, strides multiples of 8
     ("vec4_even_fp32", 1, 5, 6, 24, 6, 4, "float32", "nchw", False, "xw"),
 ]
-VARIANTS = (0, 1)   # first-generation kernels; prefetching forward + row-walking weight grad
+VARIANTS = (0, 1, 2, 3)   # see largekernel.ops.depthwise.INTERP_VARIANT
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 5e-3}
 
 

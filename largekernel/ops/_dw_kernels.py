@@ -254,6 +254,133 @@ def _dw_wgrad2_kernel(x_ptr, g_ptr, dw_ptr,
     tl.store(out, acc, mask=(j < KW)[:, None] & (i < KH)[None, :])
 
 
+@triton.jit
+def _plane_tiles(p0, live, x_rows, oy, ox, dk, H, W, KH, KW, PH, PW, p_hi, sxh, sxw, w_tap, swh, sww):
+    """A = x[batch rows, positions p0 + dk] and B[p, o] = w[py - oy + PH, px - ox + PW] (0 off the kernel)."""
+    p = p0 + dk
+    py = p // W
+    px = p - py * W
+    p_ok = (p < p_hi) & live
+    a = tl.load(x_rows[:, None] + (py * sxh + px * sxw)[None, :], mask=p_ok[None, :], other=0.0)
+    di = py[:, None] - oy[None, :] + PH
+    dj = px[:, None] - ox[None, :] + PW
+    b = tl.load(w_tap + di * swh + dj * sww, mask=p_ok[:, None] & (di >= 0) & (di < KH) & (dj >= 0) & (dj < KW),
+                other=0.0)
+    return a, b
+
+
+@triton.jit(do_not_specialize=[12, 13, 14])   # w_off, swh, sww: forward and input grad share a binary
+def _dw_plane_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
+                     N, C, H, W, KH, KW, PH, PW, w_off, swh, sww,
+                     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
+    """Whole-plane form for small images: per channel, ``y[n, o] = sum_p x[n, p] * B[p, o]`` over the
+    flattened input (p) and output (o) positions, ``B[p, o] = w[py - oy + PH, px - ox + PW]`` (zero off the
+    kernel): a (batch x HW) @ (HW x HW) GEMM. Only the input rows within the kernel's reach of the output
+    tile are visited, so its cost is ~2*N*HW*min(HW, reach*W) and stops growing once the kernel covers the
+    plane (14x14 with K=27: 196 inputs per output instead of 729 taps). The GEMM rows are batch elements."""
+    pid = tl.program_id(0)
+    HW = H * W
+    num_o = tl.cdiv(HW, BLOCK_N)
+    num_m = tl.cdiv(N, BLOCK_M)
+    ob = pid % num_o
+    mb = (pid // num_o) % num_m
+    c = pid // (num_o * num_m)
+
+    o = ob * BLOCK_N + tl.arange(0, BLOCK_N)
+    oy = o // W
+    ox = o - oy * W
+    m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < N
+    # masked-off batch rows read row 0 (valid memory); their outputs are not stored
+    x_rows = x_ptr + c.to(tl.int64) * sxc + tl.where(m_ok, m, 0).to(tl.int64) * sxn
+    w_tap = w_ptr + w_off + c * KH * KW
+    o_first = ob * BLOCK_N
+    o_last = tl.minimum(o_first + BLOCK_N, HW) - 1
+    p_lo = tl.maximum(o_first // W - PH, 0) * W
+    p_hi = tl.minimum(o_last // W + KH - PH, H) * W
+    p_lo = (p_lo // BLOCK_K) * BLOCK_K
+    T = tl.cdiv(p_hi - p_lo, BLOCK_K)
+    dk = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a, b = _plane_tiles(p_lo, 0 < T, x_rows, oy, ox, dk, H, W, KH, KW, PH, PW, p_hi, sxh, sxw, w_tap, swh, sww)
+    for t in range(0, T):
+        a_cur = a
+        b_cur = b
+        a, b = _plane_tiles(p_lo + (t + 1) * BLOCK_K, t + 1 < T, x_rows, oy, ox, dk, H, W, KH, KW, PH, PW, p_hi,
+                            sxh, sxw, w_tap, swh, sww)
+        if CAST_F32:
+            a_cur = a_cur.to(tl.float32)
+            b_cur = b_cur.to(tl.float32)
+        acc = tl.dot(a_cur, b_cur, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c).to(tl.float32)
+    y_ptrs = (y_ptr + c.to(tl.int64) * syc + m.to(tl.int64)[:, None] * syn + (oy * syh + ox * syw)[None, :])
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (o < HW)[None, :])
+
+
+@triton.jit
+def _wgb_tiles(t, live, H, x_c, g_c, nn, v, j, i, N, W, KH, KW, PH, PW, sxn, sxh, sxw, sgn, sgh, sgw,
+               NB: tl.constexpr):
+    """Step t = (image group, row y'): A[j, (n, v)] = x[n, y', v + j - PW], B[(n, v), i] = g[n, y' - i + PH, v]."""
+    grp = t // H
+    yy = t - grp * H
+    n = grp * NB + nn
+    ok = (n < N) & (v < W) & live
+    n64 = tl.where(ok, n, 0).to(tl.int64)
+    xcol = v[None, :] + j[:, None] - PW
+    a = tl.load(x_c + n64[None, :] * sxn + yy * sxh + xcol * sxw,
+                mask=ok[None, :] & (j < KW)[:, None] & (xcol >= 0) & (xcol < W), other=0.0)
+    grow = yy - i + PH
+    b = tl.load(g_c + n64[:, None] * sgn + grow[None, :] * sgh + v[:, None] * sgw,
+                mask=ok[:, None] & ((i < KH) & (grow >= 0) & (grow < H))[None, :], other=0.0)
+    return a, b
+
+
+@triton.jit
+def _dw_wgrad_batched_kernel(x_ptr, g_ptr, dw_ptr,
+                             N, C, H, W, KH, KW, PH, PW, STEPS_PER_SPLIT, SPLITS,
+                             sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+                             BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_V: tl.constexpr,
+                             NB: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
+    """Weight grad for narrow planes (W <= BLOCK_V): each reduction step takes the same row y' of NB images
+    side by side (NB * BLOCK_V reduction elements instead of one short row), so a 7-wide plane fills a
+    64-deep MMA instead of a 16-deep one. Steps t = (image group, row) are split over programs; fp32 partials
+    as in _dw_wgrad2_kernel."""
+    pid = tl.program_id(0)
+    s = pid % SPLITS
+    c = pid // SPLITS
+    t_start = s * STEPS_PER_SPLIT
+    t_end = tl.minimum(t_start + STEPS_PER_SPLIT, tl.cdiv(N, NB) * H)
+    T = t_end - t_start
+
+    kk = tl.arange(0, NB * BLOCK_V)
+    nn = kk // BLOCK_V
+    v = kk % BLOCK_V
+    j = tl.arange(0, BLOCK_J)
+    i = tl.arange(0, BLOCK_I)
+    x_c = x_ptr + c.to(tl.int64) * sxc
+    g_c = g_ptr + c.to(tl.int64) * sgc
+    acc = tl.zeros((BLOCK_J, BLOCK_I), dtype=tl.float32)
+    a, b = _wgb_tiles(t_start, 0 < T, H, x_c, g_c, nn, v, j, i, N, W, KH, KW, PH, PW, sxn, sxh, sxw, sgn, sgh, sgw,
+                      NB)
+    for t in range(0, T):
+        a_cur = a
+        b_cur = b
+        a, b = _wgb_tiles(t_start + t + 1, t + 1 < T, H, x_c, g_c, nn, v, j, i, N, W, KH, KW, PH, PW,
+                          sxn, sxh, sxw, sgn, sgh, sgw, NB)
+        if CAST_F32:
+            a_cur = a_cur.to(tl.float32)
+            b_cur = b_cur.to(tl.float32)
+        acc = tl.dot(a_cur, b_cur, acc, input_precision=PRECISION)
+
+    out = dw_ptr + (s.to(tl.int64) * C + c) * KH * KW + i[None, :] * KW + j[:, None]
+    tl.store(out, acc, mask=(j < KW)[:, None] & (i < KH)[None, :])
+
+
 def _vec(t, cfg: dict) -> int:
     """Widest run (<= 16 bytes) that W, the strides and the data pointer are all multiples of."""
     n, c, h, w = t.shape
@@ -276,15 +403,32 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
 
     N, C, H, W = x.shape
     KH, KW = w.shape[-2:]
+    if cfg.get("plane"):
+        w_off, swh, sww = (KH * KW - 1, -KW, -1) if flip else (0, KW, 1)
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        grid = (C * triton.cdiv(N, bm) * triton.cdiv(H * W, bn),)
+        _dw_plane_kernel[grid](x, w, bias if bias is not None else w, y,
+                               N, C, H, W, KH, KW, ph, pw, w_off, swh, sww,
+                               *x.stride(), *y.stride(),
+                               HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                               PRECISION=precision, CAST_F32=cast_f32,
+                               num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+        return
+    if cfg.get("transpose"):   # tall kernels: run on the (W, H) views, the kernel read transposed in place
+        x, y = x.transpose(2, 3), y.transpose(2, 3)
+        N, C, H, W = x.shape
+        KH, KW, ph, pw = KW, KH, pw, ph
+        w_off, swh, sww = (KH * KW - 1, -1, -KH) if flip else (0, 1, KH)
+    else:
+        w_off, swh, sww = (KH * KW - 1, -KW, -1) if flip else (0, KW, 1)
     bm, bw, bu = cfg["BLOCK_M"], cfg["BLOCK_W"], cfg["BLOCK_U"]
     grid = (C * triton.cdiv(N * H, bm) * triton.cdiv(W, bw),)
-    if cfg.get("prefetch"):
+    if cfg.get("prefetch") or cfg.get("transpose"):
         vec = _vec(x, cfg)
         sn, sc, sh, sw = x.stride()
         pwa = -(-pw // vec) * vec
         if bias is None:   # one compiled variant for forward and input grad
             bias = torch.zeros(C, device=x.device, dtype=x.dtype)
-        w_off, swh, sww = (KH * KW - 1, -KW, -1) if flip else (0, KW, 1)
         _dw_fwd2_kernel[grid](x, w, bias, y,
                               N, C, H, W // vec, KH, KW, ph, pw, pwa // vec, w_off, swh, sww,
                               sn // vec, sc // vec, sh // vec, sw, *y.stride(),
@@ -307,7 +451,27 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
     """Returns the fp32 weight grad (C, kh, kw)."""
     import torch
 
+    if cfg.get("transpose"):   # tall kernels: the transposed problem, its (kw x kh) grad transposed back
+        dw = launch_wgrad(x.transpose(2, 3), g.transpose(2, 3), kw, kh, pw, ph,
+                          {k: v for k, v in cfg.items() if k != "transpose"}, precision, cast_f32, poison)
+        return dw.transpose(1, 2)
     N, C, H, W = x.shape
+    if "NB" in cfg:   # several images' rows per reduction step (narrow planes)
+        nb, bv = cfg["NB"], _pow2(W, 1)
+        steps = triton.cdiv(N, nb) * H
+        splits = max(1, min(steps, triton.cdiv(cfg.get("programs", 1024), C)))
+        per_split = triton.cdiv(steps, splits)
+        splits = triton.cdiv(steps, per_split)
+        partial = torch.empty((splits, C, kh, kw), device=x.device, dtype=torch.float32)
+        if poison:
+            partial.fill_(float("nan"))
+        _dw_wgrad_batched_kernel[(C * splits,)](x, g, partial,
+                                                N, C, H, W, kh, kw, ph, pw, per_split, splits,
+                                                *x.stride(), *g.stride(),
+                                                BLOCK_J=_pow2(kw), BLOCK_I=_pow2(kh), BLOCK_V=bv, NB=nb,
+                                                PRECISION=precision, CAST_F32=cast_f32,
+                                                num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+        return partial.sum(0) if splits > 1 else partial[0]
     if "BLOCK_V" in cfg:   # row-walking kernel
         rows = N * H
         splits = max(1, min(rows, triton.cdiv(cfg.get("programs", 1024), C)))

@@ -140,8 +140,12 @@ WGRAD_CFG: dict = {}
 TUNE = os.environ.get("LARGEKERNEL_TUNE", "1") == "1"
 FP32_PRECISION = os.environ.get("LARGEKERNEL_FP32_PRECISION", "tf32x3")   # or 'ieee' (CUDA-core FMA)
 POISON = False   # tests: fill kernel outputs with NaN before the launch so unwritten elements show
-INTERP_VARIANT = 0   # interpreter tests: 0 = first-generation kernels, 1 = prefetching/row-walking ones
+# interpreter tests: 0 = first-generation kernels, 1 = prefetching / row-walking ones, 2 = whole-plane forward and
+# batched-rows weight grad, 3 = the row kernels on the transposed problem
+INTERP_VARIANT = 0
+PLANE_MAX = 1024   # planes up to this many pixels also try the whole-plane GEMM (28x28 and below)
 _TUNED: dict = {}
+_TUNING_LOG: dict = {}
 
 
 def _bw(W: int) -> int:
@@ -152,16 +156,24 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
     if FWD_CFG:
         return [FWD_CFG]
     if x.device.type == "cpu":
-        return [dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, prefetch=bool(INTERP_VARIANT))]
-    W = x.shape[3]
-    bw = _bw(W)
-    cands = [dict(BLOCK_M=64, BLOCK_W=min(32, bw), BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True),
-             dict(BLOCK_M=128, BLOCK_W=bw, BLOCK_U=32, num_warps=8, num_stages=2, prefetch=True),
-             dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=16, num_warps=4, num_stages=3)]
-    if W <= 16:   # small planes: more rows per program and the whole band in one column chunk
-        bu = min(64, _bw(16 + kw + 7))
-        cands += [dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=bu, num_warps=8, num_stages=2, prefetch=True),
-                  dict(BLOCK_M=64, BLOCK_W=16, BLOCK_U=bu, num_warps=4, num_stages=2, prefetch=True)]
+        return [[dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16),
+                 dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, prefetch=True),
+                 dict(plane=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16),
+                 dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, transpose=True)][INTERP_VARIANT]]
+    N, _, H, W = x.shape
+    if H * W <= PLANE_MAX:   # small planes: the whole-plane GEMM, one row-Toeplitz config, cuDNN
+        bm = min(64, max(16, 1 << (N - 1).bit_length()))
+        cands = [dict(plane=True, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2),
+                 dict(plane=True, BLOCK_M=bm, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=2),
+                 dict(BLOCK_M=64, BLOCK_W=min(32, _bw(W)), BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True)]
+    else:
+        bw = _bw(W)
+        cands = [dict(BLOCK_M=64, BLOCK_W=min(32, bw), BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True),
+                 dict(BLOCK_M=128, BLOCK_W=bw, BLOCK_U=32, num_warps=8, num_stages=2, prefetch=True),
+                 dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=16, num_warps=4, num_stages=3)]
+        if kh > kw:   # tall kernels: the band along the rows is the short one; work on the transposed views
+            cands += [dict(BLOCK_M=64, BLOCK_W=min(32, _bw(H)), BLOCK_U=32, num_warps=4, transpose=True),
+                      dict(BLOCK_M=128, BLOCK_W=_bw(H), BLOCK_U=32, num_warps=8, transpose=True)]
     if kh % 2 and kw % 2:
         cands.append(dict(native=True))
     return cands
@@ -171,13 +183,20 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
     if WGRAD_CFG:
         return [WGRAD_CFG]
     if x.device.type == "cpu":
-        return [dict(BLOCK_V=16, programs=8) if INTERP_VARIANT else dict(BLOCK_K=32, programs=8)]
-    bv = _bw(x.shape[3])
-    cands = [dict(BLOCK_V=min(32, bv), programs=2112, num_warps=4, num_stages=2),
-             dict(BLOCK_V=bv, programs=1056, num_warps=8, num_stages=2),
-             dict(BLOCK_K=32, programs=1056, num_warps=4, num_stages=3)]
-    if x.shape[3] <= 16:   # several short rows per reduction step
-        cands.append(dict(BLOCK_K=128, programs=1056, num_warps=4, num_stages=3))
+        return [[dict(BLOCK_K=32, programs=8), dict(BLOCK_V=16, programs=8), dict(NB=2, programs=8),
+                 dict(BLOCK_V=16, programs=8, transpose=True)][INTERP_VARIANT]]
+    W = x.shape[3]
+    bv = _bw(W)
+    cands = [dict(BLOCK_V=min(32, bv), programs=2112, num_warps=4, num_stages=2)]
+    if W <= 32:   # narrow planes: the same row of several images per reduction step
+        narrow = 1 << (W - 1).bit_length()
+        cands += [dict(NB=max(1, 64 // narrow), programs=2112, num_warps=4, num_stages=2),
+                  dict(NB=max(1, 128 // narrow), programs=1056, num_warps=8, num_stages=2)]
+    else:
+        cands += [dict(BLOCK_V=bv, programs=1056, num_warps=8, num_stages=2),
+                  dict(BLOCK_K=32, programs=1056, num_warps=4, num_stages=3)]
+    if kh != kw and x.shape[2] > 32:   # rectangular kernels: also the transposed problem
+        cands.append(dict(BLOCK_V=min(32, _bw(x.shape[2])), programs=2112, num_warps=4, transpose=True))
     if kh % 2 and kw % 2:
         cands.append(dict(native=True))
     return cands
@@ -202,21 +221,25 @@ def _pick(kind: str, x: torch.Tensor, kh: int, kw: int, cands: list[dict], run) 
         return cands[0]
     key = (kind, x.dtype, tuple(x.shape), kh, kw, x.stride(-1) == 1, x.device.index, _precision(x.dtype))
     if key not in _TUNED:
-        best, best_ms = cands[0], float("inf")
+        best, best_ms, log = cands[0], float("inf"), []
         for cand in cands:
             try:
                 ms = _cuda_ms(lambda c=cand: run(c))
-            except Exception:  # noqa: BLE001 - a candidate that fails to compile/launch is skipped
+            except Exception as e:  # noqa: BLE001 - a candidate that fails to compile/launch is skipped
+                log.append((cand, repr(e)[:200]))
                 continue
+            log.append((cand, ms))
             if ms < best_ms:
                 best, best_ms = cand, ms
         _TUNED[key] = best
+        _TUNING_LOG[key] = log
     return _TUNED[key]
 
 
-def tuned_choices() -> dict:
-    """What the one-time tuning picked so far: {(pass, dtype, shape, kh, kw, ...): candidate}."""
-    return dict(_TUNED)
+def tuned_choices(with_times: bool = False) -> dict:
+    """What the one-time tuning picked so far: {(pass, dtype, shape, kh, kw, ...): candidate}; with_times:
+    every candidate with its measured ms (or the error that ruled it out) instead."""
+    return dict(_TUNING_LOG if with_times else _TUNED)
 
 
 def _precision(dtype: torch.dtype) -> str:
