@@ -15,7 +15,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from _timing import cuda_time  # benchmarks/ is the script directory
+from _timing import cuda_graph_time, cuda_time  # benchmarks/ is the script directory
 
 # (C, H=W, kh, kw)
 SHAPES = [(128, 56, 31, 31), (256, 28, 29, 29), (512, 14, 27, 27), (1024, 7, 13, 13), (128, 56, 51, 51),
@@ -34,17 +34,19 @@ def _ours(x, w, b):
     return torch.ops.largekernel.depthwise_conv2d(x, w, b)
 
 
-def time_impl(fn, x, w, b) -> tuple[float, float]:
-    """(fwd ms, fwd+bwd ms) of fn on leaf tensors x, w, b that require grad."""
+def time_impl(fn, x, w, b, graph: bool = False) -> tuple[float, float]:
+    """(fwd ms, fwd+bwd ms) of fn on leaf tensors x, w, b that require grad. Default: wall time of one call
+    (CUDA events around it, CPU launch cost included); graph: GPU time per call (CUDA graph replay)."""
+    timer = cuda_graph_time if graph else cuda_time
     with torch.no_grad():
-        t_fwd = cuda_time(lambda: fn(x, w, b))
+        t_fwd = timer(lambda: fn(x, w, b))
     g = torch.randn_like(fn(x, w, b))
 
     def step():
         y = fn(x, w, b)
         torch.autograd.grad(y, (x, w, b), g)
 
-    return t_fwd, cuda_time(step)
+    return t_fwd, timer(step)
 
 
 def make_inputs(n, c, h, kh, kw, dtype, channels_last=False):
@@ -64,7 +66,7 @@ def _native_rows(path: str) -> dict:
 
 
 def run(batch: int = 64, dtypes=("float32", "bfloat16"), shapes=SHAPES, ours_cl: bool = False,
-        native_from: str | None = None) -> list[dict]:
+        native_from: str | None = None, graph: bool = False) -> list[dict]:
     """Time ours and native per shape. native_from: take the native columns from an earlier run's JSON
     (same script, same GPU kind) instead of timing them again."""
     import largekernel.ops  # noqa: F401  (registers the op)
@@ -88,10 +90,21 @@ def run(batch: int = 64, dtypes=("float32", "bfloat16"), shapes=SHAPES, ours_cl:
                            native_fwd=min(nat[0][0], nat[1][0]), native_fwdbwd=min(nat[0][1], nat[1][1]))
             ours = time_impl(_ours, x, w, b)
             row.update(ours_fwd=ours[0], ours_fwdbwd=ours[1])
+            if graph and old is None:   # GPU time without launch cost, both in their faster layout
+                nat_x = x if row["native_nchw_fwdbwd"] <= row["native_cl_fwdbwd"] else xc
+                for name, fn, inp in (("native", _native, nat_x), ("ours", _ours, x)):
+                    try:
+                        gt = time_impl(fn, inp, w, b, graph=True)
+                        row.update({f"{name}_gpu_fwd": gt[0], f"{name}_gpu_fwdbwd": gt[1]})
+                    except Exception as e:  # noqa: BLE001 - a capture failure is reported, not fatal
+                        row[f"{name}_gpu_error"] = repr(e)[:300]
             if ours_cl:
                 oc = time_impl(_ours, xc, w, b)
                 row.update(ours_cl_fwd=oc[0], ours_cl_fwdbwd=oc[1])
             rows.append(row)
+            if os.environ.get("OUT"):   # survives a timeout
+                with open(os.path.join(os.environ["OUT"], "dwconv_partial.json"), "w") as f:
+                    json.dump(rows, f, indent=1)
             del x, w, b, xc
             torch.cuda.empty_cache()
             print(format_row(row), flush=True)
@@ -111,7 +124,7 @@ def tuning_log() -> dict:
 
 
 HEADER = ("| dtype | C | H | K | native fwd ms | ours fwd ms | TFLOP/s | x | native f+b ms | ours f+b ms | "
-          "TFLOP/s | x |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "TFLOP/s | x | GPU-time fwd x | GPU-time f+b x |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r: dict) -> str:
@@ -119,7 +132,9 @@ def format_row(r: dict) -> str:
     k = f"{r['kh']}" if r["kh"] == r["kw"] else f"{r['kh']}x{r['kw']}"
     return (f"| {r['dtype']} | {r['C']} | {r['H']} | {k} | {r['native_fwd']:.3f} | {r['ours_fwd']:.3f} | "
             f"{gf / r['ours_fwd']:.1f} | {r['native_fwd'] / r['ours_fwd']:.1f} | {r['native_fwdbwd']:.2f} | "
-            f"{r['ours_fwdbwd']:.3f} | {3 * gf / r['ours_fwdbwd']:.1f} | {r['native_fwdbwd'] / r['ours_fwdbwd']:.1f} |")
+            f"{r['ours_fwdbwd']:.3f} | {3 * gf / r['ours_fwdbwd']:.1f} | {r['native_fwdbwd'] / r['ours_fwdbwd']:.1f} |"
+            + (f" {r['native_gpu_fwd'] / r['ours_gpu_fwd']:.1f} | {r['native_gpu_fwdbwd'] / r['ours_gpu_fwdbwd']:.1f} |"
+               if "ours_gpu_fwd" in r and "native_gpu_fwd" in r else ""))
 
 
 def main() -> None:
@@ -128,9 +143,10 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--quick", action="store_true", help="the four RepLKNet stage shapes only")
     ap.add_argument("--native-from", default=None, help="JSON of an earlier run to take native timings from")
+    ap.add_argument("--graph", action="store_true", help="also GPU time per call (CUDA graph replay, no launch cost)")
     args = ap.parse_args()
     shapes = SHAPES[:4] if args.quick else SHAPES
-    rows = run(args.batch, tuple(args.dtypes.split(",")), shapes, native_from=args.native_from)
+    rows = run(args.batch, tuple(args.dtypes.split(",")), shapes, native_from=args.native_from, graph=args.graph)
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}")
     print(HEADER)
     for r in rows:

@@ -38,12 +38,31 @@ def is_ours(name: str) -> bool:
     return any(name.split(".")[0] in timm.list_models(module=m) for m in OUR_MODULES)
 
 
+def sw_deploy(model: torch.nn.Module, kind: str) -> None:
+    """Shift-wise deploy form per stage: 'merged' (fused shift-add), 'square' / 'cross' dense depthwise convs, or
+    'mixed' (cross on the two high-resolution stages, square on the others: the fastest inference form of each
+    SW-tiny stage in the layer benchmark, docs/performance.md)."""
+    from largekernel.layers.shiftwise import ShiftwiseConv2d
+
+    if kind == "merged":
+        return
+    for i, stage in enumerate(model.stages):
+        form = kind if kind != "mixed" else ("cross" if i < 2 else "square")
+        for m in stage.modules():
+            if isinstance(m, ShiftwiseConv2d):
+                m.to_dense(form)
+
+
 def bench_model(name: str, batch: int, train_batch: int, warmup: int, iters: int, res: int,
-                train: bool = True, channels_last: bool = True) -> dict:
+                train: bool = True, channels_last: bool = True, sw_impl: str = "shiftadd",
+                sw_form: str = "merged") -> dict:
     device = "cuda"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     row: dict = {"model": name, "layout": "channels_last" if channels_last else "NCHW"}
-    model = timm.create_model(name, num_classes=1000)
+    shiftwise = name.startswith("shiftwise")
+    model = timm.create_model(name, num_classes=1000, **({"impl": sw_impl} if shiftwise else {}))
+    if shiftwise:
+        row.update(sw_impl=sw_impl, sw_deploy=sw_form)
     row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
     model = model.to(device).to(memory_format=fmt)
     if train:
@@ -67,6 +86,8 @@ def bench_model(name: str, batch: int, train_batch: int, warmup: int, iters: int
     model.eval()
     if is_ours(name):
         model = largekernel.reparameterize(model, inplace=True)
+        if shiftwise:
+            sw_deploy(model, sw_form)
     else:
         from timm.utils import reparameterize_model
 
@@ -95,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-train", action="store_true")
+    p.add_argument("--sw-impl", nargs="+", default=["shiftadd"], choices=["shiftadd", "bands"],
+                   help="shift-wise models: how the trainable layers compute (one run per value)")
+    p.add_argument("--sw-deploy", default="merged", choices=["merged", "square", "cross", "mixed"],
+                   help="shift-wise models: inference form")
     p.add_argument("--layouts", nargs="+", default=["channels_last"], choices=["channels_last", "NCHW"],
                    help="memory layouts to run every model in")
     args = p.parse_args(argv)
@@ -109,12 +134,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ours = is_ours(name)
         backends = (args.backends if name in args.native_models else args.backends[:1]) if ours else ["-"]
-        for backend, layout in [(b, lay) for b in backends for lay in args.layouts]:
+        impls = args.sw_impl if name.startswith("shiftwise") else ["shiftadd"]
+        for backend, layout, impl in [(b, lay, i) for b in backends for lay in args.layouts for i in impls]:
             t0 = time.time()
             try:
                 with use_backend(backend if ours else "auto"):
                     row = bench_model(name, args.batch, args.train_batch, args.warmup, args.iters, args.res,
-                                      train=not args.no_train, channels_last=layout == "channels_last")
+                                      train=not args.no_train, channels_last=layout == "channels_last",
+                                      sw_impl=impl, sw_form=args.sw_deploy)
             except Exception as err:  # report and go on: one model's failure must not lose the run
                 row = {"model": name, "error": f"{type(err).__name__}: {str(err)[:200]}"}
             torch.cuda.empty_cache()
@@ -136,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             print(f"| {r['model']} | {r['backend']} | {r['layout']} | error: {r['error'][:80]} | | |")
         else:
-            print(f"| {r['model']} | {r['backend']} | {r['layout']} | {r['params_M']:.1f} | {r['infer_img_s']:.0f} | "
+            label = r["model"] + (f" ({r['sw_impl']}, {r['sw_deploy']})" if "sw_impl" in r else "")
+            print(f"| {label} | {r['backend']} | {r['layout']} | {r['params_M']:.1f} | {r['infer_img_s']:.0f} | "
                   f"{r.get('train_img_s', float('nan')):.0f} |")
     return 0
 

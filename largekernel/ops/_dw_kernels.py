@@ -274,7 +274,8 @@ def _dw_plane_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                      N, C, H, W, KH, KW, PH, PW, w_off, swh, sww,
                      sxn, sxc, sxh, sxw, syn, syc, syh, syw,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
+                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr,
+                     PREFETCH: tl.constexpr):
     """Whole-plane form for small images: per channel, ``y[n, o] = sum_p x[n, p] * B[p, o]`` over the
     flattened input (p) and output (o) positions, ``B[p, o] = w[py - oy + PH, px - ox + PW]`` (zero off the
     kernel): a (batch x HW) @ (HW x HW) GEMM. Only the input rows within the kernel's reach of the output
@@ -305,16 +306,25 @@ def _dw_plane_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     dk = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a, b = _plane_tiles(p_lo, 0 < T, x_rows, oy, ox, dk, H, W, KH, KW, PH, PW, p_hi, sxh, sxw, w_tap, swh, sww)
-    for t in range(0, T):
-        a_cur = a
-        b_cur = b
-        a, b = _plane_tiles(p_lo + (t + 1) * BLOCK_K, t + 1 < T, x_rows, oy, ox, dk, H, W, KH, KW, PH, PW, p_hi,
-                            sxh, sxw, w_tap, swh, sww)
-        if CAST_F32:
-            a_cur = a_cur.to(tl.float32)
-            b_cur = b_cur.to(tl.float32)
-        acc = tl.dot(a_cur, b_cur, acc, input_precision=PRECISION)
+    if PREFETCH:   # next step's tiles loaded before the current dot (more registers)
+        a, b = _plane_tiles(p_lo, 0 < T, x_rows, oy, ox, dk, H, W, KH, KW, PH, PW, p_hi, sxh, sxw, w_tap, swh, sww)
+        for t in range(0, T):
+            a_cur = a
+            b_cur = b
+            a, b = _plane_tiles(p_lo + (t + 1) * BLOCK_K, t + 1 < T, x_rows, oy, ox, dk, H, W, KH, KW, PH, PW, p_hi,
+                                sxh, sxw, w_tap, swh, sww)
+            if CAST_F32:
+                a_cur = a_cur.to(tl.float32)
+                b_cur = b_cur.to(tl.float32)
+            acc = tl.dot(a_cur, b_cur, acc, input_precision=PRECISION)
+    else:
+        for t in range(0, T):
+            a, b = _plane_tiles(p_lo + t * BLOCK_K, True, x_rows, oy, ox, dk, H, W, KH, KW, PH, PW, p_hi,
+                                sxh, sxw, w_tap, swh, sww)
+            if CAST_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
@@ -345,7 +355,8 @@ def _dw_wgrad_batched_kernel(x_ptr, g_ptr, dw_ptr,
                              N, C, H, W, KH, KW, PH, PW, STEPS_PER_SPLIT, SPLITS,
                              sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
                              BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_V: tl.constexpr,
-                             NB: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
+                             NB: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr,
+                             PREFETCH: tl.constexpr):
     """Weight grad for narrow planes (W <= BLOCK_V): each reduction step takes the same row y' of NB images
     side by side (NB * BLOCK_V reduction elements instead of one short row), so a 7-wide plane fills a
     64-deep MMA instead of a 16-deep one. Steps t = (image group, row) are split over programs; fp32 partials
@@ -365,17 +376,26 @@ def _dw_wgrad_batched_kernel(x_ptr, g_ptr, dw_ptr,
     x_c = x_ptr + c.to(tl.int64) * sxc
     g_c = g_ptr + c.to(tl.int64) * sgc
     acc = tl.zeros((BLOCK_J, BLOCK_I), dtype=tl.float32)
-    a, b = _wgb_tiles(t_start, 0 < T, H, x_c, g_c, nn, v, j, i, N, W, KH, KW, PH, PW, sxn, sxh, sxw, sgn, sgh, sgw,
-                      NB)
-    for t in range(0, T):
-        a_cur = a
-        b_cur = b
-        a, b = _wgb_tiles(t_start + t + 1, t + 1 < T, H, x_c, g_c, nn, v, j, i, N, W, KH, KW, PH, PW,
-                          sxn, sxh, sxw, sgn, sgh, sgw, NB)
-        if CAST_F32:
-            a_cur = a_cur.to(tl.float32)
-            b_cur = b_cur.to(tl.float32)
-        acc = tl.dot(a_cur, b_cur, acc, input_precision=PRECISION)
+    if PREFETCH:
+        a, b = _wgb_tiles(t_start, 0 < T, H, x_c, g_c, nn, v, j, i, N, W, KH, KW, PH, PW, sxn, sxh, sxw,
+                          sgn, sgh, sgw, NB)
+        for t in range(0, T):
+            a_cur = a
+            b_cur = b
+            a, b = _wgb_tiles(t_start + t + 1, t + 1 < T, H, x_c, g_c, nn, v, j, i, N, W, KH, KW, PH, PW,
+                              sxn, sxh, sxw, sgn, sgh, sgw, NB)
+            if CAST_F32:
+                a_cur = a_cur.to(tl.float32)
+                b_cur = b_cur.to(tl.float32)
+            acc = tl.dot(a_cur, b_cur, acc, input_precision=PRECISION)
+    else:
+        for t in range(0, T):
+            a, b = _wgb_tiles(t_start + t, True, H, x_c, g_c, nn, v, j, i, N, W, KH, KW, PH, PW,
+                              sxn, sxh, sxw, sgn, sgh, sgw, NB)
+            if CAST_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     out = dw_ptr + (s.to(tl.int64) * C + c) * KH * KW + i[None, :] * KW + j[:, None]
     tl.store(out, acc, mask=(j < KW)[:, None] & (i < KH)[None, :])
@@ -399,7 +419,6 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
                flip: bool = False) -> None:
     """y = depthwise 'same'-style conv of x with w (C, kh, kw) (flipped in both axes if flip) and top/left
     padding (ph, pw)."""
-    import torch
 
     N, C, H, W = x.shape
     KH, KW = w.shape[-2:]
@@ -411,7 +430,7 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
                                N, C, H, W, KH, KW, ph, pw, w_off, swh, sww,
                                *x.stride(), *y.stride(),
                                HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                               PRECISION=precision, CAST_F32=cast_f32,
+                               PRECISION=precision, CAST_F32=cast_f32, PREFETCH=cfg.get("prefetch", False),
                                num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
         return
     if cfg.get("transpose"):   # tall kernels: run on the (W, H) views, the kernel read transposed in place
@@ -427,12 +446,10 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         vec = _vec(x, cfg)
         sn, sc, sh, sw = x.stride()
         pwa = -(-pw // vec) * vec
-        if bias is None:   # one compiled variant for forward and input grad
-            bias = torch.zeros(C, device=x.device, dtype=x.dtype)
-        _dw_fwd2_kernel[grid](x, w, bias, y,
+        _dw_fwd2_kernel[grid](x, w, bias if bias is not None else w, y,
                               N, C, H, W // vec, KH, KW, ph, pw, pwa // vec, w_off, swh, sww,
                               sn // vec, sc // vec, sh // vec, sw, *y.stride(),
-                              HAS_BIAS=True, BLOCK_M=bm, BLOCK_W=bw, BLOCK_U=bu,
+                              HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_W=bw, BLOCK_U=bu,
                               PRECISION=precision, CAST_F32=cast_f32, VEC=vec,
                               num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
         return
@@ -470,6 +487,7 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
                                                 *x.stride(), *g.stride(),
                                                 BLOCK_J=_pow2(kw), BLOCK_I=_pow2(kh), BLOCK_V=bv, NB=nb,
                                                 PRECISION=precision, CAST_F32=cast_f32,
+                                                PREFETCH=cfg.get("prefetch", True),
                                                 num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
         return partial.sum(0) if splits > 1 else partial[0]
     if "BLOCK_V" in cfg:   # row-walking kernel

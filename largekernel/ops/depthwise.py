@@ -162,10 +162,14 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
                  dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, transpose=True)][INTERP_VARIANT]]
     N, _, H, W = x.shape
     if H * W <= PLANE_MAX:   # small planes: the whole-plane GEMM, one row-Toeplitz config, cuDNN
+        # (from the H100 tile sweep, docs/performance.md: bf16 14x14 likes wide output tiles, fp32 and 28x28 the
+        # prefetching 64-square ones, 7x7 one 64-square tile per channel)
         bm = min(64, max(16, 1 << (N - 1).bit_length()))
-        cands = [dict(plane=True, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2),
-                 dict(plane=True, BLOCK_M=bm, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=2),
-                 dict(BLOCK_M=64, BLOCK_W=min(32, _bw(W)), BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True)]
+        cands = [dict(plane=True, BLOCK_M=bm, BLOCK_N=128, BLOCK_K=32, num_warps=8),
+                 dict(plane=True, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=4, prefetch=True),
+                 dict(plane=True, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=8),
+                 dict(plane=True, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=32, num_warps=4),
+                 dict(BLOCK_M=128, BLOCK_W=_bw(W), BLOCK_U=32, num_warps=8, num_stages=2, prefetch=True)]
     else:
         bw = _bw(W)
         cands = [dict(BLOCK_M=64, BLOCK_W=min(32, bw), BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True),
@@ -190,8 +194,9 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
     cands = [dict(BLOCK_V=min(32, bv), programs=2112, num_warps=4, num_stages=2)]
     if W <= 32:   # narrow planes: the same row of several images per reduction step
         narrow = 1 << (W - 1).bit_length()
-        cands += [dict(NB=max(1, 64 // narrow), programs=2112, num_warps=4, num_stages=2),
-                  dict(NB=max(1, 128 // narrow), programs=1056, num_warps=8, num_stages=2)]
+        cands += [dict(NB=max(1, 64 // narrow), programs=4224, num_warps=4, prefetch=False),
+                  dict(NB=max(1, 64 // narrow), programs=2112, num_warps=4, prefetch=True),
+                  dict(NB=max(1, 128 // narrow), programs=2112, num_warps=4, prefetch=False)]
     else:
         cands += [dict(BLOCK_V=bv, programs=1056, num_warps=8, num_stages=2),
                   dict(BLOCK_K=32, programs=1056, num_warps=4, num_stages=3)]
@@ -202,13 +207,16 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
     return cands
 
 
-def _cuda_ms(fn, reps: int = 3) -> float:
+def _cuda_ms(fn, reps: int = 3, calls: int = 4) -> float:
+    """Median over ``reps`` of the time of ``calls`` back-to-back calls (the GPU queue stays busy, so small
+    planes are timed by their kernels rather than by the CPU launch cost)."""
     fn()   # compile / warm up
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -217,9 +225,11 @@ def _cuda_ms(fn, reps: int = 3) -> float:
 
 def _pick(kind: str, x: torch.Tensor, kh: int, kw: int, cands: list[dict], run) -> dict:
     """The fastest candidate for this pass and argument signature, timed once and cached."""
-    if len(cands) == 1 or not TUNE or not x.is_cuda or torch.cuda.is_current_stream_capturing():
+    if len(cands) == 1 or not TUNE or not x.is_cuda:
         return cands[0]
     key = (kind, x.dtype, tuple(x.shape), kh, kw, x.stride(-1) == 1, x.device.index, _precision(x.dtype))
+    if torch.cuda.is_current_stream_capturing():   # no timing inside a CUDA graph capture: a cached pick or the first
+        return _TUNED.get(key, cands[0])
     if key not in _TUNED:
         best, best_ms, log = cands[0], float("inf"), []
         for cand in cands:
