@@ -90,12 +90,13 @@ def run(batch: int = 64, dtypes=("float32", "bfloat16"), shapes=SHAPES, ours_cl:
                            native_fwd=min(nat[0][0], nat[1][0]), native_fwdbwd=min(nat[0][1], nat[1][1]))
             ours = time_impl(_ours, x, w, b)
             row.update(ours_fwd=ours[0], ours_fwdbwd=ours[1])
-            if graph and old is None:   # GPU time without launch cost, both in their faster layout
-                nat_x = x if row["native_nchw_fwdbwd"] <= row["native_cl_fwdbwd"] else xc
-                for name, fn, inp in (("native", _native, nat_x), ("ours", _ours, x)):
+            if graph and old is None:   # GPU time without launch cost; native in its faster layout per column
+                fwd_x = x if row["native_nchw_fwd"] <= row["native_cl_fwd"] else xc
+                fb_x = x if row["native_nchw_fwdbwd"] <= row["native_cl_fwdbwd"] else xc
+                for name, fn, xf, xb in (("native", _native, fwd_x, fb_x), ("ours", _ours, x, x)):
                     try:
-                        gt = time_impl(fn, inp, w, b, graph=True)
-                        row.update({f"{name}_gpu_fwd": gt[0], f"{name}_gpu_fwdbwd": gt[1]})
+                        row[f"{name}_gpu_fwd"] = time_impl(fn, xf, w, b, graph=True)[0]
+                        row[f"{name}_gpu_fwdbwd"] = time_impl(fn, xb, w, b, graph=True)[1]
                     except Exception as e:  # noqa: BLE001 - a capture failure is reported, not fatal
                         row[f"{name}_gpu_error"] = repr(e)[:300]
             if ours_cl:
@@ -144,8 +145,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the four RepLKNet stage shapes only")
     ap.add_argument("--native-from", default=None, help="JSON of an earlier run to take native timings from")
     ap.add_argument("--graph", action="store_true", help="also GPU time per call (CUDA graph replay, no launch cost)")
+    ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
     args = ap.parse_args()
     shapes = SHAPES[:4] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
     rows = run(args.batch, tuple(args.dtypes.split(",")), shapes, native_from=args.native_from, graph=args.graph)
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}")
     print(HEADER)

@@ -201,6 +201,16 @@ def launch_overhead() -> dict:
         res[f"{name}_fwdbwd_us"] = 1000 * dwconv.cuda_time(
             lambda fn=fn: torch.autograd.grad(fn(x, w, b), (x, w, b), gy))
     print("per-call wall time at N1 C8 7x7 K13 (us):", res, flush=True)
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(100):
+        torch.autograd.grad(dwconv._ours(x, w, b), (x, w, b), gy)
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(22)
     return res
 
 
@@ -289,6 +299,7 @@ def main() -> None:
     ap.add_argument("--native-from", default=None, help="JSON of an earlier run to take native timings from")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness and memory checks")
+    ap.add_argument("--overhead", action="store_true", help="only the per-call CPU overhead and its profile")
     ap.add_argument("--shapes", default="all", help="'quick' = the 4 stage shapes")
     args = ap.parse_args()
     t0 = time.time()
@@ -299,6 +310,9 @@ def main() -> None:
         bad = [r for r in report["correctness"] if not r["ok"]]
         print(f"[{time.time() - t0:.0f}s] correctness: {len(report['correctness']) - len(bad)} ok, {len(bad)} failed")
         sys.exit(1 if bad else 0)
+    if args.overhead:
+        launch_overhead()
+        return
     report: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
     report["correctness"] = [] if args.no_check else check_correctness()
     try:
