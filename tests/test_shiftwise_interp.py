@@ -19,9 +19,14 @@ OP_CASES = [
     ("several_tiles_f64", 1, 2, 3, 2, 1, 40, 130, "float64", "random"),  # 2 x 2 tiles per plane
 ]
 TOL = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 1e-2}
+# run once per tuner candidate (``_triton_shiftadd.FORCE``), forward, backward and the fused eval epilogue:
+# small planes (several per "flat" program, plane count not a multiple of it), several tiles / strips / chunks per
+# plane (40 x 130), extra_pad 2, bf16
+CAND_CASES = [OP_CASES[0], OP_CASES[2], OP_CASES[4], OP_CASES[5]]
+N_CANDIDATES = 8  # == largekernel.ops._triton_shiftadd.N_CANDIDATES (checked in the subprocess)
 
 
-def _op_case(case, torch):
+def _op_case(case, torch, with_eval=False):
     from largekernel.layers.shiftwise import shiftwise_tables
     from largekernel.ops.shiftadd import shift_add, shift_add_path, shift_add_reference
 
@@ -44,7 +49,22 @@ def _op_case(case, torch):
     def rel(a, want):
         return float((a.double() - want).norm() / want.norm()) if torch.isfinite(a).all() else float("nan")
 
-    return {"path": shift_add_path(y), "y": rel(out, ref), "dy": rel(y.grad, yd.grad)}
+    result = {"path": shift_add_path(y), "y": rel(out, ref), "dy": rel(y.grad, yd.grad)}
+    if with_eval:  # fused inference epilogue vs its formula on the float64 reference terms
+        from largekernel.ops.shiftadd import shift_add_eval
+
+        n_ghost = 2
+        x = torch.randn(b, r + n_ghost, h, w, dtype=dt)
+        perm = torch.randperm(r + n_ghost)
+        rep_idx, ghost_idx = perm[:r], perm[r:]
+        scale, bias = torch.randn(3, r, dtype=torch.float64), torch.randn(r, dtype=torch.float64)
+        got = shift_add_eval(y.detach(), pad_hv, ident, e, scale.to(dt), bias.to(dt), x, rep_idx, ghost_idx)
+        xd = x.double()
+        scale, bias = scale.to(dt).double(), bias.to(dt).double()  # the values the kernel sees
+        want = (ref.detach() * scale.view(3, 1, r, 1, 1)).sum(0) + bias.view(1, r, 1, 1)
+        want = torch.cat([want + xd[:, rep_idx], xd[:, ghost_idx]], 1)
+        result["eval"] = rel(got, want)
+    return result
 
 
 def _layer_case(torch):
@@ -95,6 +115,14 @@ def _main() -> None:
     results = {"seed": seed, "layer": _layer_case(torch)}
     for case in OP_CASES:
         results[case[0]] = _op_case(case, torch)
+    import largekernel.ops._triton_shiftadd as kernels
+
+    assert kernels.N_CANDIDATES == N_CANDIDATES, kernels.N_CANDIDATES
+    for index in range(N_CANDIDATES):
+        kernels.FORCE = index
+        for case in CAND_CASES:
+            results[f"cand{index}_{case[0]}"] = _op_case(case, torch, with_eval=True)
+    kernels.FORCE = None
     print(json.dumps(results))
 
 
@@ -112,6 +140,16 @@ def test_triton_shift_add_matches_reference(results, case):
     assert r["path"] == "triton", r
     for key in ("y", "dy"):
         assert r[key] <= tol, f"{key}: rel err {r[key]} > {tol} (seed {results['seed']})"
+
+
+@pytest.mark.parametrize("index", range(N_CANDIDATES))
+@pytest.mark.parametrize("case", CAND_CASES, ids=[c[0] for c in CAND_CASES])
+def test_every_tuner_candidate_matches_reference(results, index, case):
+    r = results[f"cand{index}_{case[0]}"]
+    tol = TOL[case[8]]
+    assert r["path"] == "triton", r
+    for key in ("y", "dy", "eval"):
+        assert r[key] <= tol, f"candidate {index} {key}: rel err {r[key]} > {tol} (seed {results['seed']})"
 
 
 def test_triton_layer_matches_dense_conv(results):

@@ -132,42 +132,290 @@ def _shift_add_bwd(gout_ptr, pad_ptr, ident_ptr, gy_ptr, R, H, W, Hp, Wp, term_s
     tl.store(gy, acc.to(gy_ptr.dtype.element_ty), mask=inside)
 
 
-# Tile candidates (block_h, block_w, num_warps) for a plane of h x w; the first is the default. A whole plane
-# per program (up to 4096 elements) fetches each plane once, its shifted re-reads hitting L1; 4 elements per
-# thread keeps ptxas at <= 64 registers without spills (sm_90, checked with ptxas -v). On CUDA the fastest
-# candidate is chosen once per (kernel, shape, dtype) by timing them on the real arguments (every kernel here
-# overwrites its whole output, so re-running it is harmless); LARGEKERNEL_TUNE=0 keeps the default.
+# ---------------------------------------------------------------------------------------------------------------
+# Shape-specialised kernels (tuner candidates). The plane sizes are constexpr, so index math folds into
+# constants. Loads never need a row/column "inside" mask: the tile's coordinates are clamped into the plane
+# (rows/columns past the edge re-read the last one; their results are never stored), so the horizontal term is
+# masked by a per-column predicate (computed once per shift on a [1, BW] slice and shared by all rows a thread
+# holds) and the vertical term by a per-row one. Addresses are a scalar base (plane - shift) plus a per-element
+# offset precomputed outside the loops: per shifted element ~ one address op, the load, a select and an add.
+# "tile": a [BLOCK_H, BLOCK_W] tile of one plane (whole plane, or row strips over the full width);
+# "flat": NPL planes per program, each a [BLOCK] run of its flattened plane (no power-of-2 padding of W; several
+# small planes per program for the 7x7 stage). The tables then load as [NPL, 1] vectors.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_xy(t, H: tl.constexpr, W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Tile t of an H x W plane: clamped rows [BH, 1], clamped columns [1, BW], inside mask [BH, BW]."""
+    n_tw: tl.constexpr = (W + BLOCK_W - 1) // BLOCK_W
+    rows = (t // n_tw) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    cols = (t % n_tw) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    inside = (rows < H) & (cols < W)
+    return tl.minimum(rows, H - 1), tl.minimum(cols, W - 1), inside
+
+
+@triton.jit
+def _flat_xy(pid, n_planes, n_t, H: tl.constexpr, W: tl.constexpr, NPL: tl.constexpr, BLOCK: tl.constexpr):
+    """Program pid's NPL planes [NPL, 1] (clamped) and chunk of BLOCK flattened positions: rows, cols [NPL, BLOCK]
+    (clamped), inside mask."""
+    planes = (pid // n_t) * NPL + tl.arange(0, NPL)[:, None]
+    p = (pid % n_t) * BLOCK + tl.arange(0, BLOCK)[None, :]
+    inside = (p < H * W) & (planes < n_planes)
+    p = tl.minimum(p, H * W - 1)
+    return tl.minimum(planes, n_planes - 1), p // W, p % W, inside
+
+
+@triton.jit
+def _gather_c(y_ptr, pad_ptr, ident_ptr, bc, c, hs, ws,
+              NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
+              F64: tl.constexpr, PF: tl.constexpr):
+    """The three forward terms at clamped output coordinates (hs, ws) of channel c (bc = b * R + c); bc, c are
+    scalars or [NPL, 1] vectors. Returns fp32 (fp64) accumulators of the broadcast shape."""
+    PLANE: tl.constexpr = HP * WP
+    y_c = y_ptr + bc.to(tl.int64) * (NK * PLANE)
+    off_h = (hs + E) * WP + ws  # horizontal term, before the column shift
+    off_v = hs * WP + (ws + E)  # vertical term, before the row shift
+    acc0 = tl.zeros((off_h + off_v + c * 0).shape, dtype=tl.float64 if F64 else tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    tab = pad_ptr + c * (NK * 2 * G)
+    p_h = y_c + off_h  # loop-invariant pointer tensors: each load adds one uniform scalar offset
+    p_v = y_c + off_v
+    if PF:  # software pipelining: plane j+1's first (vertical, g=0) load is issued one iteration early, so its
+        # first touch of HBM overlaps plane j's L1-bound work
+        s_v = tl.load(tab + G)
+        row = hs - s_v
+        pre = tl.load(p_v - s_v * WP, mask=(row >= 0) & (row < HP), other=0.0)
+    for j in range(NK):
+        if PF:
+            jn = tl.minimum(j + 1, NK - 1)  # the last iteration re-reads plane NK-1 (unused)
+            s_v = tl.load(tab + jn * (2 * G) + G)
+            row = hs - s_v
+            nxt = tl.load(p_v + (jn * PLANE - s_v * WP), mask=(row >= 0) & (row < HP), other=0.0)
+        for g in tl.static_range(G):
+            s_h = tl.load(tab + j * (2 * G) + g)
+            col = ws - s_h
+            v = tl.load(p_h + (j * PLANE - s_h), mask=(col >= 0) & (col < WP), other=0.0)
+            acc0 += v.to(acc0.dtype)
+            if PF and g == 0:
+                v = pre
+            else:
+                s_v = tl.load(tab + j * (2 * G) + G + g)
+                row = hs - s_v
+                v = tl.load(p_v + (j * PLANE - s_v * WP), mask=(row >= 0) & (row < HP), other=0.0)
+            acc1 += v.to(acc1.dtype)
+        if PF:
+            pre = nxt
+    y_b = y_ptr + (bc - c).to(tl.int64) * (NK * PLANE)  # plane 0 of batch b
+    for g in tl.static_range(G):
+        k = tl.load(ident_ptr + c * G + g)  # global plane index c*nk + r
+        acc2 += tl.load(y_b + k.to(tl.int64) * PLANE + (off_h + E)).to(acc2.dtype)
+    return acc0, acc1, acc2
+
+
+@triton.jit
+def _fwd_tile(y_ptr, pad_ptr, ident_ptr, out_ptr, R, term_stride, n_t,
+              NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+              BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, F64: tl.constexpr, PF: tl.constexpr):
+    pid = tl.program_id(0)
+    bc = pid // n_t
+    c = bc % R
+    hs, ws, inside = _tile_xy(pid % n_t, H, W, BLOCK_H, BLOCK_W)
+    acc0, acc1, acc2 = _gather_c(y_ptr, pad_ptr, ident_ptr, bc, c, hs, ws, NK, G, E, H + 2 * E, W + 2 * E, F64, PF)
+    out = out_ptr + bc.to(tl.int64) * (H * W) + (hs * W + ws)
+    ty = out_ptr.dtype.element_ty
+    tl.store(out, acc0.to(ty), mask=inside)
+    tl.store(out + term_stride, acc1.to(ty), mask=inside)
+    tl.store(out + 2 * term_stride, acc2.to(ty), mask=inside)
+
+
+@triton.jit
+def _fwd_flat(y_ptr, pad_ptr, ident_ptr, out_ptr, R, term_stride, n_planes, n_t,
+              NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+              NPL: tl.constexpr, BLOCK: tl.constexpr, F64: tl.constexpr, PF: tl.constexpr):
+    bc, hs, ws, inside = _flat_xy(tl.program_id(0), n_planes, n_t, H, W, NPL, BLOCK)
+    c = bc % R
+    acc0, acc1, acc2 = _gather_c(y_ptr, pad_ptr, ident_ptr, bc, c, hs, ws, NK, G, E, H + 2 * E, W + 2 * E, F64, PF)
+    out = out_ptr + bc.to(tl.int64) * (H * W) + (hs * W + ws)
+    ty = out_ptr.dtype.element_ty
+    tl.store(out, acc0.to(ty), mask=inside)
+    tl.store(out + term_stride, acc1.to(ty), mask=inside)
+    tl.store(out + 2 * term_stride, acc2.to(ty), mask=inside)
+
+
+@triton.jit
+def _eval_epilogue(acc0, acc1, acc2, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, bc, R, C, hs, ws, inside,
+                   H: tl.constexpr, W: tl.constexpr):
+    c = bc % R
+    b = bc // R
+    s0 = tl.load(scale_ptr + c)
+    s1 = tl.load(scale_ptr + R + c)
+    s2 = tl.load(scale_ptr + 2 * R + c)
+    src = tl.load(rep_ptr + c)
+    pos = hs * W + ws
+    res = tl.load(x_ptr + (b.to(tl.int64) * C + src) * (H * W) + pos)
+    val = s0 * acc0 + s1 * acc1 + s2 * acc2 + tl.load(bias_ptr + c) + res.to(acc0.dtype)
+    tl.store(out_ptr + (b.to(tl.int64) * C + c) * (H * W) + pos, val.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _eval_tile(y_ptr, pad_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, R, C, n_t,
+               NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+               BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, F64: tl.constexpr, PF: tl.constexpr):
+    pid = tl.program_id(0)
+    bc = pid // n_t
+    hs, ws, inside = _tile_xy(pid % n_t, H, W, BLOCK_H, BLOCK_W)
+    acc0, acc1, acc2 = _gather_c(y_ptr, pad_ptr, ident_ptr, bc, bc % R, hs, ws, NK, G, E, H + 2 * E, W + 2 * E,
+                                 F64, PF)
+    _eval_epilogue(acc0, acc1, acc2, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, bc, R, C, hs, ws, inside, H, W)
+
+
+@triton.jit
+def _eval_flat(y_ptr, pad_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, R, C, n_planes, n_t,
+               NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+               NPL: tl.constexpr, BLOCK: tl.constexpr, F64: tl.constexpr, PF: tl.constexpr):
+    bc, hs, ws, inside = _flat_xy(tl.program_id(0), n_planes, n_t, H, W, NPL, BLOCK)
+    acc0, acc1, acc2 = _gather_c(y_ptr, pad_ptr, ident_ptr, bc, bc % R, hs, ws, NK, G, E, H + 2 * E, W + 2 * E,
+                                 F64, PF)
+    _eval_epilogue(acc0, acc1, acc2, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, bc, R, C, hs, ws, inside, H, W)
+
+
+@triton.jit
+def _scatter_c(gout_ptr, pad_ptr, ident_ptr, plane_id, R, term_stride, us, vs,
+               NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+               F64: tl.constexpr):
+    """Gradient of y plane plane_id = (b * R + c) * NK + j at clamped padded coordinates (us, vs)."""
+    j = plane_id % NK
+    bc = plane_id // NK
+    c = bc % R
+    g_c = gout_ptr + bc.to(tl.int64) * (H * W)
+    r0 = us - E  # output row read by the horizontal term
+    c1 = vs - E  # output column read by the vertical term
+    r0_ok = (r0 >= 0) & (r0 < H)
+    c1_ok = (c1 >= 0) & (c1 < W)
+    off0 = tl.minimum(tl.maximum(r0, 0), H - 1) * W + vs  # row clamped: a safe address, masked by r0_ok
+    off1 = us * W + tl.minimum(tl.maximum(c1, 0), W - 1)
+    acc = tl.zeros((off0 + off1 + j * 0).shape, dtype=tl.float64 if F64 else tl.float32)
+    tab = pad_ptr + (c * NK + j) * (2 * G)
+    hits = 0
+    p0 = g_c + off0  # loop-invariant pointer tensors: each load adds one uniform scalar offset
+    p1 = g_c + term_stride + off1
+    for g in tl.static_range(G):
+        s_h = tl.load(tab + g)
+        s_v = tl.load(tab + G + g)
+        col = vs + s_h
+        v = tl.load(p0 + s_h, mask=r0_ok & (col >= 0) & (col < W), other=0.0)
+        acc += v.to(acc.dtype)
+        row = us + s_v
+        v = tl.load(p1 + s_v * W, mask=c1_ok & (row >= 0) & (row < H), other=0.0)
+        acc += v.to(acc.dtype)
+        k = tl.load(ident_ptr + c * G + g)
+        hits += (k == c * NK + j).to(tl.int32)
+    off2 = tl.minimum(tl.maximum(r0, 0), H - 1) * W + tl.minimum(tl.maximum(c1, 0), W - 1)
+    v = tl.load(g_c + 2 * term_stride + off2, mask=r0_ok & c1_ok & (hits > 0), other=0.0)
+    return acc + hits.to(acc.dtype) * v.to(acc.dtype)
+
+
+@triton.jit
+def _bwd_tile(gout_ptr, pad_ptr, ident_ptr, gy_ptr, R, term_stride, n_t,
+              NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+              BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, F64: tl.constexpr, PF: tl.constexpr):
+    HP: tl.constexpr = H + 2 * E
+    WP: tl.constexpr = W + 2 * E
+    pid = tl.program_id(0)
+    plane_id = pid // n_t
+    us, vs, inside = _tile_xy(pid % n_t, HP, WP, BLOCK_H, BLOCK_W)
+    acc = _scatter_c(gout_ptr, pad_ptr, ident_ptr, plane_id, R, term_stride, us, vs, NK, G, E, H, W, F64)
+    gy = gy_ptr + plane_id.to(tl.int64) * (HP * WP) + (us * WP + vs)
+    tl.store(gy, acc.to(gy_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _bwd_flat(gout_ptr, pad_ptr, ident_ptr, gy_ptr, R, term_stride, n_planes, n_t,
+              NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+              NPL: tl.constexpr, BLOCK: tl.constexpr, F64: tl.constexpr, PF: tl.constexpr):
+    HP: tl.constexpr = H + 2 * E
+    WP: tl.constexpr = W + 2 * E
+    plane_id, us, vs, inside = _flat_xy(tl.program_id(0), n_planes, n_t, HP, WP, NPL, BLOCK)
+    acc = _scatter_c(gout_ptr, pad_ptr, ident_ptr, plane_id, R, term_stride, us, vs, NK, G, E, H, W, F64)
+    gy = gy_ptr + plane_id.to(tl.int64) * (HP * WP) + (us * WP + vs)
+    tl.store(gy, acc.to(gy_ptr.dtype.element_ty), mask=inside)
+
+
+# Tuner candidates (kind, a, b, num_warps) for planes of h x w; the first is the default. kind "plane": the
+# runtime-shape kernels above with a [a=BLOCK_H, b=BLOCK_W] tile; "tile": the constexpr-shape kernels with that
+# tile; "flat": a = NPL planes of b = BLOCK flattened positions per program. A whole plane per program (up to
+# 4096 elements) fetches each plane once, its shifted re-reads hitting L1; row strips / chunks trade that for
+# less padding waste and more programs. On CUDA the fastest candidate is chosen once per (kernel, shape, dtype) by
+# timing them on the real arguments (every kernel here overwrites its whole output, so re-running it is
+# harmless); LARGEKERNEL_TUNE=0 keeps the default. ``FORCE = i`` runs candidate i (tests, benchmark sweeps).
 TUNE = os.environ.get("LARGEKERNEL_TUNE", "1") == "1"
+FORCE: int | None = None
 _TUNED: dict = {}
+N_CANDIDATES = 8
 
 
-def _candidates(h: int, w: int) -> list[tuple[int, int, int]]:
-    block_w = min(128, triton.next_power_of_2(w))
-    block_h = min(triton.next_power_of_2(h), max(1, 4096 // block_w))
-    out = []
-    for bh, per_thread in ((block_h, 4), (block_h, 8), (max(1, block_h // 2), 4), (block_h, 2)):
-        warps = max(1, min(32, bh * block_w // (32 * per_thread)))
-        if (bh, block_w, warps) not in out:
-            out.append((bh, block_w, warps))
-    return out
+def _warps(n: int, per_thread: int) -> int:
+    return max(1, min(32, n // (32 * per_thread)))
 
 
-def _launch(kernel, key: tuple, h: int, w: int, planes: int, args: tuple, consts: dict,
-            device: torch.device) -> None:
-    """Launch ``kernel`` over ``planes`` planes of h x w tiles with the (tuned) tile configuration."""
+def _flat_block(hw: int) -> int:
+    """Largest power-of-2 chunk (32..1024) that covers an hw plane with >= 85% of its lanes busy (else the
+    least wasteful one)."""
+    best, best_util = 32, 0.0
+    for blk in (1024, 512, 256, 128, 64, 32):
+        if blk > triton.next_power_of_2(hw):
+            continue
+        util = hw / (triton.cdiv(hw, blk) * blk)
+        if util >= 0.85:
+            return blk
+        if util > best_util + 1e-9:
+            best, best_util = blk, util
+    return best
 
-    def run(cfg: tuple[int, int, int]) -> None:
-        bh, bw, warps = cfg
-        n_th, n_tw = triton.cdiv(h, bh), triton.cdiv(w, bw)
-        kernel[(planes * n_th * n_tw,)](*args, n_th, n_tw, BLOCK_H=bh, BLOCK_W=bw, num_warps=warps, **consts)
 
-    cands = _candidates(h, w)
-    if not (TUNE and device.type == "cuda") or len(cands) == 1:
+def candidates(h: int, w: int) -> list[tuple[str, int, int, int]]:
+    """The N_CANDIDATES launch configurations for planes of h x w (list index = ``FORCE`` value)."""
+    bw = min(128, triton.next_power_of_2(w))
+    bh = min(triton.next_power_of_2(h), max(1, 4096 // bw))
+    strip = max(1, min(bh, 1024 // bw))
+    chunk = _flat_block(h * w)
+    whole = min(4096, triton.next_power_of_2(h * w))
+    cands = [
+        ("plane", bh, bw, _warps(bh * bw, 4)),  # runtime shapes, whole plane
+        ("tile", bh, bw, _warps(bh * bw, 4)),  # whole plane, 4 elements per thread
+        ("tile+pf", bh, bw, _warps(bh * bw, 4)),  # ... with the next plane's first load issued early
+        ("tile+pf", bh, bw, _warps(bh * bw, 8)),  # whole plane, 8 per thread (more ILP, fewer warps)
+        ("tile+pf", strip, bw, _warps(strip * bw, 4)),  # row strips of <= 1024 elements: several CTAs per SM
+        ("flat", max(1, 512 // chunk), chunk, _warps(max(512, chunk), 4)),  # low-padding chunks
+        ("flat+pf", max(1, 512 // chunk), chunk, _warps(max(512, chunk), 4)),
+        ("flat+pf", max(1, 1024 // whole), whole, _warps(max(1024, whole), 4)),  # whole flattened plane(s)
+    ]
+    assert len(cands) == N_CANDIDATES
+    return cands
+
+
+def candidate_name(cand: tuple[str, int, int, int]) -> str:
+    kind, a, b, warps = cand
+    return f"{kind}{a}x{b}w{warps}"
+
+
+def _launch(key: tuple, h: int, w: int, run, device: torch.device) -> None:
+    """Run ``run(candidate)`` with the forced, tuned or default candidate for planes of h x w."""
+    cands = candidates(h, w)
+    if FORCE is not None:
+        return run(cands[FORCE])
+    if not (TUNE and device.type == "cuda"):
         return run(cands[0])
     if key not in _TUNED:
         times = []
         for cfg in cands:
-            run(cfg)  # compile + warm up
+            try:
+                run(cfg)  # compile + warm up
+            except Exception:  # a candidate that does not compile on this device/Triton version is skipped
+                times.append(float("inf"))
+                continue
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(3):
@@ -188,8 +436,25 @@ def shift_add_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch
     h, w = hp - 2 * extra_pad, wp - 2 * extra_pad
     out = torch.empty((3, b, r, h, w), device=y.device, dtype=y.dtype)
     consts = dict(NK=nk, G=g, E=extra_pad, F64=y.dtype == torch.float64)
-    _launch(_shift_add_fwd, ("fwd", b, r, h, w, nk, g, extra_pad, y.dtype), h, w, b * r,
-            (y, pad_hv, idx_identity, out, r, h, w, hp, wp, b * r * h * w), consts, y.device)
+    planes, ts = b * r, b * r * h * w
+
+    def run(cand):
+        kind, a, bb, warps = cand
+        pf = {} if kind == "plane" else dict(PF=kind.endswith("+pf"))
+        if kind == "plane":
+            n_th, n_tw = triton.cdiv(h, a), triton.cdiv(w, bb)
+            _shift_add_fwd[(planes * n_th * n_tw,)](y, pad_hv, idx_identity, out, r, h, w, hp, wp, ts, n_th, n_tw,
+                                                    BLOCK_H=a, BLOCK_W=bb, num_warps=warps, **consts, **pf)
+        elif kind.startswith("tile"):
+            n_t = triton.cdiv(h, a) * triton.cdiv(w, bb)
+            _fwd_tile[(planes * n_t,)](y, pad_hv, idx_identity, out, r, ts, n_t, H=h, W=w, BLOCK_H=a, BLOCK_W=bb,
+                                       num_warps=warps, **consts, **pf)
+        else:
+            n_t = triton.cdiv(h * w, bb)
+            _fwd_flat[(triton.cdiv(planes, a) * n_t,)](y, pad_hv, idx_identity, out, r, ts, planes, n_t, H=h, W=w,
+                                                       NPL=a, BLOCK=bb, num_warps=warps, **consts, **pf)
+
+    _launch(("fwd", b, r, h, w, nk, g, extra_pad, y.dtype), h, w, run, y.device)
     return out
 
 
@@ -202,8 +467,25 @@ def shift_add_backward(gout: torch.Tensor, pad_hv: torch.Tensor, idx_identity: t
     hp, wp = h + 2 * extra_pad, w + 2 * extra_pad
     gy = torch.empty((b, r * nk, hp, wp), device=gout.device, dtype=gout.dtype)
     consts = dict(NK=nk, G=g, E=extra_pad, F64=gout.dtype == torch.float64)
-    _launch(_shift_add_bwd, ("bwd", b, r, h, w, nk, g, extra_pad, gout.dtype), hp, wp, b * r * nk,
-            (gout, pad_hv, idx_identity, gy, r, h, w, hp, wp, b * r * h * w), consts, gout.device)
+    planes, ts = b * r * nk, b * r * h * w
+
+    def run(cand):
+        kind, a, bb, warps = cand
+        pf = {} if kind == "plane" else dict(PF=kind.endswith("+pf"))
+        if kind == "plane":
+            n_th, n_tw = triton.cdiv(hp, a), triton.cdiv(wp, bb)
+            _shift_add_bwd[(planes * n_th * n_tw,)](gout, pad_hv, idx_identity, gy, r, h, w, hp, wp, ts, n_th, n_tw,
+                                                    BLOCK_H=a, BLOCK_W=bb, num_warps=warps, **consts, **pf)
+        elif kind.startswith("tile"):
+            n_t = triton.cdiv(hp, a) * triton.cdiv(wp, bb)
+            _bwd_tile[(planes * n_t,)](gout, pad_hv, idx_identity, gy, r, ts, n_t, H=h, W=w, BLOCK_H=a,
+                                       BLOCK_W=bb, num_warps=warps, **consts, **pf)
+        else:
+            n_t = triton.cdiv(hp * wp, bb)
+            _bwd_flat[(triton.cdiv(planes, a) * n_t,)](gout, pad_hv, idx_identity, gy, r, ts, planes, n_t, H=h, W=w,
+                                                       NPL=a, BLOCK=bb, num_warps=warps, **consts, **pf)
+
+    _launch(("bwd", b, r, h, w, nk, g, extra_pad, gout.dtype), hp, wp, run, gout.device)
     return gy
 
 
@@ -220,10 +502,27 @@ def shift_add_eval_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: 
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     out = torch.empty((b, c, h, w), device=y.device, dtype=torch.promote_types(y.dtype, x.dtype))
     consts = dict(NK=nk, G=g, E=extra_pad, F64=y.dtype == torch.float64)
-    args = (y, pad_hv, idx_identity, scale.to(acc).contiguous(), bias.to(acc).contiguous(), x,
-            rep_idx.to(torch.int32).contiguous(), out, r, c, h, w, hp, wp)
-    _launch(_shift_add_eval, ("eval", b, r, c, h, w, nk, g, extra_pad, y.dtype, x.dtype), h, w, b * r, args,
-            consts, y.device)
+    tabs = (y, pad_hv, idx_identity, scale.to(acc).contiguous(), bias.to(acc).contiguous(), x,
+            rep_idx.to(torch.int32).contiguous(), out)
+    planes = b * r
+
+    def run(cand):
+        kind, a, bb, warps = cand
+        pf = {} if kind == "plane" else dict(PF=kind.endswith("+pf"))
+        if kind == "plane":
+            n_th, n_tw = triton.cdiv(h, a), triton.cdiv(w, bb)
+            _shift_add_eval[(planes * n_th * n_tw,)](*tabs, r, c, h, w, hp, wp, n_th, n_tw, BLOCK_H=a, BLOCK_W=bb,
+                                                     num_warps=warps, **consts, **pf)
+        elif kind.startswith("tile"):
+            n_t = triton.cdiv(h, a) * triton.cdiv(w, bb)
+            _eval_tile[(planes * n_t,)](*tabs, r, c, n_t, H=h, W=w, BLOCK_H=a, BLOCK_W=bb, num_warps=warps,
+                                        **consts, **pf)
+        else:
+            n_t = triton.cdiv(h * w, bb)
+            _eval_flat[(triton.cdiv(planes, a) * n_t,)](*tabs, r, c, planes, n_t, H=h, W=w, NPL=a, BLOCK=bb,
+                                                        num_warps=warps, **consts, **pf)
+
+    _launch(("eval", b, r, c, h, w, nk, g, extra_pad, y.dtype, x.dtype), h, w, run, y.device)
     if ghost_idx.numel():
         out[:, r:] = x.index_select(1, ghost_idx)
     return out
