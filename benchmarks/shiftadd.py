@@ -1,7 +1,7 @@
 """Shift-add and shift-wise layer benchmark (CUDA): fused Triton shift-add vs the copy ceiling, SW layer vs
 its dense-equivalent large depthwise conv.
 
-    PYTHONPATH=. python3 benchmarks/shiftadd.py [--batch 64] [--dtypes float32,bfloat16] [--quick]
+    PYTHONPATH=. python3 benchmarks/shiftadd.py [--batch 64] [--dtypes float32,bfloat16] [--quick] [--sweep]
 
 Shapes: the four SW-tiny stages at 224 (C 80/160/320/640 at 56/28/14/7, kernels 51/49/47/13 from 3x3, ghost
 ratio 0.23, N_rep 4). For each:
@@ -16,6 +16,11 @@ ratio 0.23, N_rep 4). For each:
   through ``largekernel.ops.depthwise_conv2d``; training fwd+bwd: ``impl="shiftadd"`` (official structure),
   ``impl="bands"``, and the square dense depthwise conv as a plain trainable large kernel.
 
+``--sweep`` instead times every tuner candidate of the three kernels (``_triton_shiftadd.FORCE``) on the four
+stages next to the copy, checks each against the float64/float32 reference, then the tuned pick; writes
+``$OUT/shiftadd_sweep.json``. A candidate that fails to compile or run is recorded and skipped; past
+``--time-limit`` seconds the remaining ones are skipped.
+
 Before timing, the Triton shift-add is checked against the reference on the GPU (forward and backward).
 Median of >= 20 CUDA-event-timed runs after warm-up. Prints a table; writes ``$OUT/shiftadd.json`` if $OUT.
 """
@@ -25,10 +30,12 @@ import argparse
 import copy
 import json
 import os
+import time
 
 import torch
 from _timing import cuda_time  # benchmarks/ is the script directory
 
+import largekernel.ops._triton_shiftadd as kernels
 from largekernel.layers.shiftwise import ShiftwiseConv2d
 from largekernel.ops.dispatch import use_backend
 from largekernel.ops.shiftadd import shift_add, shift_add_reference
@@ -123,6 +130,132 @@ def bench_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.
     return row
 
 
+SWEEP_OPS = ("fwd", "bwd", "eval")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def sweep_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.dtype, device: torch.device,
+                deadline: float) -> dict:
+    """Every candidate of the forward, backward and eval kernels on one stage, timed and checked."""
+    layer = ShiftwiseConv2d(c, big, small, ghost_ratio=0.23, n_path=2, n_rep=4)
+    r, nk, e = layer.rep_channels, layer.nk, layer.extra_pad
+    esize = torch.finfo(dtype).bits // 8
+    pad = layer.pad_hv.to(device=device, dtype=torch.int32).contiguous()
+    ident = layer.idx_identity.to(device=device, dtype=torch.int32).contiguous()
+    rep_idx, ghost_idx = layer.rep_idx.to(device), layer.ghost_idx.to(device)
+    y = torch.randn(batch, r * nk, hw + 2 * e, hw + 2 * e, device=device, dtype=dtype)
+    gout = torch.randn(3, batch, r, hw, hw, device=device, dtype=dtype)
+    x = torch.randn(batch, c, hw, hw, device=device, dtype=dtype)
+    scale, bias = torch.rand(3, r, device=device), torch.rand(r, device=device)
+    # references in float32 (float64 would double the memory of the largest stage)
+    yr = y.float().requires_grad_()
+    t_ref = shift_add_reference(yr, pad, ident, e)
+    (gy_ref,) = torch.autograd.grad(t_ref, yr, gout.float())
+    t_ref = t_ref.detach()
+    ev_ref = (t_ref * scale.view(3, 1, r, 1, 1)).sum(0) + bias.view(1, r, 1, 1) + x.float()[:, rep_idx]
+    ev_ref = torch.cat([ev_ref, x.float()[:, ghost_idx]], 1)
+    del yr
+    moved = (y.numel() + gout.numel()) * esize
+    calls = {
+        "fwd": (lambda: kernels.shift_add_forward(y, pad, ident, e), t_ref, moved),
+        "bwd": (lambda: kernels.shift_add_backward(gout, pad, ident, e), gy_ref, moved),
+        "eval": (lambda: kernels.shift_add_eval_forward(y, pad, ident, e, scale, bias, x, rep_idx, ghost_idx),
+                 ev_ref, (y.numel() + 2 * x.numel()) * esize),
+    }
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    copy_ms = cuda_time(lambda: y.clone(), min_runs=10, budget_ms=100)
+    copy_gbs = 2 * y.numel() * esize / copy_ms / 1e6
+    row = {"C": c, "H": hw, "K": big, "R": r, "nk": nk, "dtype": str(dtype).split(".")[-1], "batch": batch,
+           "copy_ms": copy_ms, "copy_GBs": copy_gbs, "cands": [], "tuned": {}}
+    fwd_cands, bwd_cands = kernels.candidates(hw, hw, e), kernels.candidates(hw + 2 * e, hw + 2 * e)
+    for index in list(range(kernels.N_CANDIDATES)) + [None]:
+        entry = {"index": index}
+        if index is not None:
+            entry["fwd_name"] = kernels.candidate_name(fwd_cands[index])
+            entry["bwd_name"] = kernels.candidate_name(bwd_cands[index])
+        kernels.FORCE = index
+        for op in SWEEP_OPS:
+            fn, ref, nbytes = calls[op]
+            if time.time() > deadline:
+                entry[op] = {"error": "skipped (time limit)"}
+                continue
+            try:
+                err = _rel(fn(), ref)
+                ms = cuda_time(fn, min_runs=10, budget_ms=60)
+                gbs = nbytes / ms / 1e6
+                entry[op] = {"ms": ms, "GBs": gbs, "pct_copy": 100 * gbs / copy_gbs, "rel_err": err,
+                             "ok": err <= tol}
+            except Exception as exc:  # compile/launch failure of one candidate: record it, go on
+                lines = str(exc).strip().splitlines() or [""]
+                entry[op] = {"error": f"{type(exc).__name__}: {lines[0][:200]}"}
+        kernels.FORCE = None
+        if index is None:
+            g = ident.shape[1]
+            key_f = ("fwd", batch, r, hw, hw, nk, g, e, dtype)
+            key_b = ("bwd", batch, r, hw, hw, nk, g, e, dtype)
+            key_e = ("eval", batch, r, c, hw, hw, nk, g, e, dtype, dtype)
+            for op, key in (("fwd", key_f), ("bwd", key_b), ("eval", key_e)):
+                pick = kernels._TUNED.get(key)
+                row["tuned"][op] = kernels.candidate_name(pick) if pick else None
+            row["auto"] = entry
+        else:
+            row["cands"].append(entry)
+    return row
+
+
+def print_sweep(rows: list[dict]) -> None:
+    for row in rows:
+        print(f"\n{row['dtype']} C{row['C']} H{row['H']} K{row['K']} R{row['R']} nk{row['nk']} batch {row['batch']}: "
+              f"copy {row['copy_ms']:.3f} ms = {row['copy_GBs']:.0f} GB/s")
+        best = {}
+        for op in SWEEP_OPS:
+            ok = [e for e in row["cands"] if "ms" in e[op] and e[op]["ok"]]
+            best[op] = min(ok, key=lambda e, op=op: e[op]["ms"])["index"] if ok else None
+        print(f"{'#':>2} {'fwd/eval cand':16}{'bwd cand':16}" + "".join(f"{op + ' ms':>10}{'GB/s':>7}{'%cp':>4} "
+                                                                       for op in SWEEP_OPS))
+        for e in row["cands"] + [row["auto"]]:
+            label = (f"{e['index']:>2} {e['fwd_name']:16}{e['bwd_name']:16}" if e["index"] is not None
+                     else f"{'':>2} {'tuned: ' + str(row['tuned'].get('fwd')):16}{str(row['tuned'].get('bwd')):16}")
+            cells = []
+            for op in SWEEP_OPS:
+                r = e[op]
+                if "ms" not in r:
+                    cells.append(f"{r['error'][:21]:>21} ")
+                    continue
+                mark = "*" if e["index"] is not None and e["index"] == best[op] else ("!" if not r["ok"] else " ")
+                cells.append(f"{r['ms']:>10.3f}{r['GBs']:>7.0f}{r['pct_copy']:>4.0f}{mark}")
+            print(label + "".join(cells))
+    print("\n* fastest correct candidate; ! rel. error above tolerance; %cp = % of the copy bandwidth (y.clone())")
+
+
+def run_sweep(args, device: torch.device, batch: int, dtypes: list) -> None:
+    start = time.time()
+    deadline = start + args.time_limit
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton_version(),
+              "batch": batch, "rows": []}
+    for dtype in dtypes:
+        for c, hw, big, small in SHAPES:
+            result["rows"].append(sweep_shape(c, hw, big, small, batch, dtype, device, deadline))
+            print(".", end="", flush=True)
+            torch.cuda.empty_cache()
+    result["seconds"] = time.time() - start
+    print_sweep(result["rows"])
+    print(f"sweep took {result['seconds']:.0f} s")
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, "shiftadd_sweep.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
 LAYER_COLS = ["infer_shiftadd", "infer_bands", "infer_square", "infer_cross", "train_shiftadd", "train_bands",
               "train_square"]
 
@@ -132,6 +265,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--quick", action="store_true", help="batch 16, float32 only")
+    parser.add_argument("--sweep", action="store_true", help="time every tuner candidate of the shift-add kernels")
+    parser.add_argument("--time-limit", type=float, default=200.0, help="--sweep: skip what is left after this (s)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/shiftadd.py needs a CUDA device")
@@ -139,6 +274,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     batch = 16 if args.quick else args.batch
     dtypes = [torch.float32] if args.quick else [getattr(torch, d) for d in args.dtypes.split(",")]
+    if args.sweep:
+        return run_sweep(args, device, batch, dtypes)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "correctness": check_gpu_correctness(device), "rows": []}
     print("GPU correctness (Triton vs reference):", json.dumps(result["correctness"]))
