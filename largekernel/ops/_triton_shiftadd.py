@@ -397,16 +397,17 @@ def _gather_dot(y_ptr, pad_ptr, ident_ptr, bc, c, r, q,
     acc0 = tl.zeros((r + q).shape, dtype=tl.float64 if F64 else tl.float32)
     acc1 = acc0
     tab = pad_ptr + c * (NK * 2 * G)
+    diff = q - r  # Mh[v, w] counts s_h == w - v; Mv[h, u] counts s_v == h - u
     for j in range(NK):
         yh = tl.load(p_h + j * PLANE, mask=m_h, other=0.0)
         yv = tl.load(p_v + j * PLANE, mask=m_v, other=0.0)
-        mh = tl.zeros((r + q).shape, dtype=tl.float32)
+        mh = diff * 0
         mv = mh
         for g in tl.static_range(G):
-            mh += ((r + tl.load(tab + j * (2 * G) + g)) == q).to(tl.float32)
-            mv += ((q + tl.load(tab + j * (2 * G) + G + g)) == r).to(tl.float32)
-        acc0 = _dot_data(yh, mh, acc0, True, F64, SPLIT, EMULATE)
-        acc1 = _dot_data(yv, mv, acc1, False, F64, SPLIT, EMULATE)
+            mh += (diff == tl.load(tab + j * (2 * G) + g)).to(tl.int32)
+            mv += (diff == -tl.load(tab + j * (2 * G) + G + g)).to(tl.int32)
+        acc0 = _dot_data(yh, mh.to(tl.float32), acc0, True, F64, SPLIT, EMULATE)
+        acc1 = _dot_data(yv, mv.to(tl.float32), acc1, False, F64, SPLIT, EMULATE)
     inside = (r < H) & (q < W)
     y_b = y_ptr + (bc - c).to(tl.int64) * (NK * PLANE)
     acc2 = tl.zeros((r + q).shape, dtype=acc0.dtype)
@@ -469,17 +470,18 @@ def _bwd_dot(gout_ptr, pad_ptr, ident_ptr, gy_ptr, R, term_stride,
                  other=0.0)
     g1 = tl.load(g_c + term_stride + (tl.minimum(r, H - 1) * W + tl.minimum(tl.maximum(c1, 0), W - 1)),
                  mask=(r < H) & c1_ok, other=0.0)
-    bh = tl.zeros((r + q).shape, dtype=tl.float32)
+    diff = r - q  # Bh[w, v] counts s_h == w - v; Bv[u, t] counts s_v == t - u
+    bh = diff * 0
     bv = bh
     tab = pad_ptr + (c * NK + j) * (2 * G)
     hits = 0
     for g in tl.static_range(G):
-        bh += (r == (q + tl.load(tab + g))).to(tl.float32)
-        bv += (q == (r + tl.load(tab + G + g))).to(tl.float32)
+        bh += (diff == tl.load(tab + g)).to(tl.int32)
+        bv += (diff == -tl.load(tab + G + g)).to(tl.int32)
         hits += (tl.load(ident_ptr + c * G + g) == c * NK + j).to(tl.int32)
     acc = tl.zeros((r + q).shape, dtype=tl.float64 if F64 else tl.float32)
-    acc = _dot_data(g0, bh, acc, True, F64, SPLIT, EMULATE)
-    acc = _dot_data(g1, bv, acc, False, F64, SPLIT, EMULATE)
+    acc = _dot_data(g0, bh.to(tl.float32), acc, True, F64, SPLIT, EMULATE)
+    acc = _dot_data(g1, bv.to(tl.float32), acc, False, F64, SPLIT, EMULATE)
     off2 = tl.minimum(tl.maximum(r0, 0), H - 1) * W + tl.minimum(tl.maximum(c1, 0), W - 1)
     v = tl.load(g_c + 2 * term_stride + off2, mask=r0_ok & c1_ok & (hits > 0), other=0.0)
     acc += hits.to(acc.dtype) * v.to(acc.dtype)
