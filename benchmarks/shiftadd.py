@@ -151,7 +151,7 @@ def sweep_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.
     x = torch.randn(batch, c, hw, hw, device=device, dtype=dtype)
     scale, bias = torch.rand(3, r, device=device), torch.rand(r, device=device)
     # references in float32 (float64 would double the memory of the largest stage)
-    yr = y.float().requires_grad_()
+    yr = y.detach().float().requires_grad_()  # an alias of y for float32: detached first
     t_ref = shift_add_reference(yr, pad, ident, e)
     (gy_ref,) = torch.autograd.grad(t_ref, yr, gout.float())
     t_ref = t_ref.detach()

@@ -566,6 +566,8 @@ def _launch(key: tuple, h: int, w: int, run, device: torch.device, pad: int = 0)
         return run(cands[FORCE])
     if not (TUNE and device.type == "cuda"):
         return run(cands[0])
+    if key not in _TUNED and torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA graph capture
+        return run(cands[0])
     if key not in _TUNED:
         times = []
         for cfg in cands:
