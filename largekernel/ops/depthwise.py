@@ -174,6 +174,8 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
                  dict(plane=True, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=8),
                  dict(plane=True, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=32, num_warps=4),
                  dict(BLOCK_M=128, BLOCK_W=_bw(W), BLOCK_U=32, num_warps=8, num_stages=2, prefetch=True)]
+        if N >= 128:   # inference batches: one gathered B tile serves 128 images
+            cands.append(dict(plane=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8))
     else:
         bw = _bw(W)
         cands = [dict(BLOCK_M=64, BLOCK_W=min(32, bw), BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True),
