@@ -39,18 +39,11 @@ def is_ours(name: str) -> bool:
 
 
 def sw_deploy(model: torch.nn.Module, kind: str) -> None:
-    """Shift-wise deploy form per stage: 'merged' (fused shift-add), 'square' / 'cross' dense depthwise convs, or
-    'mixed' (cross on the two high-resolution stages, square on the others: the fastest inference form of each
-    SW-tiny stage in the layer benchmark, docs/performance.md)."""
-    from largekernel.layers.shiftwise import ShiftwiseConv2d
-
-    if kind == "merged":
-        return
-    for i, stage in enumerate(model.stages):
-        form = kind if kind != "mixed" else ("cross" if i < 2 else "square")
-        for m in stage.modules():
-            if isinstance(m, ShiftwiseConv2d):
-                m.to_dense(form)
+    """Shift-wise deploy form: 'merged' (fused shift-add), 'square' / 'cross' dense depthwise convs, or 'mixed'
+    (cross on the two high-resolution stages, square on the others: the fastest inference form of each SW-tiny
+    stage in the layer benchmark, docs/performance.md)."""
+    if kind != "merged":
+        model.to_dense(("cross", "cross", "square", "square") if kind == "mixed" else kind)
 
 
 def bench_model(name: str, batch: int, train_batch: int, warmup: int, iters: int, res: int,

@@ -332,6 +332,14 @@ def test_model_reparameterize_and_dense_deploy():
     crossed = largekernel.reparameterize(model)
     crossed.to_dense("cross")
     assert ((crossed(x) - ref).abs().max() / ref.abs().max()) <= 1e-5
+    mixed = largekernel.reparameterize(model)
+    kinds = ["cross"] + ["square"] * (len(mixed.stages) - 1)
+    mixed.to_dense(kinds)
+    forms = [{m.form for m in stage.modules() if isinstance(m, ShiftwiseConv2d)} for stage in mixed.stages]
+    assert forms == [{"cross"}] + [{"dense"}] * (len(mixed.stages) - 1)
+    assert ((mixed(x) - ref).abs().max() / ref.abs().max()) <= 1e-5
+    with pytest.raises(ValueError, match="one kind per stage"):
+        mixed.to_dense(["square"])
     bands = _tiny_model(impl="bands")
     bands.load_state_dict(model.state_dict())
     assert ((bands(x) - ref).abs().max() / ref.abs().max()) <= 1e-5

@@ -142,12 +142,18 @@ class ShiftWiseV2(nn.Module):
             if isinstance(m, ShiftwiseConv2d):
                 m.reparameterize()
 
-    def to_dense(self, kind: str = "square") -> None:
+    def to_dense(self, kind: str | Sequence[str] = "square") -> None:
         """Run every shift-wise layer as its dense equivalent: one D x D depthwise conv (``"square"``) or a
-        k x D + D x k pair (``"cross"``). In place; inference only (exact in eval mode)."""
-        for m in self.modules():
-            if isinstance(m, ShiftwiseConv2d):
-                m.to_dense(kind)
+        k x D + D x k pair (``"cross"``); a sequence gives one kind per stage (on the H100 at 224 px,
+        ``("cross", "cross", "square", "square")`` was the fastest, docs/performance.md). In place; inference
+        only (exact in eval mode)."""
+        kinds = [kind] * len(self.stages) if isinstance(kind, str) else list(kind)
+        if len(kinds) != len(self.stages):
+            raise ValueError(f"to_dense needs one kind per stage ({len(self.stages)}), got {len(kinds)}")
+        for stage, stage_kind in zip(self.stages, kinds):
+            for m in stage.modules():
+                if isinstance(m, ShiftwiseConv2d):
+                    m.to_dense(stage_kind)
 
     # ---- timm surface -------------------------------------------------------------------------------------
     @torch.jit.ignore
