@@ -27,6 +27,7 @@ CASES = [
     ("fp16_rect", 1, 3, 8, 9, 3, 5, "float16", "nchw", True, "xwb"),
     ("vec8_bf16", 2, 3, 9, 16, 5, 7, "bfloat16", "nchw", True, "xwb"),   # W, strides multiples of 8
     ("vec4_even_fp32", 1, 5, 6, 24, 6, 4, "float32", "nchw", False, "xw"),
+    ("batch_over_tile_fp32", 19, 3, 6, 5, 7, 7, "float32", "nchw", True, "xwb"),   # > BLOCK_M / NB images
 ]
 VARIANTS = (0, 1, 2, 3)   # see largekernel.ops.depthwise.INTERP_VARIANT
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 5e-3}
