@@ -19,6 +19,8 @@ fp32 inputs use ``input_precision='tf32x3'`` (error-compensated split, ~fp32 acc
 import triton
 import triton.language as tl
 
+from largekernel.ops._launch import cdiv, next_pow2
+
 
 @triton.jit
 def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
@@ -412,7 +414,7 @@ def _vec(t, cfg: dict) -> int:
 
 
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(n))
+    return max(lo, next_pow2(n))
 
 
 def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_f32: bool,
@@ -425,7 +427,7 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
     if cfg.get("plane"):
         w_off, swh, sww = (KH * KW - 1, -KW, -1) if flip else (0, KW, 1)
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-        grid = (C * triton.cdiv(N, bm) * triton.cdiv(H * W, bn),)
+        grid = (C * cdiv(N, bm) * cdiv(H * W, bn),)
         _dw_plane_kernel[grid](x, w, bias if bias is not None else w, y,
                                N, C, H, W, KH, KW, ph, pw, w_off, swh, sww,
                                *x.stride(), *y.stride(),
@@ -441,7 +443,7 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
     else:
         w_off, swh, sww = (KH * KW - 1, -KW, -1) if flip else (0, KW, 1)
     bm, bw, bu = cfg["BLOCK_M"], cfg["BLOCK_W"], cfg["BLOCK_U"]
-    grid = (C * triton.cdiv(N * H, bm) * triton.cdiv(W, bw),)
+    grid = (C * cdiv(N * H, bm) * cdiv(W, bw),)
     if cfg.get("prefetch") or cfg.get("transpose"):
         vec = _vec(x, cfg)
         sn, sc, sh, sw = x.stride()
@@ -475,10 +477,10 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
     N, C, H, W = x.shape
     if "NB" in cfg:   # several images' rows per reduction step (narrow planes)
         nb, bv = cfg["NB"], _pow2(W, 1)
-        steps = triton.cdiv(N, nb) * H
-        splits = max(1, min(steps, triton.cdiv(cfg.get("programs", 1024), C)))
-        per_split = triton.cdiv(steps, splits)
-        splits = triton.cdiv(steps, per_split)
+        steps = cdiv(N, nb) * H
+        splits = max(1, min(steps, cdiv(cfg.get("programs", 1024), C)))
+        per_split = cdiv(steps, splits)
+        splits = cdiv(steps, per_split)
         partial = torch.empty((splits, C, kh, kw), device=x.device, dtype=torch.float32)
         if poison:
             partial.fill_(float("nan"))
@@ -492,9 +494,9 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
         return partial.sum(0) if splits > 1 else partial[0]
     if "BLOCK_V" in cfg:   # row-walking kernel
         rows = N * H
-        splits = max(1, min(rows, triton.cdiv(cfg.get("programs", 1024), C)))
-        rows_per_split = triton.cdiv(rows, splits)
-        splits = triton.cdiv(rows, rows_per_split)
+        splits = max(1, min(rows, cdiv(cfg.get("programs", 1024), C)))
+        rows_per_split = cdiv(rows, splits)
+        splits = cdiv(rows, rows_per_split)
         partial = torch.empty((splits, C, kh, kw), device=x.device, dtype=torch.float32)
         if poison:
             partial.fill_(float("nan"))
@@ -509,10 +511,10 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
         return partial.sum(0) if splits > 1 else partial[0]
     bk = cfg["BLOCK_K"]
     total = N * H * W
-    blocks = triton.cdiv(total, bk)
-    splits = max(1, min(blocks, triton.cdiv(cfg.get("programs", 1024), C)))
-    k_per_split = triton.cdiv(blocks, splits) * bk
-    splits = triton.cdiv(total, k_per_split)
+    blocks = cdiv(total, bk)
+    splits = max(1, min(blocks, cdiv(cfg.get("programs", 1024), C)))
+    k_per_split = cdiv(blocks, splits) * bk
+    splits = cdiv(total, k_per_split)
     partial = torch.empty((splits, C, kh, kw), device=x.device, dtype=torch.float32)
     if poison:
         partial.fill_(float("nan"))

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from largekernel.ops._launch import cdiv, next_pow2
+
 
 @triton.jit
 def _tile_coords(pid, n_th, n_tw, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -517,9 +519,9 @@ def _flat_block(hw: int) -> int:
     least wasteful one)."""
     best, best_util = 32, 0.0
     for blk in (1024, 512, 256, 128, 64, 32):
-        if blk > triton.next_power_of_2(hw):
+        if blk > next_pow2(hw):
             continue
-        util = hw / (triton.cdiv(hw, blk) * blk)
+        util = hw / (cdiv(hw, blk) * blk)
         if util >= 0.85:
             return blk
         if util > best_util + 1e-9:
@@ -530,11 +532,11 @@ def _flat_block(hw: int) -> int:
 def candidates(h: int, w: int, pad: int = 0) -> list[tuple[str, int, int, int]]:
     """The N_CANDIDATES launch configurations for planes of h x w (list index = ``FORCE`` value); ``pad``: the
     forward's extra_pad (its "dot" tile covers the padded input plane)."""
-    bw = min(128, triton.next_power_of_2(w))
-    bh = min(triton.next_power_of_2(h), max(1, 4096 // bw))
+    bw = min(128, next_pow2(w))
+    bh = min(next_pow2(h), max(1, 4096 // bw))
     strip = max(1, min(bh, 1024 // bw))
     chunk = _flat_block(h * w)
-    whole = min(4096, triton.next_power_of_2(h * w))
+    whole = min(4096, next_pow2(h * w))
     cands = [
         ("plane", bh, bw, _warps(bh * bw, 4)),  # runtime shapes, whole plane
         ("tile", bh, bw, _warps(bh * bw, 4)),  # whole plane, 4 elements per thread
@@ -545,7 +547,7 @@ def candidates(h: int, w: int, pad: int = 0) -> list[tuple[str, int, int, int]]:
         ("flat+pf", max(1, 512 // chunk), chunk, _warps(max(512, chunk), 4)),
         ("flat+pf", max(1, 1024 // whole), whole, _warps(max(1024, whole), 4)),  # whole flattened plane(s)
     ]
-    p = max(16, triton.next_power_of_2(max(h, w) + 2 * pad))
+    p = max(16, next_pow2(max(h, w) + 2 * pad))
     if p <= 64:  # shifts as tensor-core products with count matrices; [P, P] tiles, so small planes only
         cands += [("dot", p, p, 1 if p == 16 else 4), ("dot", p, p, 2 if p == 16 else 8)]
     else:
@@ -611,19 +613,19 @@ def shift_add_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch
         kind, a, bb, warps = cand
         pf = {} if kind in ("plane", "dot") else dict(PF=kind.endswith("+pf"))
         if kind == "plane":
-            n_th, n_tw = triton.cdiv(h, a), triton.cdiv(w, bb)
+            n_th, n_tw = cdiv(h, a), cdiv(w, bb)
             _shift_add_fwd[(planes * n_th * n_tw,)](y, pad_hv, idx_identity, out, r, h, w, hp, wp, ts, n_th, n_tw,
                                                     BLOCK_H=a, BLOCK_W=bb, num_warps=warps, **consts, **pf)
         elif kind.startswith("tile"):
-            n_t = triton.cdiv(h, a) * triton.cdiv(w, bb)
+            n_t = cdiv(h, a) * cdiv(w, bb)
             _fwd_tile[(planes * n_t,)](y, pad_hv, idx_identity, out, r, ts, n_t, H=h, W=w, BLOCK_H=a, BLOCK_W=bb,
                                        num_warps=warps, **consts, **pf)
         elif kind == "dot":
             _fwd_dot[(planes,)](y, pad_hv, idx_identity, out, r, ts, H=h, W=w, P=a, num_warps=warps, **consts,
                                 **_dot_consts(y.dtype))
         else:
-            n_t = triton.cdiv(h * w, bb)
-            _fwd_flat[(triton.cdiv(planes, a) * n_t,)](y, pad_hv, idx_identity, out, r, ts, planes, n_t, H=h, W=w,
+            n_t = cdiv(h * w, bb)
+            _fwd_flat[(cdiv(planes, a) * n_t,)](y, pad_hv, idx_identity, out, r, ts, planes, n_t, H=h, W=w,
                                                        NPL=a, BLOCK=bb, num_warps=warps, **consts, **pf)
 
     _launch(("fwd", b, r, h, w, nk, g, extra_pad, y.dtype), h, w, run, y.device, extra_pad)
@@ -645,19 +647,19 @@ def shift_add_backward(gout: torch.Tensor, pad_hv: torch.Tensor, idx_identity: t
         kind, a, bb, warps = cand
         pf = {} if kind in ("plane", "dot") else dict(PF=kind.endswith("+pf"))
         if kind == "plane":
-            n_th, n_tw = triton.cdiv(hp, a), triton.cdiv(wp, bb)
+            n_th, n_tw = cdiv(hp, a), cdiv(wp, bb)
             _shift_add_bwd[(planes * n_th * n_tw,)](gout, pad_hv, idx_identity, gy, r, h, w, hp, wp, ts, n_th, n_tw,
                                                     BLOCK_H=a, BLOCK_W=bb, num_warps=warps, **consts, **pf)
         elif kind.startswith("tile"):
-            n_t = triton.cdiv(hp, a) * triton.cdiv(wp, bb)
+            n_t = cdiv(hp, a) * cdiv(wp, bb)
             _bwd_tile[(planes * n_t,)](gout, pad_hv, idx_identity, gy, r, ts, n_t, H=h, W=w, BLOCK_H=a,
                                        BLOCK_W=bb, num_warps=warps, **consts, **pf)
         elif kind == "dot":
             _bwd_dot[(planes,)](gout, pad_hv, idx_identity, gy, r, ts, H=h, W=w, P=a, num_warps=warps, **consts,
                                 **_dot_consts(gout.dtype))
         else:
-            n_t = triton.cdiv(hp * wp, bb)
-            _bwd_flat[(triton.cdiv(planes, a) * n_t,)](gout, pad_hv, idx_identity, gy, r, ts, planes, n_t, H=h, W=w,
+            n_t = cdiv(hp * wp, bb)
+            _bwd_flat[(cdiv(planes, a) * n_t,)](gout, pad_hv, idx_identity, gy, r, ts, planes, n_t, H=h, W=w,
                                                        NPL=a, BLOCK=bb, num_warps=warps, **consts, **pf)
 
     _launch(("bwd", b, r, h, w, nk, g, extra_pad, gout.dtype), hp, wp, run, gout.device)
@@ -685,18 +687,18 @@ def shift_add_eval_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: 
         kind, a, bb, warps = cand
         pf = {} if kind in ("plane", "dot") else dict(PF=kind.endswith("+pf"))
         if kind == "plane":
-            n_th, n_tw = triton.cdiv(h, a), triton.cdiv(w, bb)
+            n_th, n_tw = cdiv(h, a), cdiv(w, bb)
             _shift_add_eval[(planes * n_th * n_tw,)](*tabs, r, c, h, w, hp, wp, n_th, n_tw, BLOCK_H=a, BLOCK_W=bb,
                                                      num_warps=warps, **consts, **pf)
         elif kind.startswith("tile"):
-            n_t = triton.cdiv(h, a) * triton.cdiv(w, bb)
+            n_t = cdiv(h, a) * cdiv(w, bb)
             _eval_tile[(planes * n_t,)](*tabs, r, c, n_t, H=h, W=w, BLOCK_H=a, BLOCK_W=bb, num_warps=warps,
                                         **consts, **pf)
         elif kind == "dot":
             _eval_dot[(planes,)](*tabs, r, c, H=h, W=w, P=a, num_warps=warps, **consts, **_dot_consts(y.dtype))
         else:
-            n_t = triton.cdiv(h * w, bb)
-            _eval_flat[(triton.cdiv(planes, a) * n_t,)](*tabs, r, c, planes, n_t, H=h, W=w, NPL=a, BLOCK=bb,
+            n_t = cdiv(h * w, bb)
+            _eval_flat[(cdiv(planes, a) * n_t,)](*tabs, r, c, planes, n_t, H=h, W=w, NPL=a, BLOCK=bb,
                                                         num_warps=warps, **consts, **pf)
 
     _launch(("eval", b, r, c, h, w, nk, g, extra_pad, y.dtype, x.dtype), h, w, run, y.device, extra_pad)
