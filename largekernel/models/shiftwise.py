@@ -13,25 +13,15 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import DropPath
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from largekernel.layers.blocks import GRN, SEBlock
 from largekernel.layers.shiftwise import ShiftwiseConv2d, ShiftwisePathConv
-from largekernel.models.unireplknet import downsample_layers
+from largekernel.models._stages import StagedConvNet
+from largekernel.models.unireplknet import _ToNCHW, _ToNHWC, downsample_layers
 
 __all__ = ["ShiftWiseV2", "ShiftWiseBlock", "checkpoint_filter_fn"]
-
-
-class _ToNHWC(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 2, 3, 1)
-
-
-class _ToNCHW(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 3, 1, 2)
 
 
 class ShiftWiseBlock(nn.Module):
@@ -61,7 +51,7 @@ class ShiftWiseBlock(nn.Module):
         return x + self.drop_path(y)
 
 
-class ShiftWiseV2(nn.Module):
+class ShiftWiseV2(StagedConvNet):
     """ShiftWise v2 (official ``ShiftWise_v2``): stem (3x3 s2 conv, LN, GELU, 3x3 s2 conv, LN) -> 4 stages of
     :class:`ShiftWiseBlock` joined by 3x3 s2 conv + LN downsamples -> global mean -> LayerNorm -> Linear.
 
@@ -128,13 +118,6 @@ class ShiftWiseV2(nn.Module):
 
     checkpoint_filter_fn = staticmethod(lambda state, model: checkpoint_filter_fn(state, model))
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):  # the small kernels too, as in the official code
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
     # ---- deploy --------------------------------------------------------------------------------------------
     def reparameterize(self) -> None:
         """Official deploy form: every shift-wise layer merges its paths (``LoRA``). In place."""
@@ -167,86 +150,11 @@ class ShiftWiseV2(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        device = self.downsample_layers[0][0].weight.device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"ShiftWiseV2 expects input (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
-
-    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample_layers[i](x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.stages[i], x)
-        return self.stages[i](x)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (strides 4, 8, 16, 32) selected by ``indices``."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        last = max_index if (stop_early or intermediates_only) else len(self.stages) - 1
-        for i in range(last + 1):
-            x = self._stage(i, x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        self.downsample_layers = self.downsample_layers[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        for i in range(len(self.stages)):
-            x = self._stage(i, x)
-        return x
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool:
             x = x.mean((-2, -1))
         x = self.head_drop(self.norm(x) if self.global_pool else x)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ShiftWiseV2) -> dict[str, torch.Tensor]:

@@ -15,13 +15,13 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
 
 from largekernel.layers.blocks import LayerNorm
 from largekernel.layers.decomposed import DecomposedLargeKernelConv
+from largekernel.models._stages import StagedConvNet
 
 __all__ = ["SLaK", "SLaKBlock"]
 
@@ -55,7 +55,7 @@ class SLaKBlock(nn.Module):
         return shortcut + self.drop_path(x.permute(0, 3, 1, 2))
 
 
-class SLaK(nn.Module):
+class SLaK(StagedConvNet):
     """SLaK classifier. Input (N, in_chans, H, W) -> logits (N, num_classes); stage maps at strides 4/8/16/32.
 
     ``dims`` are the ConvNeXt widths before ``width_factor`` (each becomes ``int(width_factor * d)``, as the
@@ -112,13 +112,6 @@ class SLaK(nn.Module):
             self.head.weight.data.mul_(head_init_scale)
             self.head.bias.data.mul_(head_init_scale)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(
@@ -130,48 +123,11 @@ class SLaK(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         if global_pool is not None and global_pool != "avg":
             raise ValueError(f"global_pool must be 'avg', got {global_pool!r}")
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample_layers[i](x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.stages[i], x)
-        return self.stages[i](x)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False
-                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (N, C_i, H/4/2^i, W/4/2^i) for the ``indices`` (timm semantics). The final norm acts
-        on pooled features, so ``norm`` has no effect on the maps."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last = max_index if stop_early else len(self.stages) - 1
-        intermediates = []
-        for i in range(last + 1):
-            x = self._run_stage(i, x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
@@ -186,18 +142,9 @@ class SLaK(nn.Module):
             self.reset_classifier(0)
         return take_indices
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_chans, H, W) -> last stage map (N, C_4, H/32, W/32)."""
-        for i in range(len(self.stages)):
-            x = self._run_stage(i, x)
-        return x
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(self.norm(x.mean((-2, -1))))
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 @torch.no_grad()

@@ -12,14 +12,13 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
 
 from largekernel.layers.blocks import GRN, LayerNorm, SEBlock, get_bn
 from largekernel.layers.conv import DepthwiseConv2d, fuse_bn
 from largekernel.layers.dilated import DilatedReparamBlock
+from largekernel.models._stages import StagedConvNet
 
 __all__ = ["UniRepLKNet", "UniRepLKNetBlock", "DEFAULT_KERNEL_SIZES"]
 
@@ -145,7 +144,7 @@ def downsample_layers(in_chans: int, dims: Sequence[int]) -> nn.ModuleList:
     return layers
 
 
-class UniRepLKNet(nn.Module):
+class UniRepLKNet(StagedConvNet):
     """UniRepLKNet for image classification. (N, in_chans, H, W) -> (N, num_classes).
 
     Stem: two stride-2 3x3 convs (LayerNorm, GELU between); stride-2 3x3 conv + LayerNorm before stages 2-4;
@@ -208,13 +207,6 @@ class UniRepLKNet(nn.Module):
             self.head.weight.data.mul_(head_init_scale)
             self.head.bias.data.mul_(head_init_scale)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
     # ---- timm surface -------------------------------------------------------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -227,27 +219,6 @@ class UniRepLKNet(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        device = self.downsample_layers[0][0].weight.device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-
     def reparameterize_unireplknet(self) -> None:
         """Official name: convert in place to the deploy form (same as ``largekernel.reparameterize``)."""
         for m in list(self.modules()):
@@ -259,67 +230,12 @@ class UniRepLKNet(nn.Module):
         """True when every block is in the deploy (re-parameterized) form."""
         return all(block.deployed for stage in self.stages for block in stage)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"UniRepLKNet expects input (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
-
-    def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample_layers[i](x)
-        if self.grad_checkpointing and not torch.jit.is_scripting() and x.requires_grad:
-            return checkpoint_seq(self.stages[i], x)
-        return self.stages[i](x)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (strides 4, 8, 16, 32) selected by ``indices``; ``norm`` is ignored (the final
-        LayerNorm acts on pooled features)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last = max_index if (stop_early or intermediates_only) else len(self.stages) - 1
-        intermediates = []
-        for i in range(last + 1):
-            x = self._run_stage(i, x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        self.downsample_layers = self.downsample_layers[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        for i in range(len(self.stages)):
-            x = self._run_stage(i, x)
-        return x
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
             x = self.head_drop(self.norm(x.mean((2, 3))))
             return x if pre_logits else self.head(x)
         x = self.head_drop(self.norm(x.permute(0, 2, 3, 1)))  # no pooling: per-location norm and head
         return (x if pre_logits else self.head(x)).permute(0, 3, 1, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: UniRepLKNet) -> dict[str, torch.Tensor]:
