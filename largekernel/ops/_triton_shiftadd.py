@@ -60,6 +60,15 @@ def _gather_terms(y_ptr, pad_ptr, ident_ptr, bc, c, hs, ws, inside, Hp, Wp,
 
 
 @triton.jit
+def _store_terms(out, term_stride, acc0, acc1, acc2, inside):
+    """The three terms of a tile into the (3, B, R, H, W) output (``out``: term 0's pointers)."""
+    ty = out.dtype.element_ty
+    tl.store(out, acc0.to(ty), mask=inside)
+    tl.store(out + term_stride, acc1.to(ty), mask=inside)
+    tl.store(out + 2 * term_stride, acc2.to(ty), mask=inside)
+
+
+@triton.jit
 def _shift_add_fwd(y_ptr, pad_ptr, ident_ptr, out_ptr, R, H, W, Hp, Wp, term_stride, n_th, n_tw,
                    NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, F64: tl.constexpr):
@@ -69,10 +78,7 @@ def _shift_add_fwd(y_ptr, pad_ptr, ident_ptr, out_ptr, R, H, W, Hp, Wp, term_str
     acc0, acc1, acc2 = _gather_terms(y_ptr, pad_ptr, ident_ptr, bc, c, hs, ws, inside, Hp, Wp,
                                      NK, G, E, BLOCK_H, BLOCK_W, F64)
     out = out_ptr + bc.to(tl.int64) * H * W + hs * W + ws
-    ty = out_ptr.dtype.element_ty
-    tl.store(out, acc0.to(ty), mask=inside)
-    tl.store(out + term_stride, acc1.to(ty), mask=inside)
-    tl.store(out + 2 * term_stride, acc2.to(ty), mask=inside)
+    _store_terms(out, term_stride, acc0, acc1, acc2, inside)
 
 
 @triton.jit
@@ -227,10 +233,7 @@ def _fwd_tile(y_ptr, pad_ptr, ident_ptr, out_ptr, R, term_stride, n_t,
     hs, ws, inside = _tile_xy(pid % n_t, H, W, BLOCK_H, BLOCK_W)
     acc0, acc1, acc2 = _gather_c(y_ptr, pad_ptr, ident_ptr, bc, c, hs, ws, NK, G, E, H + 2 * E, W + 2 * E, F64, PF)
     out = out_ptr + bc.to(tl.int64) * (H * W) + (hs * W + ws)
-    ty = out_ptr.dtype.element_ty
-    tl.store(out, acc0.to(ty), mask=inside)
-    tl.store(out + term_stride, acc1.to(ty), mask=inside)
-    tl.store(out + 2 * term_stride, acc2.to(ty), mask=inside)
+    _store_terms(out, term_stride, acc0, acc1, acc2, inside)
 
 
 @triton.jit
@@ -241,10 +244,7 @@ def _fwd_flat(y_ptr, pad_ptr, ident_ptr, out_ptr, R, term_stride, n_planes, n_t,
     c = bc % R
     acc0, acc1, acc2 = _gather_c(y_ptr, pad_ptr, ident_ptr, bc, c, hs, ws, NK, G, E, H + 2 * E, W + 2 * E, F64, PF)
     out = out_ptr + bc.to(tl.int64) * (H * W) + (hs * W + ws)
-    ty = out_ptr.dtype.element_ty
-    tl.store(out, acc0.to(ty), mask=inside)
-    tl.store(out + term_stride, acc1.to(ty), mask=inside)
-    tl.store(out + 2 * term_stride, acc2.to(ty), mask=inside)
+    _store_terms(out, term_stride, acc0, acc1, acc2, inside)
 
 
 @triton.jit
@@ -429,10 +429,7 @@ def _fwd_dot(y_ptr, pad_ptr, ident_ptr, out_ptr, R, term_stride,
     acc0, acc1, acc2, inside = _gather_dot(y_ptr, pad_ptr, ident_ptr, bc, bc % R, r, q, NK, G, E, H, W, F64, SPLIT,
                                                   EMULATE)
     out = out_ptr + bc.to(tl.int64) * (H * W) + (tl.minimum(r, H - 1) * W + tl.minimum(q, W - 1))
-    ty = out_ptr.dtype.element_ty
-    tl.store(out, acc0.to(ty), mask=inside)
-    tl.store(out + term_stride, acc1.to(ty), mask=inside)
-    tl.store(out + 2 * term_stride, acc2.to(ty), mask=inside)
+    _store_terms(out, term_stride, acc0, acc1, acc2, inside)
 
 
 @triton.jit
