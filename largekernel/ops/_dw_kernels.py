@@ -421,14 +421,15 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
                flip: bool = False) -> None:
     """y = depthwise 'same'-style conv of x with w (C, kh, kw) (flipped in both axes if flip) and top/left
     padding (ph, pw)."""
-
     N, C, H, W = x.shape
     KH, KW = w.shape[-2:]
+    # tap (i, j) of channel c sits at w + w_off + c*KH*KW + i*swh + j*sww (flip: read backwards in place)
+    w_off, swh, sww = (KH * KW - 1, -KW, -1) if flip else (0, KW, 1)
+    b_arg = bias if bias is not None else w   # any pointer when HAS_BIAS is off
     if cfg.get("plane"):
-        w_off, swh, sww = (KH * KW - 1, -KW, -1) if flip else (0, KW, 1)
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         grid = (C * cdiv(N, bm) * cdiv(H * W, bn),)
-        _dw_plane_kernel[grid](x, w, bias if bias is not None else w, y,
+        _dw_plane_kernel[grid](x, w, b_arg, y,
                                N, C, H, W, KH, KW, ph, pw, w_off, swh, sww,
                                *x.stride(), *y.stride(),
                                HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
@@ -438,17 +439,14 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
     if cfg.get("transpose"):   # tall kernels: run on the (W, H) views, the kernel read transposed in place
         x, y = x.transpose(2, 3), y.transpose(2, 3)
         N, C, H, W = x.shape
-        KH, KW, ph, pw = KW, KH, pw, ph
-        w_off, swh, sww = (KH * KW - 1, -1, -KH) if flip else (0, 1, KH)
-    else:
-        w_off, swh, sww = (KH * KW - 1, -KW, -1) if flip else (0, KW, 1)
+        KH, KW, ph, pw, swh, sww = KW, KH, pw, ph, sww, swh
     bm, bw, bu = cfg["BLOCK_M"], cfg["BLOCK_W"], cfg["BLOCK_U"]
     grid = (C * cdiv(N * H, bm) * cdiv(W, bw),)
     if cfg.get("prefetch") or cfg.get("transpose"):
         vec = _vec(x, cfg)
         sn, sc, sh, sw = x.stride()
         pwa = -(-pw // vec) * vec
-        _dw_fwd2_kernel[grid](x, w, bias if bias is not None else w, y,
+        _dw_fwd2_kernel[grid](x, w, b_arg, y,
                               N, C, H, W // vec, KH, KW, ph, pw, pwa // vec, w_off, swh, sww,
                               sn // vec, sc // vec, sh // vec, sw, *y.stride(),
                               HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_W=bw, BLOCK_U=bu,
@@ -457,7 +455,7 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         return
     if flip:
         w = w.flip(-2, -1).contiguous()
-    _dw_fwd_kernel[grid](x, w, bias if bias is not None else w, y,
+    _dw_fwd_kernel[grid](x, w, b_arg, y,
                          N, C, H, W, KH, KW, ph, pw,
                          *x.stride(), *y.stride(),
                          HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_W=bw, BLOCK_U=bu,

@@ -423,6 +423,5 @@ class _DepthwiseConv2dFunction(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         with _on_device(x):
-            dx, dw, db = _triton_backward(grad.contiguous(memory_format=_format_of(grad)), x, weight, need_x, need_w,
-                                          need_b)
+            dx, dw, db = _triton_backward(grad, x, weight, need_x, need_w, need_b)
         return (dx if need_x else None), (dw if need_w else None), (db if need_b else None)
