@@ -49,6 +49,12 @@ VARIANTS = [
      lambda w: dict(NB=max(1, 64 // (1 << (w - 1).bit_length())), programs=2112, num_warps=4)),
     ("transposed", lambda w: dict(BLOCK_M=64, BLOCK_W=32, BLOCK_U=32, num_warps=4, transpose=True),
      lambda w: dict(BLOCK_V=32, programs=2112, num_warps=4, transpose=True)),
+    ("bands", lambda w: dict(BLOCK_M=128, BLOCK_W=32, BLOCK_U=32, num_warps=4, prefetch=True, bands=True),
+     lambda w: dict(BLOCK_V=min(32, dwmod._bw(w)), programs=2112, num_warps=4)),
+    ("plane-bands", lambda w: dict(plane=True, bands=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4,
+                                   prefetch=True),
+     lambda w: (dict(plane=True, BLOCK_N=32, programs=4224) if w <= 16 else
+                dict(BLOCK_V=min(32, dwmod._bw(w)), programs=2112, num_warps=4))),
 ]
 
 
@@ -124,15 +130,23 @@ def peak_memory() -> list[dict]:
 def _sweep_fwd(h: int, kw: int) -> list[dict]:
     bw, bu = dwmod._bw(h), min(64, dwmod._bw(16 + kw + 7))
     plane = [dict(plane=True, BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, prefetch=pf)
-             for bn, bk, nw, pf in ((64, 64, 4, True), (64, 64, 4, False), (64, 64, 8, False), (128, 32, 8, False),
-                                    (32, 64, 4, False), (64, 32, 4, False), (128, 64, 8, False), (32, 32, 4, False))]
+             for bn, bk, nw, pf in ((64, 64, 4, True), (64, 64, 8, False), (128, 32, 8, False), (64, 16, 4, True))]
+    plane += [dict(plane=True, bands=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, prefetch=pf)
+              for bm, bn, bk, nw, pf in ((64, 64, 64, 4, True), (64, 64, 64, 4, False), (64, 64, 32, 4, True),
+                                         (64, 128, 32, 8, False), (64, 128, 32, 8, True), (64, 128, 64, 8, True),
+                                         (64, 64, 16, 4, True), (64, 32, 32, 4, True), (64, 128, 16, 4, True),
+                                         (64, 256, 32, 8, True), (32, 64, 32, 4, True), (64, 64, 128, 8, False))]
     rows = [dict(BLOCK_M=64, BLOCK_W=min(32, bw), BLOCK_U=32, num_warps=4, prefetch=True),
+            dict(BLOCK_M=64, BLOCK_W=min(32, bw), BLOCK_U=32, num_warps=4, prefetch=True, bands=True),
             dict(BLOCK_M=128, BLOCK_W=bw, BLOCK_U=32, num_warps=8, prefetch=True),
-            dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=16, num_warps=4, num_stages=3)]
+            dict(BLOCK_M=128, BLOCK_W=bw, BLOCK_U=32, num_warps=8, prefetch=True, bands=True),
+            dict(BLOCK_M=128, BLOCK_W=bw, BLOCK_U=64, num_warps=8, prefetch=True, bands=True),
+            dict(BLOCK_M=256, BLOCK_W=bw, BLOCK_U=32, num_warps=8, prefetch=True, bands=True),
+            dict(BLOCK_M=128, BLOCK_W=min(32, bw), BLOCK_U=32, num_warps=4, prefetch=True, bands=True)]
     if h <= 16:
         rows += [dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=bu, num_warps=8, prefetch=True),
-                 dict(BLOCK_M=64, BLOCK_W=16, BLOCK_U=bu, num_warps=4, prefetch=True)]
-    return (plane if h * h <= 1024 else []) + rows
+                 dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=bu, num_warps=8, prefetch=True, bands=True)]
+    return (plane if h * h <= 1024 else [c for c in plane if c.get("bands")]) + rows
 
 
 def _sweep_wgrad(h: int) -> list[dict]:
@@ -141,6 +155,9 @@ def _sweep_wgrad(h: int) -> list[dict]:
     cands = [dict(BLOCK_V=min(32, bv), programs=2112, num_warps=4), dict(BLOCK_V=bv, programs=1056, num_warps=8),
              dict(BLOCK_K=32, programs=1056, num_warps=4, num_stages=3),
              dict(BLOCK_K=128, programs=1056, num_warps=4, num_stages=3)]
+    if h <= 16:
+        cands += [dict(plane=True, BLOCK_N=bn, programs=progs, num_warps=nw)
+                  for bn, progs, nw in ((64, 0, 4), (64, 0, 8), (32, 4224, 4), (32, 4224, 8), (16, 8448, 4))]
     if h <= 32:
         for red, progs, nw, pf in ((64, 2112, 4, True), (64, 2112, 4, False), (128, 1056, 8, True),
                                    (128, 2112, 4, False), (256, 1056, 8, False), (64, 4224, 4, False)):
@@ -167,25 +184,26 @@ def _sweep_one(rows: list, kind: str, dt, shape, cfg: dict, fn) -> None:
           f"{dwconv.flops(64, c, h, kh, kw) / t / 1e9:6.1f} TFLOP/s {cfg}", flush=True)
 
 
-def _sweep_shape(rows: list, dt, shape) -> None:
+def _sweep_shape(rows: list, dt, shape, kinds=("fwd", "dgrad", "wgrad")) -> None:
     c, h, kh, kw = shape
     x, w, b = (t.detach() for t in dwconv.make_inputs(64, c, h, kh, kw, dt))
     g = torch.randn_like(x)
     out = torch.empty_like(x)
     ph, pw = dwmod._pads(kh, kw)
-    for cfg in [dict(native=True), *_sweep_fwd(h, kw)]:
-        if cfg.get("native"):
-            _sweep_one(rows, "fwd", dt, shape, cfg, lambda: F.conv2d(x, w, b, padding="same", groups=c))
+    native = dict(fwd=lambda: F.conv2d(x, w, b, padding="same", groups=c),
+                  dgrad=lambda: torch.nn.grad.conv2d_input(x.shape, w, g, padding=(ph, pw), groups=c),
+                  wgrad=lambda: torch.nn.grad.conv2d_weight(x, w.shape, g, padding=(ph, pw), groups=c))
+    for kind in kinds:
+        _sweep_one(rows, kind, dt, shape, dict(native=True), native[kind])
+    for cfg in _sweep_fwd(h, kw):
+        if "fwd" in kinds:
+            _sweep_one(rows, "fwd", dt, shape, cfg, lambda cfg=cfg: dwmod._conv_pass(cfg, x, w, b, out, ph, pw))
+        if "dgrad" in kinds:
             _sweep_one(rows, "dgrad", dt, shape, cfg,
-                       lambda: torch.nn.grad.conv2d_input(x.shape, w, g, padding=(ph, pw), groups=c))
-            _sweep_one(rows, "wgrad", dt, shape, cfg,
-                       lambda: torch.nn.grad.conv2d_weight(x, w.shape, g, padding=(ph, pw), groups=c))
-            continue
-        _sweep_one(rows, "fwd", dt, shape, cfg, lambda cfg=cfg: dwmod._conv_pass(cfg, x, w, b, out, ph, pw))
-        _sweep_one(rows, "dgrad", dt, shape, cfg,
-                   lambda cfg=cfg: dwmod._conv_pass(cfg, g, w, None, out, kh - 1 - ph, kw - 1 - pw, flip=True))
-    for cfg in _sweep_wgrad(h):
-        _sweep_one(rows, "wgrad", dt, shape, cfg, lambda cfg=cfg: dwmod._wgrad_pass(cfg, x, g, w))
+                       lambda cfg=cfg: dwmod._conv_pass(cfg, g, w, None, out, kh - 1 - ph, kw - 1 - pw, flip=True))
+    if "wgrad" in kinds:
+        for cfg in _sweep_wgrad(h):
+            _sweep_one(rows, "wgrad", dt, shape, cfg, lambda cfg=cfg: dwmod._wgrad_pass(cfg, x, g, w))
 
 
 def launch_overhead() -> dict:
@@ -214,11 +232,12 @@ def launch_overhead() -> dict:
     return res
 
 
-def sweep(shapes=((512, 14, 27, 27), (1024, 7, 13, 13), (256, 28, 29, 29))) -> list[dict]:
+def sweep(shapes=((512, 14, 27, 27), (1024, 7, 13, 13), (256, 28, 29, 29)), dtypes=("bfloat16", "float32"),
+          kinds=("fwd", "dgrad", "wgrad")) -> list[dict]:
     rows: list[dict] = []
-    for dt in (torch.bfloat16, torch.float32):
+    for dt in dtypes:
         for shape in shapes:
-            _sweep_shape(rows, dt, shape)
+            _sweep_shape(rows, getattr(torch, dt), shape, kinds)
             torch.cuda.empty_cache()
     best = {}
     for r in rows:
@@ -301,6 +320,9 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true", help="skip the correctness and memory checks")
     ap.add_argument("--overhead", action="store_true", help="only the per-call CPU overhead and its profile")
     ap.add_argument("--shapes", default="all", help="'quick' = the 4 stage shapes")
+    ap.add_argument("--sweep-shapes", default="512/14/27,1024/7/13,256/28/29", help="C/H/K list for --sweep")
+    ap.add_argument("--sweep-dtypes", default="bfloat16,float32")
+    ap.add_argument("--sweep-kinds", default="fwd,dgrad,wgrad")
     args = ap.parse_args()
     t0 = time.time()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -329,7 +351,9 @@ def main() -> None:
     print(f"[{time.time() - t0:.0f}s] checks done", flush=True)
     if args.sweep:
         report["overhead"] = launch_overhead()
-        report["sweep"] = sweep()
+        shapes = [tuple(int(v) for v in sh.split("/")) for sh in args.sweep_shapes.split(",")]
+        report["sweep"] = sweep([(c, h, k, k) for c, h, k in shapes], args.sweep_dtypes.split(","),
+                                args.sweep_kinds.split(","))
         print(f"[{time.time() - t0:.0f}s] sweep done", flush=True)
     if not args.no_bench:
         shapes = dwconv.SHAPES[:4] if args.shapes == "quick" else dwconv.SHAPES

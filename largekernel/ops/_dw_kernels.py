@@ -117,8 +117,13 @@ def _dw_wgrad_kernel(x_ptr, g_ptr, dw_ptr,
 
 @triton.jit
 def _fwd_tiles(t, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw, swh, sww,
-               BLOCK_U: tl.constexpr):
-    """A (rows x input columns) and B (Toeplitz band) tiles of step t = i * num_u + uc; zeros past T."""
+               q_c, KH, LQ_V, E0, PWD, BLOCK_U: tl.constexpr, BLOCK_W: tl.constexpr, BANDS: tl.constexpr,
+               BVEC: tl.constexpr):
+    """A (rows x input columns) and B (Toeplitz band) tiles of step t = i * num_u + uc; zeros past T.
+
+    BANDS: B is read from the shifted band copies (``band_copies``) as aligned BVEC-wide vectors, unmasked:
+    B[u, v] = P_i[E0 - D - u + v] with D = uc * BLOCK_U - PWD (PWD = PWA - PW), P_i the reversed zero-padded row,
+    stored as BVEC copies shifted by 0..BVEC-1 so that every tile row starts on a vector boundary."""
     i = t // num_u
     uc = t - i * num_u
     live = t < T
@@ -127,18 +132,24 @@ def _fwd_tiles(t, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, 
     u = w0 - PWA + uc * BLOCK_U + du
     a = tl.load(x_rows[:, None] + yy[:, None] * sxh + u[None, :] * sxw,
                 mask=row_ok[:, None] & ((u >= 0) & (u < W))[None, :], other=0.0)
-    tt = t0 + uc * BLOCK_U
-    b = tl.load(w_tap + i * swh + tt * sww, mask=(tt >= 0) & (tt < KW) & live, other=0.0)
+    if BANDS:
+        e = E0 + PWD - uc * BLOCK_U - du                  # >= 0; past T (prefetch) row i is clamped
+        s = e % BVEC
+        row = ((tl.minimum(i, KH - 1) * BVEC + s) * LQ_V + e // BVEC) * BVEC
+        b = tl.load(q_c + row[:, None] + tl.arange(0, BLOCK_W)[None, :])
+    else:
+        tt = t0 + uc * BLOCK_U
+        b = tl.load(w_tap + i * swh + tt * sww, mask=(tt >= 0) & (tt < KW) & live, other=0.0)
     return a, b
 
 
 @triton.jit(do_not_specialize=[13, 14, 15])   # w_off, swh, sww: forward and input grad share a binary
 def _dw_fwd2_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                     N, C, H, W_V, KH, KW, PH, PW, PWA_V, w_off, swh, sww,
-                    sxn_v, sxc_v, sxh_v, sxw, syn, syc, syh, syw,
+                    sxn_v, sxc_v, sxh_v, sxw, syn, syc, syh, syw, q_ptr, LQ_V, E0,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
                     BLOCK_U: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr,
-                    VEC: tl.constexpr):
+                    VEC: tl.constexpr, BANDS: tl.constexpr, BVEC: tl.constexpr):
     """_dw_fwd_kernel with the (kernel row, column chunk) loop flattened and the next step's tiles
     loaded before the current dot (register double buffering: the loads are 2-byte gathers that
     Triton's cp.async pipeliner does not take).
@@ -146,7 +157,8 @@ def _dw_fwd2_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     VEC: W, the x strides and the column-chunk starts are passed as multiples of VEC (``*_v`` = value /
     VEC, chunks start at ``w0 - PWA`` with PWA = PW rounded up to VEC) so that Triton can prove VEC-wide
     aligned, uniformly masked runs and emit vector loads for the x tile. Tap (i, j) of channel c is read
-    at ``w_ptr + w_off + c*KH*KW + i*swh + j*sww`` (the input grad reads the kernel flipped in place)."""
+    at ``w_ptr + w_off + c*KH*KW + i*swh + j*sww`` (the input grad reads the kernel flipped in place), or with
+    BANDS from the shifted band copies at ``q_ptr`` (see ``band_copies``) as unmasked BVEC-wide vectors."""
     W = W_V * VEC
     PWA = PWA_V * VEC
     sxn = sxn_v * VEC
@@ -172,14 +184,17 @@ def _dw_fwd2_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     num_u = tl.cdiv(BLOCK_W + KW - 1 + PWA - PW, BLOCK_U)
     T = KH * num_u
 
+    q_c = q_ptr + (c.to(tl.int64) * KH * LQ_V) * BVEC * BVEC
+    PWD = PWA - PW
+
     acc = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
     a, b = _fwd_tiles(0, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw, swh, sww,
-                      BLOCK_U)
+                      q_c, KH, LQ_V, E0, PWD, BLOCK_U, BLOCK_W, BANDS, BVEC)
     for t in range(0, T):
         a_cur = a
         b_cur = b
         a, b = _fwd_tiles(t + 1, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw,
-                          swh, sww, BLOCK_U)
+                          swh, sww, q_c, KH, LQ_V, E0, PWD, BLOCK_U, BLOCK_W, BANDS, BVEC)
         if CAST_F32:
             a_cur = a_cur.to(tl.float32)
             b_cur = b_cur.to(tl.float32)
@@ -335,6 +350,103 @@ def _dw_plane_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
 
 
 @triton.jit
+def _plane_band_tiles(p0, x_rows, dk, W, py_hi, sxh, sxw, q_c, ocol, E0, PW, PHR, LQ_V,
+                      WP: tl.constexpr, BVEC: tl.constexpr):
+    """A = x[batch rows, p'] over padded positions p' = py * WP + px (zero for px >= W or py >= py_hi) and
+    B[p', o'] = w[py - oy + PH, px - ox + PW] read as aligned BVEC-wide runs along ox from the band copies."""
+    p = p0 + dk
+    py = p // WP
+    px = p % WP
+    a = tl.load(x_rows[:, None] + (py * sxh + px * sxw)[None, :], mask=((px < W) & (py < py_hi))[None, :],
+                other=0.0)
+    e = E0 - PW - px
+    row = (((py + PHR) * BVEC + e % BVEC) * LQ_V + e // BVEC) * BVEC
+    b = tl.load(q_c + row[:, None] + ocol[None, :])
+    return a, b
+
+
+@triton.jit
+def _dw_plane_bands_kernel(x_ptr, q_ptr, b_ptr, y_ptr,
+                           N, C, H, W, KH, PH, PW, PHR, E0, QR, LQ_V,
+                           sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, WP: tl.constexpr, BVEC: tl.constexpr, PRECISION: tl.constexpr,
+                           CAST_F32: tl.constexpr, PREFETCH: tl.constexpr):
+    """Whole-plane GEMM (see _dw_plane_kernel) on positions padded to WP = pow2(W) columns, so that along the
+    output columns the B operand is a run of one reversed kernel row: it is read as aligned vectors from the
+    band copies ``q`` (``plane_band_copies``: per kernel row, BVEC copies shifted by 0..BVEC-1, zero rows above
+    and below) instead of element by element. An output tile is BLOCK_N // WP whole output rows."""
+    pid = tl.program_id(0)
+    NR: tl.constexpr = BLOCK_N // WP
+    num_o = tl.cdiv(H, NR)
+    num_m = tl.cdiv(N, BLOCK_M)
+    ob = pid % num_o
+    mb = (pid // num_o) % num_m
+    c = pid // (num_o * num_m)
+
+    o = tl.arange(0, BLOCK_N)
+    oy = ob * NR + o // WP
+    ox = o % WP
+    ocol = ox - (oy * BVEC * LQ_V) * BVEC
+    m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < N
+    x_rows = x_ptr + c.to(tl.int64) * sxc + tl.where(m_ok, m, 0).to(tl.int64) * sxn
+    q_c = q_ptr + (c.to(tl.int64) * QR * LQ_V) * BVEC * BVEC
+    py_lo = tl.maximum(ob * NR - PH, 0)
+    py_hi = tl.minimum(ob * NR + NR + KH - 1 - PH, H)
+    p_lo = (py_lo * WP // BLOCK_K) * BLOCK_K
+    T = tl.cdiv(py_hi * WP - p_lo, BLOCK_K)
+    dk = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if PREFETCH:
+        a, b = _plane_band_tiles(p_lo, x_rows, dk, W, py_hi, sxh, sxw, q_c, ocol, E0, PW, PHR, LQ_V, WP, BVEC)
+        for t in range(0, T):
+            a_cur = a
+            b_cur = b
+            a, b = _plane_band_tiles(p_lo + (t + 1) * BLOCK_K, x_rows, dk, W, py_hi, sxh, sxw, q_c, ocol, E0, PW,
+                                     PHR, LQ_V, WP, BVEC)
+            if CAST_F32:
+                a_cur = a_cur.to(tl.float32)
+                b_cur = b_cur.to(tl.float32)
+            acc = tl.dot(a_cur, b_cur, acc, input_precision=PRECISION)
+    else:
+        for t in range(0, T):
+            a, b = _plane_band_tiles(p_lo + t * BLOCK_K, x_rows, dk, W, py_hi, sxh, sxw, q_c, ocol, E0, PW, PHR,
+                                     LQ_V, WP, BVEC)
+            if CAST_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c).to(tl.float32)
+    y_ptrs = y_ptr + c.to(tl.int64) * syc + m.to(tl.int64)[:, None] * syn + (oy * syh + ox * syw)[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & ((oy < H) & (ox < W))[None, :])
+
+
+def plane_band_copies(w, H: int, W: int, ph: int, pw: int, block_n: int, block_k: int, bvec: int):
+    """Band copies for _dw_plane_bands_kernel: Q[c, r, s, k] = P_r[k + s] with P_r[e] = w[r - RP, E0 - e] (zero
+    off the kernel), rows r covering every kernel-row offset py - oy + ph the kernel can form (output rows up
+    to the last tile's, input rows up to one prefetched chunk past the plane). Returns (Q, E0, PH + RP, LQ).
+    C * R * bvec * LQ elements (~2x(H + 4) rows of ~2*pow2(W) columns, times bvec): weights-sized, not
+    batch-sized (8 MB at C512 14x14 bf16)."""
+    C, kh, kw = w.shape
+    wp = next_pow2(W)
+    nr = block_n // wp
+    oy_max = cdiv(H, nr) * nr - 1
+    py_max = H + 2 * cdiv(block_k, wp)
+    rp = max(0, oy_max - ph)
+    R = rp + py_max + ph + 1
+    e0 = max(kw - 1, pw + wp - 1)
+    lq = -(-(e0 - pw + wp) // bvec) * bvec
+    p = w.new_zeros((C, R, lq + bvec))
+    rows = min(kh, R - rp)
+    p[:, rp:rp + rows, e0 - kw + 1:e0 + 1] = w[:, :rows].flip(-1)
+    return p.unfold(2, lq, 1)[:, :, :bvec].contiguous(), e0, ph + rp, lq
+
+
+@triton.jit
 def _wgb_tiles(t, live, H, x_c, g_c, nn, v, j, i, N, W, KH, KW, PH, PW, sxn, sxh, sxw, sgn, sgh, sgw,
                NB: tl.constexpr):
     """Step t = (image group, row y'): A[j, (n, v)] = x[n, y', v + j - PW], B[(n, v), i] = g[n, y' - i + PH, v]."""
@@ -403,6 +515,73 @@ def _dw_wgrad_batched_kernel(x_ptr, g_ptr, dw_ptr,
     tl.store(out, acc, mask=(j < KW)[:, None] & (i < KH)[None, :])
 
 
+def band_copies(w, e0: int, length: int, bvec: int):
+    """Per kernel row i of w (C, kh, kw): the reversed row zero-padded to ``length``, ``P_i[e0 - j] = w[i, j]``
+    (e0 >= kw - 1), stored as ``bvec`` copies shifted by 0..bvec-1: Q[c, i, s, k] = P_i[k + s] for k < LQ =
+    length rounded up to bvec, so that any run P_i[e:e + n] is one aligned run of copy e % bvec. Returns
+    (Q, LQ). C * kh * bvec * LQ elements: weights-sized (~10 MB at C128 K31 bf16), no activation-sized copy."""
+    C, kh, kw = w.shape
+    lq = -(-length // bvec) * bvec
+    p = w.new_zeros((C, kh, lq + bvec))
+    p[:, :, e0 - kw + 1:e0 + 1] = w.flip(-1)
+    return p.unfold(2, lq, 1)[:, :, :bvec].contiguous(), lq
+
+
+@triton.jit
+def _dw_wgrad_plane_kernel(x_ptr, g_ptr, dw_ptr,
+                           N, C, H, W, KH, KW, PH, PW, N_PER_SPLIT, SPLITS,
+                           sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+                           HP: tl.constexpr, WP: tl.constexpr, KHP: tl.constexpr, BLOCK_N: tl.constexpr,
+                           PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
+    """Weight grad for small planes (H, W <= 16), without gathers: per channel and output row oy,
+    ``M[(py, px), ox] = sum_n x[n, py, px] * g[n, oy, ox]`` is a plain GEMM over the batch (both operands are
+    contiguous rows), and the tap (py - oy + PH, px - ox + PW) of each entry is reached by two more small GEMMs
+    with constant 0/1 matrices: ``D = reshape(M, (HP, WP*WP)) @ S`` sums the diagonals px - ox (S[(px, ox), j'] =
+    [px - ox + WP - 1 == j']), ``dw += R_oy @ D`` moves input row py to kernel row py - oy + PH. Positions are
+    padded to HP x WP (pow2, >= 16); the batch is split over SPLITS programs per channel (fp32 partials)."""
+    pid = tl.program_id(0)
+    s = pid % SPLITS
+    c = pid // SPLITS
+    n_start = s * N_PER_SPLIT
+    n_end = tl.minimum(n_start + N_PER_SPLIT, N)
+
+    p = tl.arange(0, HP * WP)
+    py = p // WP
+    px = p % WP
+    p_ok = (py < H) & (px < W)
+    ox = tl.arange(0, WP)
+    nn = tl.arange(0, BLOCK_N)
+    k = tl.arange(0, WP * WP)
+    jj = tl.arange(0, 2 * WP)
+    skew = ((k // WP - k % WP + WP - 1)[:, None] == jj[None, :]).to(tl.float32)
+    ii = tl.arange(0, KHP)
+    hh = tl.arange(0, HP)
+    x_c = x_ptr + c.to(tl.int64) * sxc
+    g_c = g_ptr + c.to(tl.int64) * sgc
+    acc = tl.zeros((KHP, 2 * WP), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        n = n0 + nn
+        n_ok = n < n_end
+        n64 = tl.where(n_ok, n, 0).to(tl.int64)
+        xt = tl.load(x_c + n64[None, :] * sxn + (py * sxh + px * sxw)[:, None], mask=p_ok[:, None] & n_ok[None, :],
+                     other=0.0)                                                   # (HP*WP, BLOCK_N)
+        if CAST_F32:
+            xt = xt.to(tl.float32)
+        for oy in range(0, H):
+            gt = tl.load(g_c + n64[:, None] * sgn + oy * sgh + ox[None, :] * sgw,
+                         mask=n_ok[:, None] & (ox < W)[None, :], other=0.0)       # (BLOCK_N, WP)
+            if CAST_F32:
+                gt = gt.to(tl.float32)
+            m = tl.dot(xt, gt, input_precision=PRECISION)                         # (HP*WP, WP)
+            d = tl.dot(tl.reshape(m, (HP, WP * WP)), skew, input_precision=PRECISION)   # (HP, 2*WP)
+            shift = ((hh[None, :] - oy + PH) == ii[:, None]).to(tl.float32)      # (KHP, HP)
+            acc = tl.dot(shift, d, acc, input_precision=PRECISION)
+
+    j = jj - (WP - 1) + PW
+    out = dw_ptr + (s.to(tl.int64) * C + c) * KH * KW + ii[:, None] * KW + j[None, :]
+    tl.store(out, acc, mask=(ii < KH)[:, None] & ((j >= 0) & (j < KW))[None, :])
+
+
 def _vec(t, cfg: dict) -> int:
     """Widest run (<= 16 bytes) that W, the strides and the data pointer are all multiples of."""
     n, c, h, w = t.shape
@@ -429,6 +608,19 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
     if cfg.get("plane"):
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         grid = (C * cdiv(N, bm) * cdiv(H * W, bn),)
+        if cfg.get("bands"):
+            wp, bvec = next_pow2(W), 16 // w.element_size()
+            bn = max(bn, wp)   # whole output rows per tile
+            q, e0, phr, lq = plane_band_copies(w.flip(-2, -1) if flip else w, H, W, ph, pw, bn, bk, bvec)
+            grid = (C * cdiv(N, bm) * cdiv(H, bn // wp),)
+            _dw_plane_bands_kernel[grid](x, q, b_arg, y,
+                                         N, C, H, W, KH, ph, pw, phr, e0, q.shape[1], lq // bvec,
+                                         *x.stride(), *y.stride(),
+                                         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WP=wp,
+                                         BVEC=bvec, PRECISION=precision, CAST_F32=cast_f32,
+                                         PREFETCH=cfg.get("prefetch", False), num_warps=cfg.get("num_warps", 4),
+                                         num_stages=cfg.get("num_stages", 2))
+            return
         _dw_plane_kernel[grid](x, w, b_arg, y,
                                N, C, H, W, KH, KW, ph, pw, w_off, swh, sww,
                                *x.stride(), *y.stride(),
@@ -446,11 +638,18 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         vec = _vec(x, cfg)
         sn, sc, sh, sw = x.stride()
         pwa = -(-pw // vec) * vec
+        num_u = cdiv(bw + KW - 1 + pwa - pw, bu)
+        bvec = 16 // w.element_size() if cfg.get("bands") else 1
+        q, lq, e0 = w, 1, num_u * bu - 1
+        if cfg.get("bands"):
+            eff = w.flip(-2, -1) if flip else w
+            q, lq = band_copies(eff.transpose(1, 2) if cfg.get("transpose") else eff, e0, e0 + pwa - pw + bw, bvec)
         _dw_fwd2_kernel[grid](x, w, b_arg, y,
                               N, C, H, W // vec, KH, KW, ph, pw, pwa // vec, w_off, swh, sww,
-                              sn // vec, sc // vec, sh // vec, sw, *y.stride(),
+                              sn // vec, sc // vec, sh // vec, sw, *y.stride(), q, lq // bvec, e0,
                               HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_W=bw, BLOCK_U=bu,
-                              PRECISION=precision, CAST_F32=cast_f32, VEC=vec,
+                              PRECISION=precision, CAST_F32=cast_f32, VEC=vec, BANDS=bool(cfg.get("bands")),
+                              BVEC=bvec,
                               num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
         return
     if flip:
@@ -473,6 +672,27 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
                           {k: v for k, v in cfg.items() if k != "transpose"}, precision, cast_f32, poison)
         return dw.transpose(1, 2)
     N, C, H, W = x.shape
+    if cfg.get("plane"):   # gather-free small-plane form
+        if H > 16 or W > 16:
+            raise ValueError(f"the whole-plane weight grad takes planes up to 16x16, got {H}x{W}")
+        hp, wp = max(16, next_pow2(H)), max(16, next_pow2(W))
+        bn = cfg.get("BLOCK_N", 64)
+        splits = max(1, min(cdiv(N, bn), cdiv(cfg.get("programs", C), C)))
+        per_split = cdiv(cdiv(N, splits), bn) * bn
+        splits = cdiv(N, per_split)
+        # taps farther than the plane reaches (kw > 2 * wp - ...) get no entry: start from zeros there
+        covered = pw - wp + 1 <= 0 and kw - 1 <= pw + wp
+        partial = (torch.empty if covered else torch.zeros)((splits, C, kh, kw), device=x.device,
+                                                            dtype=torch.float32)
+        if poison and covered:
+            partial.fill_(float("nan"))
+        _dw_wgrad_plane_kernel[(C * splits,)](x, g, partial,
+                                              N, C, H, W, kh, kw, ph, pw, per_split, splits,
+                                              *x.stride(), *g.stride(),
+                                              HP=hp, WP=wp, KHP=_pow2(kh), BLOCK_N=bn,
+                                              PRECISION=precision, CAST_F32=cast_f32,
+                                              num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+        return partial.sum(0) if splits > 1 else partial[0]
     if "NB" in cfg:   # several images' rows per reduction step (narrow planes)
         nb, bv = cfg["NB"], _pow2(W, 1)
         steps = cdiv(N, nb) * H

@@ -145,7 +145,8 @@ TUNE = os.environ.get("LARGEKERNEL_TUNE", "1") == "1"
 FP32_PRECISION = os.environ.get("LARGEKERNEL_FP32_PRECISION", "tf32x3")   # or 'ieee' (CUDA-core FMA)
 POISON = False   # tests: fill kernel outputs with NaN before the launch so unwritten elements show
 # interpreter tests: 0 = first-generation kernels, 1 = prefetching / row-walking ones, 2 = whole-plane forward and
-# batched-rows weight grad, 3 = the row kernels on the transposed problem
+# batched-rows weight grad, 3 = the row kernels on the transposed problem, 4 / 5 = the row kernel /
+# its transposed problem reading the shifted band copies, 6 / 7 = the whole-plane GEMM reading them
 INTERP_VARIANT = 0
 PLANE_MAX = 1024   # planes up to this many pixels also try the whole-plane GEMM (28x28 and below)
 _TUNED: dict = {}
@@ -163,19 +164,23 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
         return [[dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16),
                  dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, prefetch=True),
                  dict(plane=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16),
-                 dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, transpose=True)][INTERP_VARIANT]]
+                 dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, transpose=True),
+                 dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, prefetch=True, bands=True),
+                 dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, transpose=True, bands=True),
+                 dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, prefetch=True),
+                 dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)][INTERP_VARIANT]]
     N, _, H, W = x.shape
-    if H * W <= PLANE_MAX:   # small planes: the whole-plane GEMM, one row-Toeplitz config, cuDNN
-        # (from the H100 tile sweep, docs/performance.md: bf16 14x14 likes wide output tiles, fp32 and 28x28 the
-        # prefetching 64-square ones, 7x7 one 64-square tile per channel)
+    if H * W <= PLANE_MAX:   # small planes: the whole-plane GEMM reading the band copies, one row-Toeplitz config
+        # (from the H100 tile sweeps, docs/performance.md: bf16 likes 64x128x16 tiles at 14x14, 64x64x16 at 7x7,
+        # fp32 narrower output tiles)
         bm = min(64, max(16, 1 << (N - 1).bit_length()))
-        cands = [dict(plane=True, BLOCK_M=bm, BLOCK_N=128, BLOCK_K=32, num_warps=8),
-                 dict(plane=True, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=4, prefetch=True),
-                 dict(plane=True, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=8),
-                 dict(plane=True, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=32, num_warps=4),
-                 dict(BLOCK_M=128, BLOCK_W=_bw(W), BLOCK_U=32, num_warps=8, num_stages=2, prefetch=True)]
-        if N >= 128:   # inference batches: one gathered B tile serves 128 images
-            cands.append(dict(plane=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8))
+        tiles = ([(64, 32, 4), (64, 16, 4), (128, 16, 4), (32, 32, 4)] if x.dtype == torch.float32 else
+                 [(128, 16, 4), (64, 16, 4), (128, 32, 8), (64, 32, 4)])
+        cands = [dict(plane=True, bands=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, prefetch=True)
+                 for bn, bk, nw in tiles]
+        if N >= 128:   # inference batches: one B tile serves 128 images
+            cands.append(dict(plane=True, bands=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, prefetch=True))
+        cands.append(dict(BLOCK_M=128, BLOCK_W=_bw(W), BLOCK_U=32, num_warps=8, num_stages=2, prefetch=True))
     else:
         bw = _bw(W)
         cands = [dict(BLOCK_M=64, BLOCK_W=min(32, bw), BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True),
@@ -184,6 +189,10 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
         if kh > kw:   # tall kernels: the band along the rows is the short one; work on the transposed views
             cands += [dict(BLOCK_M=64, BLOCK_W=min(32, _bw(H)), BLOCK_U=32, num_warps=4, transpose=True),
                       dict(BLOCK_M=128, BLOCK_W=_bw(H), BLOCK_U=32, num_warps=8, transpose=True)]
+        elif x.dtype != torch.float32:   # 2-byte types: B as aligned vectors from the shifted band copies
+            # (56x56 K31 bf16: 0.926 -> 0.713 ms; slower in fp32, where B is 4-wide)
+            cands += [dict(BLOCK_M=128, BLOCK_W=32, BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True, bands=True),
+                      dict(BLOCK_M=64, BLOCK_W=32, BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True, bands=True)]
     if kh % 2 and kw % 2:
         cands.append(dict(native=True))
     return cands
@@ -192,12 +201,19 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
 def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
     if WGRAD_CFG:
         return [WGRAD_CFG]
+    small = x.shape[2] <= 16 and x.shape[3] <= 16   # the gather-free whole-plane weight grad applies
     if x.device.type == "cpu":
+        plane = [dict(plane=True, BLOCK_N=16, programs=8), dict(plane=True, BLOCK_N=16)]
         return [[dict(BLOCK_K=32, programs=8), dict(BLOCK_V=16, programs=8), dict(NB=2, programs=8),
-                 dict(BLOCK_V=16, programs=8, transpose=True)][INTERP_VARIANT]]
+                 dict(BLOCK_V=16, programs=8, transpose=True),
+                 dict(BLOCK_V=16, programs=8), dict(BLOCK_V=16, programs=8, transpose=True),
+                 *(plane if small else [dict(NB=2, programs=8), dict(BLOCK_K=32, programs=8)])][INTERP_VARIANT]]
     W = x.shape[3]
     bv = _bw(W)
     cands = [dict(BLOCK_V=min(32, bv), programs=2112, num_warps=4, num_stages=2)]
+    if small:
+        cands = [dict(plane=True, BLOCK_N=64, num_warps=4), dict(plane=True, BLOCK_N=32, programs=4224, num_warps=4),
+                 dict(plane=True, BLOCK_N=64, num_warps=8), *cands]
     if W <= 32:   # narrow planes: the same row of several images per reduction step
         narrow = 1 << (W - 1).bit_length()
         cands += [dict(NB=max(1, 64 // narrow), programs=4224, num_warps=4, prefetch=False),
