@@ -103,13 +103,17 @@ def _check_case(case, dt, tol, variants) -> list[dict]:
     return rows
 
 
-def peak_memory() -> list[dict]:
+MEMORY_CASES = [(c, h, k, cl) for c, h, k in ((128, 56, 31), (256, 28, 29), (512, 14, 27), (1024, 7, 13))
+                for cl in ((False, True) if h == 56 else (False,))]
+
+
+def peak_memory(cases=MEMORY_CASES) -> list[dict]:
     rows = []
     for dt in (torch.bfloat16, torch.float32):
-        for cl in (False, True):
+        for c, h, k, cl in cases:
             res = {}
             for name, fn in (("native", dwconv._native), ("ours", dwconv._ours)):
-                x, w, b = dwconv.make_inputs(64, 128, 56, 31, 31, dt, cl)
+                x, w, b = dwconv.make_inputs(64, c, h, k, k, dt, cl)
                 g = torch.randn_like(x)
                 torch.autograd.grad(fn(x, w, b), (x, w, b), g)   # warm-up (compile, tuning) not measured
                 torch.cuda.synchronize()
@@ -121,7 +125,8 @@ def peak_memory() -> list[dict]:
                 res[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
                 del x, w, b, g, y, grads
                 torch.cuda.empty_cache()
-            row = dict(dtype=str(dt), channels_last=cl, native_mib=res["native"], ours_mib=res["ours"])
+            row = dict(dtype=str(dt), C=c, H=h, K=k, channels_last=cl, native_mib=res["native"],
+                       ours_mib=res["ours"])
             rows.append(row)
             print("peak fwd+bwd above inputs (MiB):", row, flush=True)
     return rows
@@ -319,6 +324,7 @@ def main() -> None:
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness and memory checks")
     ap.add_argument("--overhead", action="store_true", help="only the per-call CPU overhead and its profile")
+    ap.add_argument("--memory", action="store_true", help="only the peak-memory comparison")
     ap.add_argument("--shapes", default="all", help="'quick' = the 4 stage shapes")
     ap.add_argument("--sweep-shapes", default="512/14/27,1024/7/13,256/28/29", help="C/H/K list for --sweep")
     ap.add_argument("--sweep-dtypes", default="bfloat16,float32")
@@ -334,6 +340,9 @@ def main() -> None:
         sys.exit(1 if bad else 0)
     if args.overhead:
         launch_overhead()
+        return
+    if args.memory:
+        _dump(dict(memory=peak_memory()))
         return
     report: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
     report["correctness"] = [] if args.no_check else check_correctness()

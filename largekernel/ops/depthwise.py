@@ -157,7 +157,10 @@ def _bw(W: int) -> int:
     return min(64, max(16, 1 << (W - 1).bit_length()))
 
 
-def _fwd_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
+def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> list[dict]:
+    """Forward / input-grad configurations. bands=False leaves out the kernels that read band copies (a
+    weights-sized temporary, ~10x the kernel: the input grad runs without them so that forward+backward peaks
+    no higher than PyTorch's own convolution)."""
     if FWD_CFG:
         return [FWD_CFG]
     if x.device.type == "cpu":
@@ -176,10 +179,16 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
         bm = min(64, max(16, 1 << (N - 1).bit_length()))
         tiles = ([(64, 32, 4), (64, 16, 4), (128, 16, 4), (32, 32, 4)] if x.dtype == torch.float32 else
                  [(128, 16, 4), (64, 16, 4), (128, 32, 8), (64, 32, 4)])
-        cands = [dict(plane=True, bands=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, prefetch=True)
-                 for bn, bk, nw in tiles]
-        if N >= 128:   # inference batches: one B tile serves 128 images
-            cands.append(dict(plane=True, bands=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, prefetch=True))
+        if bands:
+            cands = [dict(plane=True, bands=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, prefetch=True)
+                     for bn, bk, nw in tiles]
+            if N >= 128:   # inference batches: one B tile serves 128 images
+                cands.append(dict(plane=True, bands=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8,
+                                  prefetch=True))
+        else:   # the element-wise gathering whole-plane GEMM
+            cands = [dict(plane=True, BLOCK_M=bm, BLOCK_N=128, BLOCK_K=32, num_warps=8),
+                     dict(plane=True, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=4, prefetch=True),
+                     dict(plane=True, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=16, num_warps=4, prefetch=True)]
         cands.append(dict(BLOCK_M=128, BLOCK_W=_bw(W), BLOCK_U=32, num_warps=8, num_stages=2, prefetch=True))
     else:
         bw = _bw(W)
@@ -189,7 +198,7 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
         if kh > kw:   # tall kernels: the band along the rows is the short one; work on the transposed views
             cands += [dict(BLOCK_M=64, BLOCK_W=min(32, _bw(H)), BLOCK_U=32, num_warps=4, transpose=True),
                       dict(BLOCK_M=128, BLOCK_W=_bw(H), BLOCK_U=32, num_warps=8, transpose=True)]
-        elif x.dtype != torch.float32:   # 2-byte types: B as aligned vectors from the shifted band copies
+        elif x.dtype != torch.float32 and bands:   # 2-byte types: B as aligned vectors from the band copies
             # (56x56 K31 bf16: 0.926 -> 0.713 ms; slower in fp32, where B is 4-wide)
             cands += [dict(BLOCK_M=128, BLOCK_W=32, BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True, bands=True),
                       dict(BLOCK_M=64, BLOCK_W=32, BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True, bands=True)]
@@ -211,9 +220,9 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
     W = x.shape[3]
     bv = _bw(W)
     cands = [dict(BLOCK_V=min(32, bv), programs=2112, num_warps=4, num_stages=2)]
-    if small:
+    if small and x.dtype != torch.float32:   # (bf16 14x14 K27: 0.091 ms; fp32: slower than the row kernels)
         cands = [dict(plane=True, BLOCK_N=64, num_warps=4), dict(plane=True, BLOCK_N=32, programs=4224, num_warps=4),
-                 dict(plane=True, BLOCK_N=64, num_warps=8), *cands]
+                 *cands]
     if W <= 32:   # narrow planes: the same row of several images per reduction step
         narrow = 1 << (W - 1).bit_length()
         cands += [dict(NB=max(1, 64 // narrow), programs=4224, num_warps=4, prefetch=False),
@@ -236,6 +245,9 @@ def _cuda_ms(fn, reps: int = 3, calls: int = 4) -> float:
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        # keep the GPU busy while the calls are queued, so that the events time the kernels and not the CPU cost
+        # of launching them (larger than the kernels at 7x7; it would favour candidates with fewer launches)
+        torch.cuda._sleep(4_000_000)
         start.record()
         for _ in range(calls):
             fn()
@@ -341,7 +353,7 @@ def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
         dw = _wgrad_pass(cand, x, grad, weight)
     if need_x:
         dx = _alloc_like(x)
-        cand = _pick("dgrad", x, kh, kw, _fwd_candidates(x, kh, kw),
+        cand = _pick("dgrad", x, kh, kw, _fwd_candidates(x, kh, kw, bands=False),
                      lambda c: _conv_pass(c, grad, weight, None, dx, kh - 1 - ph, kw - 1 - pw, flip=True))
         if cand.get("native"):
             dx = F.conv2d(grad, weight.flip(-2, -1), None, padding="same", groups=weight.shape[0]).contiguous(
