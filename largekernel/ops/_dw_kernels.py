@@ -425,25 +425,22 @@ def _dw_plane_bands_kernel(x_ptr, q_ptr, b_ptr, y_ptr,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & ((oy < H) & (ox < W))[None, :])
 
 
-def plane_band_copies(w, H: int, W: int, ph: int, pw: int, block_n: int, block_k: int, bvec: int):
+def plane_band_copies(w, H: int, W: int, ph: int, pw: int, block_n: int, block_k: int, bvec: int, flip: bool):
     """Band copies for _dw_plane_bands_kernel: Q[c, r, s, k] = P_r[k + s] with P_r[e] = w[r - RP, E0 - e] (zero
-    off the kernel), rows r covering every kernel-row offset py - oy + ph the kernel can form (output rows up
-    to the last tile's, input rows up to one prefetched chunk past the plane). Returns (Q, E0, PH + RP, LQ).
-    C * R * bvec * LQ elements (~2x(H + 4) rows of ~2*pow2(W) columns, times bvec): weights-sized, not
-    batch-sized (8 MB at C512 14x14 bf16)."""
-    C, kh, kw = w.shape
+    off the kernel; w flipped if flip), rows r covering every kernel-row offset py - oy + ph the kernel can form
+    (output rows up to the last tile's, input rows up to one prefetched chunk past the plane). Returns
+    (Q, E0, PH + RP, LQ). C * R * bvec * LQ elements (~2x(H + 4) rows of ~2*pow2(W) columns, times bvec):
+    weights-sized, not batch-sized (8 MB at C512 14x14 bf16)."""
+    kw = w.shape[2]
     wp = next_pow2(W)
     nr = block_n // wp
     oy_max = cdiv(H, nr) * nr - 1
     py_max = H + 2 * cdiv(block_k, wp)
     rp = max(0, oy_max - ph)
-    R = rp + py_max + ph + 1
+    rows = rp + py_max + ph + 1
     e0 = max(kw - 1, pw + wp - 1)
     lq = -(-(e0 - pw + wp) // bvec) * bvec
-    p = w.new_zeros((C, R, lq + bvec))
-    rows = min(kh, R - rp)
-    p[:, rp:rp + rows, e0 - kw + 1:e0 + 1] = w[:, :rows].flip(-1)
-    return p.unfold(2, lq, 1)[:, :, :bvec].contiguous(), e0, ph + rp, lq
+    return _band_copies(w, rows, rp, e0, lq, bvec, flip, False), e0, ph + rp, lq
 
 
 @triton.jit
@@ -515,16 +512,43 @@ def _dw_wgrad_batched_kernel(x_ptr, g_ptr, dw_ptr,
     tl.store(out, acc, mask=(j < KW)[:, None] & (i < KH)[None, :])
 
 
-def band_copies(w, e0: int, length: int, bvec: int):
-    """Per kernel row i of w (C, kh, kw): the reversed row zero-padded to ``length``, ``P_i[e0 - j] = w[i, j]``
-    (e0 >= kw - 1), stored as ``bvec`` copies shifted by 0..bvec-1: Q[c, i, s, k] = P_i[k + s] for k < LQ =
-    length rounded up to bvec, so that any run P_i[e:e + n] is one aligned run of copy e % bvec. Returns
-    (Q, LQ). C * kh * bvec * LQ elements: weights-sized (~10 MB at C128 K31 bf16), no activation-sized copy."""
+@triton.jit
+def _band_copies_kernel(w_ptr, q_ptr, KH, KW, R, RP, E0, LQ, w_off, swh, sww,
+                        BVEC: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """One (channel, row r) of the band copies: q[c, r, s, k] = w[c, r - RP, E0 - k - s] (0 off the kernel),
+    tap (i, j) read at w_ptr + w_off + c*KH*KW + i*swh + j*sww (flipped / transposed in place)."""
+    pid = tl.program_id(0)
+    c = pid // R
+    i = pid - c * R - RP
+    sv = tl.arange(0, BVEC)
+    k = tl.arange(0, BLOCK_Q)
+    j = E0 - k[None, :] - sv[:, None]
+    ok = (i >= 0) & (i < KH) & (j >= 0) & (j < KW)
+    v = tl.load(w_ptr + w_off + c * KH * KW + i * swh + j * sww, mask=ok & (k < LQ)[None, :], other=0.0)
+    tl.store(q_ptr + pid.to(tl.int64) * BVEC * LQ + sv[:, None] * LQ + k[None, :], v, mask=(k < LQ)[None, :])
+
+
+def _band_copies(w, rows: int, rp: int, e0: int, lq: int, bvec: int, flip: bool, transpose: bool):
+    """(C, rows, bvec, lq) band copies of w (C, kh, kw), one launch; see _band_copies_kernel."""
     C, kh, kw = w.shape
+    w_off, swh, sww = (kh * kw - 1, -kw, -1) if flip else (0, kw, 1)
+    if transpose:
+        kh, kw, swh, sww = kw, kh, sww, swh
+    q = w.new_empty((C, rows, bvec, lq))
+    _band_copies_kernel[(C * rows,)](w, q, kh, kw, rows, rp, e0, lq, w_off, swh, sww,
+                                     BVEC=bvec, BLOCK_Q=next_pow2(lq), num_warps=1)
+    return q
+
+
+def band_copies(w, e0: int, length: int, bvec: int, flip: bool = False, transpose: bool = False):
+    """Per kernel row i of w (C, kh, kw) (flipped / transposed if asked): the reversed row zero-padded to ``length``,
+    ``P_i[e0 - j] = w[i, j]`` (e0 >= kw - 1), stored as ``bvec`` copies shifted by 0..bvec-1: Q[c, i, s, k] =
+    P_i[k + s] for k < LQ = length rounded up to bvec, so that any run P_i[e:e + n] is one aligned run of copy
+    e % bvec. Returns (Q, LQ). C * kh * bvec * LQ elements: weights-sized (~6 MB at C128 K31 bf16), no
+    activation-sized copy."""
     lq = -(-length // bvec) * bvec
-    p = w.new_zeros((C, kh, lq + bvec))
-    p[:, :, e0 - kw + 1:e0 + 1] = w.flip(-1)
-    return p.unfold(2, lq, 1)[:, :, :bvec].contiguous(), lq
+    rows = w.shape[2] if transpose else w.shape[1]
+    return _band_copies(w, rows, 0, e0, lq, bvec, flip, transpose), lq
 
 
 @triton.jit
@@ -611,7 +635,7 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         if cfg.get("bands"):
             wp, bvec = next_pow2(W), 16 // w.element_size()
             bn = max(bn, wp)   # whole output rows per tile
-            q, e0, phr, lq = plane_band_copies(w.flip(-2, -1) if flip else w, H, W, ph, pw, bn, bk, bvec)
+            q, e0, phr, lq = plane_band_copies(w, H, W, ph, pw, bn, bk, bvec, flip)
             grid = (C * cdiv(N, bm) * cdiv(H, bn // wp),)
             _dw_plane_bands_kernel[grid](x, q, b_arg, y,
                                          N, C, H, W, KH, ph, pw, phr, e0, q.shape[1], lq // bvec,
@@ -642,8 +666,7 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         bvec = 16 // w.element_size() if cfg.get("bands") else 1
         q, lq, e0 = w, 1, num_u * bu - 1
         if cfg.get("bands"):
-            eff = w.flip(-2, -1) if flip else w
-            q, lq = band_copies(eff.transpose(1, 2) if cfg.get("transpose") else eff, e0, e0 + pwa - pw + bw, bvec)
+            q, lq = band_copies(w, e0, e0 + pwa - pw + bw, bvec, flip, bool(cfg.get("transpose")))
         _dw_fwd2_kernel[grid](x, w, b_arg, y,
                               N, C, H, W // vec, KH, KW, ph, pw, pwa // vec, w_off, swh, sww,
                               sn // vec, sc // vec, sh // vec, sw, *y.stride(), q, lq // bvec, e0,
