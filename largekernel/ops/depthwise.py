@@ -178,7 +178,7 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
         # fp32 narrower output tiles)
         bm = min(64, max(16, 1 << (N - 1).bit_length()))
         tiles = ([(64, 32, 4), (64, 16, 4), (128, 16, 4), (32, 32, 4)] if x.dtype == torch.float32 else
-                 [(128, 16, 4), (64, 16, 4), (128, 32, 8), (64, 32, 4)])
+                 [(128, 16, 4), (64, 16, 4), (128, 32, 8), (64, 32, 4), (64, 16, 8)])
         if bands:
             cands = [dict(plane=True, bands=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, prefetch=True)
                      for bn, bk, nw in tiles]
