@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/models.py                      # the default set, on the current GPU
     PYTHONPATH=. python benchmarks/models.py --models replknet_31b swin_base_patch4_window7_224 --backends auto native
 
-Inference: eval mode, re-parameterized (``largekernel.reparameterize``; timm models via
+Inference: eval mode, re-parameterized (``largekernel.reparameterize(fold_bn=True)``; timm models via
 ``timm.utils.reparameterize_model``), ``torch.no_grad``, bf16 autocast, ``--layouts`` (default channels_last).
 Training: one SGD step (forward, cross-entropy, backward, step) under bf16 autocast. Median of ``--iters``
 CUDA-event-timed iterations
@@ -78,7 +78,7 @@ def bench_model(name: str, batch: int, train_batch: int, warmup: int, iters: int
         del opt
     model.eval()
     if is_ours(name):
-        model = largekernel.reparameterize(model, inplace=True)
+        model = largekernel.reparameterize(model, inplace=True, fold_bn=True)
         if shiftwise:
             sw_deploy(model, sw_form)
     else:

@@ -82,7 +82,11 @@ def test_reparameterize_is_exact(name: str) -> None:
         ref = model(x)
         deploy = largekernel.reparameterize(model)
         out = deploy(x)
-        folded = largekernel.reparameterize(model, fold_bn=True)(x)
+        folded_model = largekernel.reparameterize(model, fold_bn=True)
+        folded = folded_model(x)
+    # fold_bn folds the conv-BN pairs and the pre-BNs before the 1x1 convs: only the final BN (before pooling) stays
+    bns = [n for n, m in folded_model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 1 and "." not in bns[0], bns
     assert not any("lkb_origin" in k or "small_conv" in k for k in deploy.state_dict())
     assert any("lkb_reparam" in k for k in deploy.state_dict())
     assert rel_err(out, ref) <= 1e-5

@@ -83,6 +83,21 @@ def fuse_bn(weight: torch.Tensor, bn: nn.BatchNorm2d,
     return weight * scale.reshape(-1, *([1] * (weight.dim() - 1))), shift
 
 
+@torch.no_grad()
+def fold_pre_bn(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
+    """A 1x1 conv with bias equal to ``conv(bn(x))`` for an eval-mode BN *before* a 1x1 (dense, unpadded) conv:
+    bn(x) = s*x + t per input channel, so conv(bn(x)) = (W*s) x + (W t + b). Exact."""
+    if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.padding != (0, 0):
+        raise ValueError("a BN before a conv folds exactly only into a dense, unpadded 1x1 conv")
+    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+    shift = bn.bias - bn.running_mean * scale
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=conv.stride, bias=True).to(conv.weight)
+    fused.weight.copy_(conv.weight * scale.reshape(1, -1, 1, 1))
+    bias = conv.weight.flatten(1) @ shift
+    fused.bias.copy_(bias if conv.bias is None else bias + conv.bias)
+    return fused
+
+
 class ConvNorm(nn.Sequential):
     """conv -> BN (-> activation). Keys ``conv.*``, ``bn.*``, as in the official releases.
 

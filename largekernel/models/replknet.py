@@ -18,6 +18,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from largekernel.layers import ReparamLargeKernelConv, check_kernel_pair, conv_bn, conv_bn_relu
+from largekernel.layers.conv import fold_pre_bn
 
 __all__ = ["RepLKNet", "RepLKNetCfg", "RepLKBlock", "ConvFFN"]
 
@@ -44,6 +45,14 @@ class RepLKBlock(nn.Module):
         self.prelkb_bn = _batch_norm(channels, sync_bn)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
+    @torch.no_grad()
+    def fold_bn(self) -> None:
+        """Deploy with ``fold_bn=True``: the 1x1 convs absorb their BNs and the pre-BN (exact in eval mode)."""
+        self.pw1.fold_bn()
+        if not isinstance(self.prelkb_bn, nn.Identity):
+            self.pw1.conv = fold_pre_bn(self.prelkb_bn, self.pw1.conv)
+            self.prelkb_bn = nn.Identity()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.pw1(self.prelkb_bn(x))
         out = self.pw2(self.lk_nonlinear(self.large_kernel(out)))
@@ -60,6 +69,14 @@ class ConvFFN(nn.Module):
         self.pw2 = conv_bn(hidden_channels, channels, 1)
         self.nonlinear = nn.GELU()
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    @torch.no_grad()
+    def fold_bn(self) -> None:
+        """As RepLKBlock.fold_bn: pw1 absorbs its BN and the pre-BN."""
+        self.pw1.fold_bn()
+        if not isinstance(self.preffn_bn, nn.Identity):
+            self.pw1.conv = fold_pre_bn(self.preffn_bn, self.pw1.conv)
+            self.preffn_bn = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.pw2(self.nonlinear(self.pw1(self.preffn_bn(x))))

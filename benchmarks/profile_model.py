@@ -1,0 +1,60 @@
+"""Where a model's training step (or inference) spends its GPU time: torch.profiler's kernel table.
+
+    PYTHONPATH=. python3 benchmarks/profile_model.py --model replknet_31b [--infer] [--layout NCHW]
+
+One warm-up step (compiles and tunes the depthwise kernels), then 3 profiled steps; prints the top kernels by
+total CUDA time and the step's CPU and CUDA totals. Random inputs, bf16 autocast, SGD, batch 64 (train) or 128.
+"""
+from __future__ import annotations
+
+import argparse
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import largekernel
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="replknet_31b")
+    ap.add_argument("--infer", action="store_true")
+    ap.add_argument("--layout", default="channels_last", choices=["channels_last", "NCHW"])
+    ap.add_argument("--rows", type=int, default=30)
+    args = ap.parse_args()
+    fmt = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
+    model = timm.create_model(args.model, num_classes=1000).cuda().to(memory_format=fmt)
+    batch = 128 if args.infer else 64
+    x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=fmt)
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+    if args.infer:
+        model = largekernel.reparameterize(model.eval(), inplace=True, fold_bn=True)
+
+        @torch.no_grad()
+        def step() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(x)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+        def step() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
