@@ -54,6 +54,12 @@ def main() -> None:
             step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    from largekernel.ops import depthwise
+
+    for key, log in depthwise.tuned_choices(with_times=True).items():   # every depthwise pass's tuning
+        best = min((t for _, t in log if isinstance(t, float)), default=float("nan"))
+        print(key[0], tuple(key[2]), key[3], f"best {best:.4f} ms", [(c, t if isinstance(t, str) else round(t, 4))
+                                                                     for c, t in log])
 
 
 if __name__ == "__main__":
