@@ -30,6 +30,15 @@ def _batch_norm(channels: int, sync_bn: bool) -> nn.Module:
     return nn.BatchNorm2d(channels)
 
 
+def _fold_pre_bn_into_pw1(block: nn.Module, bn_name: str) -> None:
+    """Fold ``block.pw1``'s own BN, then the BN before it (``bn_name``) into its 1x1 conv; the pre-BN becomes an
+    Identity."""
+    block.pw1.fold_bn()
+    if not isinstance(getattr(block, bn_name), nn.Identity):
+        block.pw1.conv = fold_pre_bn(getattr(block, bn_name), block.pw1.conv)
+        setattr(block, bn_name, nn.Identity())
+
+
 class RepLKBlock(nn.Module):
     """Sec. 4.1: pre-BN -> 1x1 conv-BN-ReLU -> large depthwise conv (+ small kernel) -> ReLU -> 1x1 conv-BN,
     identity shortcut with drop path. (N, C, H, W) -> (N, C, H, W); the depthwise part has C*dw_ratio channels.
@@ -45,13 +54,9 @@ class RepLKBlock(nn.Module):
         self.prelkb_bn = _batch_norm(channels, sync_bn)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    @torch.no_grad()
     def fold_bn(self) -> None:
         """Deploy with ``fold_bn=True``: the 1x1 convs absorb their BNs and the pre-BN (exact in eval mode)."""
-        self.pw1.fold_bn()
-        if not isinstance(self.prelkb_bn, nn.Identity):
-            self.pw1.conv = fold_pre_bn(self.prelkb_bn, self.pw1.conv)
-            self.prelkb_bn = nn.Identity()
+        _fold_pre_bn_into_pw1(self, "prelkb_bn")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.pw1(self.prelkb_bn(x))
@@ -70,13 +75,9 @@ class ConvFFN(nn.Module):
         self.nonlinear = nn.GELU()
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    @torch.no_grad()
     def fold_bn(self) -> None:
         """As RepLKBlock.fold_bn: pw1 absorbs its BN and the pre-BN."""
-        self.pw1.fold_bn()
-        if not isinstance(self.preffn_bn, nn.Identity):
-            self.pw1.conv = fold_pre_bn(self.preffn_bn, self.pw1.conv)
-            self.preffn_bn = nn.Identity()
+        _fold_pre_bn_into_pw1(self, "preffn_bn")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.pw2(self.nonlinear(self.pw1(self.preffn_bn(x))))
