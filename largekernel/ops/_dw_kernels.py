@@ -23,6 +23,15 @@ from largekernel.ops._launch import cdiv, next_pow2
 
 
 @triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
+    """acc + a @ b on the tensor cores; CAST_F32: operands to fp32 first (the CPU interpreter has no 2-byte dot)."""
+    if CAST_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                    N, C, H, W, KH, KW, PH, PW,
                    sxn, sxc, sxh, sxw, syn, syc, syh, syw,
@@ -59,10 +68,7 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                         mask=row_ok[:, None] & ((u >= 0) & (u < W))[None, :], other=0.0)
             t = t0 + uc * BLOCK_U                              # = u - v + PW
             b = tl.load(w_base + i * KW + t, mask=(t >= 0) & (t < KW), other=0.0)
-            if CAST_F32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = _mma(a, b, acc, PRECISION, CAST_F32)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
@@ -105,10 +111,7 @@ def _dw_wgrad_kernel(x_ptr, g_ptr, dw_ptr,
         grow = yy[:, None] - i[None, :] + PH            # grad_out row
         b = tl.load(g_c + n64[:, None] * sgn + grow * sgh + v[:, None] * sgw,
                     mask=k_ok[:, None] & (i < KH)[None, :] & (grow >= 0) & (grow < H), other=0.0)
-        if CAST_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _mma(a, b, acc, PRECISION, CAST_F32)
 
     # partial[s, c, i, j] = acc[j, i]
     out = dw_ptr + (s.to(tl.int64) * C + c) * KH * KW + i[None, :] * KW + j[:, None]
@@ -195,10 +198,7 @@ def _dw_fwd2_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
         b_cur = b
         a, b = _fwd_tiles(t + 1, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw,
                           swh, sww, q_c, KH, LQ_V, E0, PWD, BLOCK_U, BLOCK_W, BANDS, BVEC)
-        if CAST_F32:
-            a_cur = a_cur.to(tl.float32)
-            b_cur = b_cur.to(tl.float32)
-        acc = tl.dot(a_cur, b_cur, acc, input_precision=PRECISION)
+        acc = _mma(a_cur, b_cur, acc, PRECISION, CAST_F32)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
@@ -262,10 +262,7 @@ def _dw_wgrad2_kernel(x_ptr, g_ptr, dw_ptr,
         b_cur = b
         a, b = _wg_tiles(t + 1, T, num_v, r_start, x_c, g_c, j, i, dv, H, W, KH, KW, PH, PW,
                          sxn, sxh, sxw, sgn, sgh, sgw, BLOCK_V)
-        if CAST_F32:
-            a_cur = a_cur.to(tl.float32)
-            b_cur = b_cur.to(tl.float32)
-        acc = tl.dot(a_cur, b_cur, acc, input_precision=PRECISION)
+        acc = _mma(a_cur, b_cur, acc, PRECISION, CAST_F32)
 
     out = dw_ptr + (s.to(tl.int64) * C + c) * KH * KW + i[None, :] * KW + j[:, None]
     tl.store(out, acc, mask=(j < KW)[:, None] & (i < KH)[None, :])
@@ -330,18 +327,12 @@ def _dw_plane_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
             b_cur = b
             a, b = _plane_tiles(p_lo + (t + 1) * BLOCK_K, t + 1 < T, x_rows, oy, ox, dk, H, W, KH, KW, PH, PW, p_hi,
                                 sxh, sxw, w_tap, swh, sww)
-            if CAST_F32:
-                a_cur = a_cur.to(tl.float32)
-                b_cur = b_cur.to(tl.float32)
-            acc = tl.dot(a_cur, b_cur, acc, input_precision=PRECISION)
+            acc = _mma(a_cur, b_cur, acc, PRECISION, CAST_F32)
     else:
         for t in range(0, T):
             a, b = _plane_tiles(p_lo + t * BLOCK_K, True, x_rows, oy, ox, dk, H, W, KH, KW, PH, PW, p_hi,
                                 sxh, sxw, w_tap, swh, sww)
-            if CAST_F32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = _mma(a, b, acc, PRECISION, CAST_F32)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
@@ -406,18 +397,12 @@ def _dw_plane_bands_kernel(x_ptr, q_ptr, b_ptr, y_ptr,
             b_cur = b
             a, b = _plane_band_tiles(p_lo + (t + 1) * BLOCK_K, x_rows, dk, W, py_hi, sxh, sxw, q_c, ocol, E0, PW,
                                      PHR, LQ_V, WP, BVEC)
-            if CAST_F32:
-                a_cur = a_cur.to(tl.float32)
-                b_cur = b_cur.to(tl.float32)
-            acc = tl.dot(a_cur, b_cur, acc, input_precision=PRECISION)
+            acc = _mma(a_cur, b_cur, acc, PRECISION, CAST_F32)
     else:
         for t in range(0, T):
             a, b = _plane_band_tiles(p_lo + t * BLOCK_K, x_rows, dk, W, py_hi, sxh, sxw, q_c, ocol, E0, PW, PHR,
                                      LQ_V, WP, BVEC)
-            if CAST_F32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = _mma(a, b, acc, PRECISION, CAST_F32)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
@@ -495,18 +480,12 @@ def _dw_wgrad_batched_kernel(x_ptr, g_ptr, dw_ptr,
             b_cur = b
             a, b = _wgb_tiles(t_start + t + 1, t + 1 < T, H, x_c, g_c, nn, v, j, i, N, W, KH, KW, PH, PW,
                               sxn, sxh, sxw, sgn, sgh, sgw, NB)
-            if CAST_F32:
-                a_cur = a_cur.to(tl.float32)
-                b_cur = b_cur.to(tl.float32)
-            acc = tl.dot(a_cur, b_cur, acc, input_precision=PRECISION)
+            acc = _mma(a_cur, b_cur, acc, PRECISION, CAST_F32)
     else:
         for t in range(0, T):
             a, b = _wgb_tiles(t_start + t, True, H, x_c, g_c, nn, v, j, i, N, W, KH, KW, PH, PW,
                               sxn, sxh, sxw, sgn, sgh, sgw, NB)
-            if CAST_F32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = _mma(a, b, acc, PRECISION, CAST_F32)
 
     out = dw_ptr + (s.to(tl.int64) * C + c) * KH * KW + i[None, :] * KW + j[:, None]
     tl.store(out, acc, mask=(j < KW)[:, None] & (i < KH)[None, :])
