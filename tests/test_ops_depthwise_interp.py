@@ -72,6 +72,28 @@ def _run_case(case, torch, F, depthwise_conv2d, depthwise_path):
     return out
 
 
+def _band_copies_match(torch) -> dict:
+    """The band-copy builder (one Triton launch reading the kernel flipped / transposed in place) against the
+    layout built independently with torch ops: Q[c, i, s, k] = P_i[k + s], P_i[e0 - j] = w'[i, j], w' = w flipped
+    and/or transposed."""
+    from largekernel.ops import _dw_kernels as K
+
+    out = {}
+    w = torch.randn(3, 5, 7)
+    for flip in (False, True):
+        for transpose in (False, True):
+            eff = w.flip(-2, -1) if flip else w
+            eff = eff.transpose(1, 2) if transpose else eff
+            e0, length, bvec = 20, 30, 8
+            lq = -(-length // bvec) * bvec
+            p = torch.zeros(eff.shape[0], eff.shape[1], lq + bvec)
+            p[:, :, e0 - eff.shape[2] + 1:e0 + 1] = eff.flip(-1)
+            ref = torch.stack([p[:, :, s:s + lq] for s in range(bvec)], dim=2)
+            q, lq_got = K.band_copies(w, e0, length, bvec, flip, transpose)
+            out[f"flip={flip},transpose={transpose}"] = bool(lq_got == lq and torch.equal(q, ref))
+    return out
+
+
 def _main() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
@@ -89,6 +111,7 @@ def _main() -> None:
         dw.INTERP_VARIANT = variant
         for case in CASES:
             results[f"{case[0]}/v{variant}"] = _run_case(case, torch, F, depthwise_conv2d, depthwise_path)
+    results["band_copies"] = _band_copies_match(torch)
     print(json.dumps(results))
 
 
@@ -110,6 +133,10 @@ def test_triton_matches_float64_reference(results, case, variant):
             assert r[key] <= tol, f"{key}: rel err {r[key]} > {tol} (seed {results['seed']})"
     assert r["y_layout_kept"]
     assert ("dx" in r) == ("x" in case[10]) and ("dw" in r) == ("w" in case[10])
+
+
+def test_band_copies_match_independent_layout(results):
+    assert results["band_copies"] and all(results["band_copies"].values()), results["band_copies"]
 
 
 if __name__ == "__main__":

@@ -329,3 +329,17 @@ def test_unknown_model_name() -> None:
 def test_mismatched_config_lengths() -> None:
     with pytest.raises(ValueError, match="same, non-zero length"):
         timm.create_model("replknet_test", layers=(1, 1, 1))
+
+
+def test_fold_pre_bn_rejects_what_it_cannot_fold_exactly() -> None:
+    from largekernel.layers.conv import fold_pre_bn
+
+    bn = torch.nn.BatchNorm2d(4).eval()
+    with pytest.raises(ValueError, match="1x1"):
+        fold_pre_bn(bn, torch.nn.Conv2d(4, 8, 3, padding=1))
+    randomize_bn(torch.nn.Sequential(bn))
+    x = torch.randn(2, 4, 5, 5)
+    for bias in (False, True):
+        conv = torch.nn.Conv2d(4, 8, 1, bias=bias)
+        with torch.no_grad():
+            assert rel_err(fold_pre_bn(bn, conv)(x), conv(bn(x))) <= 1e-6
