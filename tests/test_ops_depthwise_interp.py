@@ -89,7 +89,7 @@ def _band_copies_match(torch) -> dict:
             p = torch.zeros(eff.shape[0], eff.shape[1], lq + bvec)
             p[:, :, e0 - eff.shape[2] + 1:e0 + 1] = eff.flip(-1)
             ref = torch.stack([p[:, :, s:s + lq] for s in range(bvec)], dim=2)
-            q, lq_got = K.band_copies(w, e0, length, bvec, flip, transpose)
+            q, lq_got = K.band_copies(w, K._taps(w, flip, transpose), e0, length, bvec)
             out[f"flip={flip},transpose={transpose}"] = bool(lq_got == lq and torch.equal(q, ref))
     return out
 

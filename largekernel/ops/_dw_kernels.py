@@ -410,13 +410,22 @@ def _dw_plane_bands_kernel(x_ptr, q_ptr, b_ptr, y_ptr,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & ((oy < H) & (ox < W))[None, :])
 
 
-def plane_band_copies(w, H: int, W: int, ph: int, pw: int, block_n: int, block_k: int, bvec: int, flip: bool):
+def _taps(w, flip: bool, transpose: bool) -> tuple[int, int, int, int, int]:
+    """(KH, KW, w_off, swh, sww) of w (C, kh, kw) as a kernel reads it: tap (i, j) of channel c sits at
+    ``w + w_off + c*KH*KW + i*swh + j*sww``; flip reads the kernel backwards in place (the input grad), transpose
+    with its strides swapped (the transposed problem of tall kernels). No copies."""
+    kh, kw = w.shape[-2:]
+    w_off, swh, sww = (kh * kw - 1, -kw, -1) if flip else (0, kw, 1)
+    return (kw, kh, w_off, sww, swh) if transpose else (kh, kw, w_off, swh, sww)
+
+
+def plane_band_copies(w, taps: tuple, H: int, W: int, ph: int, pw: int, block_n: int, block_k: int, bvec: int):
     """Band copies for _dw_plane_bands_kernel: Q[c, r, s, k] = P_r[k + s] with P_r[e] = w[r - RP, E0 - e] (zero
     off the kernel; w flipped if flip), rows r covering every kernel-row offset py - oy + ph the kernel can form
-    (output rows up to the last tile's, input rows up to one prefetched chunk past the plane). Returns
-    (Q, E0, PH + RP, LQ). C * R * bvec * LQ elements (~2x(H + 4) rows of ~2*pow2(W) columns, times bvec):
-    weights-sized, not batch-sized (8 MB at C512 14x14 bf16)."""
-    kw = w.shape[2]
+    (output rows up to the last tile's, input rows up to one prefetched chunk past the plane); ``taps`` from
+    ``_taps``. Returns (Q, E0, PH + RP, LQ). C * R * bvec * LQ elements (~2x(H + 4) rows of ~2*pow2(W) columns,
+    times bvec): weights-sized, not batch-sized (8 MB at C512 14x14 bf16)."""
+    kw = taps[1]
     wp = next_pow2(W)
     nr = block_n // wp
     oy_max = cdiv(H, nr) * nr - 1
@@ -424,8 +433,8 @@ def plane_band_copies(w, H: int, W: int, ph: int, pw: int, block_n: int, block_k
     rp = max(0, oy_max - ph)
     rows = rp + py_max + ph + 1
     e0 = max(kw - 1, pw + wp - 1)
-    lq = -(-(e0 - pw + wp) // bvec) * bvec
-    return _band_copies(w, rows, rp, e0, lq, bvec, flip, False), e0, ph + rp, lq
+    lq = cdiv(e0 - pw + wp, bvec) * bvec
+    return _band_copies(w, taps, rows, rp, e0, lq, bvec), e0, ph + rp, lq
 
 
 @triton.jit
@@ -507,27 +516,25 @@ def _band_copies_kernel(w_ptr, q_ptr, KH, KW, R, RP, E0, LQ, w_off, swh, sww,
     tl.store(q_ptr + pid.to(tl.int64) * BVEC * LQ + sv[:, None] * LQ + k[None, :], v, mask=(k < LQ)[None, :])
 
 
-def _band_copies(w, rows: int, rp: int, e0: int, lq: int, bvec: int, flip: bool, transpose: bool):
-    """(C, rows, bvec, lq) band copies of w (C, kh, kw), one launch; see _band_copies_kernel."""
-    C, kh, kw = w.shape
-    w_off, swh, sww = (kh * kw - 1, -kw, -1) if flip else (0, kw, 1)
-    if transpose:
-        kh, kw, swh, sww = kw, kh, sww, swh
-    q = w.new_empty((C, rows, bvec, lq))
-    _band_copies_kernel[(C * rows,)](w, q, kh, kw, rows, rp, e0, lq, w_off, swh, sww,
+def _band_copies(w, taps: tuple, rows: int, rp: int, e0: int, lq: int, bvec: int):
+    """(C, rows, bvec, lq) band copies of w (C, kh, kw) read through ``taps`` (``_taps``), one launch; see
+    _band_copies_kernel."""
+    kh, kw, w_off, swh, sww = taps
+    q = w.new_empty((w.shape[0], rows, bvec, lq))
+    _band_copies_kernel[(w.shape[0] * rows,)](w, q, kh, kw, rows, rp, e0, lq, w_off, swh, sww,
                                      BVEC=bvec, BLOCK_Q=next_pow2(lq), num_warps=1)
     return q
 
 
-def band_copies(w, e0: int, length: int, bvec: int, flip: bool = False, transpose: bool = False):
-    """Per kernel row i of w (C, kh, kw) (flipped / transposed if asked): the reversed row zero-padded to ``length``,
+def band_copies(w, taps: tuple, e0: int, length: int, bvec: int):
+    """Per kernel row i of w (C, kh, kw) read through ``taps`` (``_taps``: flipped / transposed in place): the
+    reversed row zero-padded to ``length``,
     ``P_i[e0 - j] = w[i, j]`` (e0 >= kw - 1), stored as ``bvec`` copies shifted by 0..bvec-1: Q[c, i, s, k] =
     P_i[k + s] for k < LQ = length rounded up to bvec, so that any run P_i[e:e + n] is one aligned run of copy
     e % bvec. Returns (Q, LQ). C * kh * bvec * LQ elements: weights-sized (~6 MB at C128 K31 bf16), no
     activation-sized copy."""
-    lq = -(-length // bvec) * bvec
-    rows = w.shape[2] if transpose else w.shape[1]
-    return _band_copies(w, rows, 0, e0, lq, bvec, flip, transpose), lq
+    lq = cdiv(length, bvec) * bvec
+    return _band_copies(w, taps, taps[0], 0, e0, lq, bvec), lq
 
 
 @triton.jit
@@ -604,9 +611,8 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
     """y = depthwise 'same'-style conv of x with w (C, kh, kw) (flipped in both axes if flip) and top/left
     padding (ph, pw)."""
     N, C, H, W = x.shape
-    KH, KW = w.shape[-2:]
-    # tap (i, j) of channel c sits at w + w_off + c*KH*KW + i*swh + j*sww (flip: read backwards in place)
-    w_off, swh, sww = (KH * KW - 1, -KW, -1) if flip else (0, KW, 1)
+    taps = _taps(w, flip, False)
+    KH, KW, w_off, swh, sww = taps
     b_arg = bias if bias is not None else w   # any pointer when HAS_BIAS is off
     if cfg.get("plane"):
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -614,7 +620,7 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         if cfg.get("bands"):
             wp, bvec = next_pow2(W), 16 // w.element_size()
             bn = max(bn, wp)   # whole output rows per tile
-            q, e0, phr, lq = plane_band_copies(w, H, W, ph, pw, bn, bk, bvec, flip)
+            q, e0, phr, lq = plane_band_copies(w, taps, H, W, ph, pw, bn, bk, bvec)
             grid = (C * cdiv(N, bm) * cdiv(H, bn // wp),)
             _dw_plane_bands_kernel[grid](x, q, b_arg, y,
                                          N, C, H, W, KH, ph, pw, phr, e0, q.shape[1], lq // bvec,
@@ -634,18 +640,20 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
     if cfg.get("transpose"):   # tall kernels: run on the (W, H) views, the kernel read transposed in place
         x, y = x.transpose(2, 3), y.transpose(2, 3)
         N, C, H, W = x.shape
-        KH, KW, ph, pw, swh, sww = KW, KH, pw, ph, sww, swh
+        ph, pw = pw, ph
+        taps = _taps(w, flip, True)
+        KH, KW, w_off, swh, sww = taps
     bm, bw, bu = cfg["BLOCK_M"], cfg["BLOCK_W"], cfg["BLOCK_U"]
     grid = (C * cdiv(N * H, bm) * cdiv(W, bw),)
     if cfg.get("prefetch") or cfg.get("transpose"):
         vec = _vec(x, cfg)
         sn, sc, sh, sw = x.stride()
-        pwa = -(-pw // vec) * vec
+        pwa = cdiv(pw, vec) * vec
         num_u = cdiv(bw + KW - 1 + pwa - pw, bu)
         bvec = 16 // w.element_size() if cfg.get("bands") else 1
         q, lq, e0 = w, 1, num_u * bu - 1
         if cfg.get("bands"):
-            q, lq = band_copies(w, e0, e0 + pwa - pw + bw, bvec, flip, bool(cfg.get("transpose")))
+            q, lq = band_copies(w, taps, e0, e0 + pwa - pw + bw, bvec)
         _dw_fwd2_kernel[grid](x, w, b_arg, y,
                               N, C, H, W // vec, KH, KW, ph, pw, pwa // vec, w_off, swh, sww,
                               sn // vec, sc // vec, sh // vec, sw, *y.stride(), q, lq // bvec, e0,
