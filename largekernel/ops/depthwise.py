@@ -352,12 +352,14 @@ def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     kh, kw = weight.shape[-2:]
     ph, pw = _pads(kh, kw)
     dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
-    xr, gr = _rowmajor(x), _rowmajor(grad)   # one row-major copy each for channels_last (see _triton_forward)
+    # one row-major copy of grad_out (and of x, for the weight grad) where they are channels_last: see _triton_forward
+    gr = _rowmajor(grad) if need_w or need_x else grad
     if need_w:   # first, so that its fp32 partial sums are freed before dx is allocated (peak memory)
+        xr = _rowmajor(x)
         cand = _pick("wgrad", x, kh, kw, _wgrad_candidates(x, kh, kw), lambda c: _wgrad_pass(c, xr, gr, weight))
         dw = _wgrad_pass(cand, xr, gr, weight)
     if need_x:
-        dx = _alloc_like(xr)
+        dx = _alloc_like(x if x.stride(-1) == 1 else gr)   # row-major, converted to x's layout below
         cand = _pick("dgrad", x, kh, kw, _fwd_candidates(x, kh, kw, bands=False),
                      lambda c: _conv_pass(c, gr, weight, None, dx, kh - 1 - ph, kw - 1 - pw, flip=True))
         if cand.get("native"):
