@@ -393,29 +393,33 @@ def _on_device(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-@torch.library.custom_op("largekernel::depthwise_conv2d", mutates_args=(),
-                         schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if _triton_runs_on(x) and _triton_supported(x, weight, bias):
         with _on_device(x):
             return _triton_forward(x, weight, bias)
     return F.conv2d(x, weight, bias, padding="same", groups=weight.shape[0])
 
 
-@_op_forward.register_fake
-def _(x, weight, bias):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("largekernel::depthwise_conv2d_backward", mutates_args=(),
-                         schema="(Tensor grad, Tensor x, Tensor weight, bool need_x, bool need_w, bool need_b)"
-                                " -> (Tensor, Tensor, Tensor)")
-def _op_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool,
-                 need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool,
+                   need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _triton_runs_on(x) and _triton_supported(x, weight, None):
         with _on_device(x):
             return _triton_backward(grad, x, weight, need_x, need_w, need_b)
     return _native_backward(grad, x, weight, need_x, need_w, need_b)
+
+
+# The registered ops (what torch.compile traces and ONNX export sees) run the same two implementations.
+_op_forward = torch.library.custom_op("largekernel::depthwise_conv2d", mutates_args=(),
+                                      schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")(_forward_impl)
+_op_backward = torch.library.custom_op(
+    "largekernel::depthwise_conv2d_backward", mutates_args=(),
+    schema="(Tensor grad, Tensor x, Tensor weight, bool need_x, bool need_w, bool need_b) -> (Tensor, Tensor, Tensor)",
+)(_backward_impl)
+
+
+@_op_forward.register_fake
+def _(x, weight, bias):
+    return torch.empty_like(x)
 
 
 @_op_backward.register_fake
@@ -431,32 +435,32 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad):
+def _grads(ctx, grad: torch.Tensor, backward) -> tuple:
+    """The autograd backward of both wrappers: which grads are needed, then ``backward`` (the registered op or,
+    in eager mode, its implementation)."""
     x, weight = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = ctx.has_bias and ctx.needs_input_grad[2]
-    dx, dw, db = torch.ops.largekernel.depthwise_conv2d_backward(grad, x, weight, need_x, need_w, need_b)
+    dx, dw, db = backward(grad, x, weight, need_x, need_w, need_b)
     return (dx if need_x else None), (dw if need_w else None), (db if need_b else None)
+
+
+def _backward(ctx, grad):
+    return _grads(ctx, grad, torch.ops.largekernel.depthwise_conv2d_backward)
 
 
 _op_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _DepthwiseConv2dFunction(torch.autograd.Function):
-    """Eager-mode autograd for the Triton path (same kernels as the custom op, without its dispatch cost)."""
+    """Eager-mode autograd for the Triton path (same implementations as the registered ops, without their
+    dispatch cost)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        with _on_device(x):
-            return _triton_forward(x, weight, bias)
+        _setup_context(ctx, (x, weight, bias), None)
+        return _forward_impl(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        with _on_device(x):
-            dx, dw, db = _triton_backward(grad, x, weight, need_x, need_w, need_b)
-        return (dx if need_x else None), (dw if need_w else None), (db if need_b else None)
+        return _grads(ctx, grad, _backward_impl)
