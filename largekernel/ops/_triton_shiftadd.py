@@ -596,6 +596,30 @@ def _launch(key: tuple, h: int, w: int, run, device: torch.device, pad: int = 0)
     run(_TUNED[key])
 
 
+def _run_candidate(cand: tuple, kernels: tuple, lead: tuple, plane_args: tuple, extra: tuple, planes: int,
+                   grid_h: int, grid_w: int, h: int, w: int, consts: dict, dtype: torch.dtype) -> None:
+    """Launch one candidate of a shift-add pass. kernels = its (plane, tile, dot, flat) kernels; every launch
+    takes ``lead`` first, the "plane" kernel then ``plane_args`` and its tile counts, the others ``extra`` then
+    their own counts; tiles cover grid_h x grid_w per plane (the output plane of that pass)."""
+    kind, a, bb, warps = cand
+    k_plane, k_tile, k_dot, k_flat = kernels
+    pf = {} if kind in ("plane", "dot") else dict(PF=kind.endswith("+pf"))
+    if kind == "plane":
+        n_th, n_tw = cdiv(grid_h, a), cdiv(grid_w, bb)
+        k_plane[(planes * n_th * n_tw,)](*lead, *plane_args, n_th, n_tw, BLOCK_H=a, BLOCK_W=bb, num_warps=warps,
+                                         **consts, **pf)
+    elif kind.startswith("tile"):
+        n_t = cdiv(grid_h, a) * cdiv(grid_w, bb)
+        k_tile[(planes * n_t,)](*lead, *extra, n_t, H=h, W=w, BLOCK_H=a, BLOCK_W=bb, num_warps=warps, **consts,
+                                **pf)
+    elif kind == "dot":
+        k_dot[(planes,)](*lead, *extra, H=h, W=w, P=a, num_warps=warps, **consts, **_dot_consts(dtype))
+    else:
+        n_t = cdiv(grid_h * grid_w, bb)
+        k_flat[(cdiv(planes, a) * n_t,)](*lead, *extra, planes, n_t, H=h, W=w, NPL=a, BLOCK=bb, num_warps=warps,
+                                         **consts, **pf)
+
+
 def shift_add_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor,
                       extra_pad: int) -> torch.Tensor:
     """y (B, R*nk, Hp, Wp) contiguous, int32 tables on y's device -> (3, B, R, H, W)."""
@@ -608,23 +632,8 @@ def shift_add_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch
     planes, ts = b * r, b * r * h * w
 
     def run(cand):
-        kind, a, bb, warps = cand
-        pf = {} if kind in ("plane", "dot") else dict(PF=kind.endswith("+pf"))
-        if kind == "plane":
-            n_th, n_tw = cdiv(h, a), cdiv(w, bb)
-            _shift_add_fwd[(planes * n_th * n_tw,)](y, pad_hv, idx_identity, out, r, h, w, hp, wp, ts, n_th, n_tw,
-                                                    BLOCK_H=a, BLOCK_W=bb, num_warps=warps, **consts, **pf)
-        elif kind.startswith("tile"):
-            n_t = cdiv(h, a) * cdiv(w, bb)
-            _fwd_tile[(planes * n_t,)](y, pad_hv, idx_identity, out, r, ts, n_t, H=h, W=w, BLOCK_H=a, BLOCK_W=bb,
-                                       num_warps=warps, **consts, **pf)
-        elif kind == "dot":
-            _fwd_dot[(planes,)](y, pad_hv, idx_identity, out, r, ts, H=h, W=w, P=a, num_warps=warps, **consts,
-                                **_dot_consts(y.dtype))
-        else:
-            n_t = cdiv(h * w, bb)
-            _fwd_flat[(cdiv(planes, a) * n_t,)](y, pad_hv, idx_identity, out, r, ts, planes, n_t, H=h, W=w,
-                                                       NPL=a, BLOCK=bb, num_warps=warps, **consts, **pf)
+        _run_candidate(cand, (_shift_add_fwd, _fwd_tile, _fwd_dot, _fwd_flat), (y, pad_hv, idx_identity, out, r),
+                       (h, w, hp, wp, ts), (ts,), planes, h, w, h, w, consts, y.dtype)
 
     _launch(("fwd", b, r, h, w, nk, g, extra_pad, y.dtype), h, w, run, y.device, extra_pad)
     return out
@@ -642,23 +651,8 @@ def shift_add_backward(gout: torch.Tensor, pad_hv: torch.Tensor, idx_identity: t
     planes, ts = b * r * nk, b * r * h * w
 
     def run(cand):
-        kind, a, bb, warps = cand
-        pf = {} if kind in ("plane", "dot") else dict(PF=kind.endswith("+pf"))
-        if kind == "plane":
-            n_th, n_tw = cdiv(hp, a), cdiv(wp, bb)
-            _shift_add_bwd[(planes * n_th * n_tw,)](gout, pad_hv, idx_identity, gy, r, h, w, hp, wp, ts, n_th, n_tw,
-                                                    BLOCK_H=a, BLOCK_W=bb, num_warps=warps, **consts, **pf)
-        elif kind.startswith("tile"):
-            n_t = cdiv(hp, a) * cdiv(wp, bb)
-            _bwd_tile[(planes * n_t,)](gout, pad_hv, idx_identity, gy, r, ts, n_t, H=h, W=w, BLOCK_H=a,
-                                       BLOCK_W=bb, num_warps=warps, **consts, **pf)
-        elif kind == "dot":
-            _bwd_dot[(planes,)](gout, pad_hv, idx_identity, gy, r, ts, H=h, W=w, P=a, num_warps=warps, **consts,
-                                **_dot_consts(gout.dtype))
-        else:
-            n_t = cdiv(hp * wp, bb)
-            _bwd_flat[(cdiv(planes, a) * n_t,)](gout, pad_hv, idx_identity, gy, r, ts, planes, n_t, H=h, W=w,
-                                                       NPL=a, BLOCK=bb, num_warps=warps, **consts, **pf)
+        _run_candidate(cand, (_shift_add_bwd, _bwd_tile, _bwd_dot, _bwd_flat), (gout, pad_hv, idx_identity, gy, r),
+                       (h, w, hp, wp, ts), (ts,), planes, hp, wp, h, w, consts, gout.dtype)
 
     _launch(("bwd", b, r, h, w, nk, g, extra_pad, gout.dtype), hp, wp, run, gout.device)
     return gy
@@ -682,22 +676,8 @@ def shift_add_eval_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: 
     planes = b * r
 
     def run(cand):
-        kind, a, bb, warps = cand
-        pf = {} if kind in ("plane", "dot") else dict(PF=kind.endswith("+pf"))
-        if kind == "plane":
-            n_th, n_tw = cdiv(h, a), cdiv(w, bb)
-            _shift_add_eval[(planes * n_th * n_tw,)](*tabs, r, c, h, w, hp, wp, n_th, n_tw, BLOCK_H=a, BLOCK_W=bb,
-                                                     num_warps=warps, **consts, **pf)
-        elif kind.startswith("tile"):
-            n_t = cdiv(h, a) * cdiv(w, bb)
-            _eval_tile[(planes * n_t,)](*tabs, r, c, n_t, H=h, W=w, BLOCK_H=a, BLOCK_W=bb, num_warps=warps,
-                                        **consts, **pf)
-        elif kind == "dot":
-            _eval_dot[(planes,)](*tabs, r, c, H=h, W=w, P=a, num_warps=warps, **consts, **_dot_consts(y.dtype))
-        else:
-            n_t = cdiv(h * w, bb)
-            _eval_flat[(cdiv(planes, a) * n_t,)](*tabs, r, c, planes, n_t, H=h, W=w, NPL=a, BLOCK=bb,
-                                                        num_warps=warps, **consts, **pf)
+        _run_candidate(cand, (_shift_add_eval, _eval_tile, _eval_dot, _eval_flat), (*tabs, r, c), (h, w, hp, wp), (),
+                       planes, h, w, h, w, consts, y.dtype)
 
     _launch(("eval", b, r, c, h, w, nk, g, extra_pad, y.dtype, x.dtype), h, w, run, y.device, extra_pad)
     if ghost_idx.numel():
