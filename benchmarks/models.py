@@ -46,6 +46,31 @@ def sw_deploy(model: torch.nn.Module, kind: str) -> None:
         model.to_dense(("cross", "cross", "square", "square") if kind == "mixed" else kind)
 
 
+def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """One SGD step (momentum 0.9) under bf16 autocast: forward, cross-entropy, backward, step."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def infer_step(model: torch.nn.Module, x: torch.Tensor):
+    """One no-grad forward under bf16 autocast."""
+
+    @torch.no_grad()
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x)
+
+    return step
+
+
 def bench_model(name: str, batch: int, train_batch: int, warmup: int, iters: int, res: int,
                 train: bool = True, channels_last: bool = True, sw_impl: str = "shiftadd",
                 sw_form: str = "merged") -> dict:
@@ -60,22 +85,14 @@ def bench_model(name: str, batch: int, train_batch: int, warmup: int, iters: int
     model = model.to(device).to(memory_format=fmt)
     if train:
         model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         x = torch.randn(train_batch, 3, res, res, device=device).to(memory_format=fmt)
         y = torch.randint(0, 1000, (train_batch,), device=device)
-
-        def step() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        step = train_step(model, x, y)
         torch.cuda.reset_peak_memory_stats()
         t = cuda_time(step, iters, budget_ms=0, warmup=warmup) / 1e3
         row["train_img_s"] = train_batch / t
         row["train_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-        del opt
+        del step   # and with it the optimizer state
     model.eval()
     if is_ours(name):
         model = largekernel.reparameterize(model, inplace=True, fold_bn=True)
@@ -86,13 +103,7 @@ def bench_model(name: str, batch: int, train_batch: int, warmup: int, iters: int
 
         model = reparameterize_model(model)
     x = torch.randn(batch, 3, res, res, device=device).to(memory_format=fmt)
-
-    @torch.no_grad()
-    def infer() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            model(x)
-
-    row["infer_img_s"] = batch / (cuda_time(infer, iters, budget_ms=0, warmup=warmup) / 1e3)
+    row["infer_img_s"] = batch / (cuda_time(infer_step(model, x), iters, budget_ms=0, warmup=warmup) / 1e3)
     return row
 
 

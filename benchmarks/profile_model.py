@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/profile_model.py --model replknet_31b [--infer] [--layout NCHW]
 
-One warm-up step (compiles and tunes the depthwise kernels), then 3 profiled steps; prints the top kernels by
+Two warm-up steps (they compile and tune the depthwise kernels), then 3 profiled steps; prints the top kernels by
 total CUDA time and the step's CPU and CUDA totals. Random inputs, bf16 autocast, SGD, batch 64 (train) or 128.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 
 import timm
 import torch
-import torch.nn.functional as F
+from models import infer_step, train_step  # benchmarks/ is the script directory
 from torch.profiler import ProfilerActivity, profile
 
 import largekernel
@@ -30,21 +30,9 @@ def main() -> None:
     x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=fmt)
     y = torch.randint(0, 1000, (batch,), device="cuda")
     if args.infer:
-        model = largekernel.reparameterize(model.eval(), inplace=True, fold_bn=True)
-
-        @torch.no_grad()
-        def step() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                model(x)
+        step = infer_step(largekernel.reparameterize(model.eval(), inplace=True, fold_bn=True), x)
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-        def step() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = train_step(model, x, y)
 
     for _ in range(2):
         step()
