@@ -1,9 +1,10 @@
 """Where a model's training step (or inference) spends its GPU time: torch.profiler's kernel table.
 
-    PYTHONPATH=. python3 benchmarks/profile_model.py --model replknet_31b [--infer] [--layout NCHW]
+    PYTHONPATH=. python3 benchmarks/profile_model.py --model replknet_31b [--infer] [--layout NCHW] [--tuning]
 
 Two warm-up steps (they compile and tune the depthwise kernels), then 3 profiled steps; prints the top kernels by
-total CUDA time and the step's CPU and CUDA totals. Random inputs, bf16 autocast, SGD, batch 64 (train) or 128.
+total CUDA time and the step's CPU and CUDA totals (--tuning: every depthwise pass's tuning log too). Random
+inputs, bf16 autocast, SGD, batch 64 (train) or 128.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import argparse
 
 import timm
 import torch
-from models import infer_step, train_step  # benchmarks/ is the script directory
+from models import infer_step, sw_deploy, train_step  # benchmarks/ is the script directory
 from torch.profiler import ProfilerActivity, profile
 
 import largekernel
@@ -23,6 +24,9 @@ def main() -> None:
     ap.add_argument("--infer", action="store_true")
     ap.add_argument("--layout", default="channels_last", choices=["channels_last", "NCHW"])
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--tuning", action="store_true", help="also print every depthwise pass's tuning log")
+    ap.add_argument("--sw-deploy", default="merged", choices=["merged", "square", "cross", "mixed"],
+                    help="shift-wise models: the deploy form profiled with --infer (see models.py)")
     args = ap.parse_args()
     fmt = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
     model = timm.create_model(args.model, num_classes=1000).cuda().to(memory_format=fmt)
@@ -30,7 +34,10 @@ def main() -> None:
     x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=fmt)
     y = torch.randint(0, 1000, (batch,), device="cuda")
     if args.infer:
-        step = infer_step(largekernel.reparameterize(model.eval(), inplace=True, fold_bn=True), x)
+        model = largekernel.reparameterize(model.eval(), inplace=True, fold_bn=True)
+        if args.model.startswith("shiftwise"):
+            sw_deploy(model, args.sw_deploy)
+        step = infer_step(model, x)
     else:
         step = train_step(model, x, y)
 
@@ -42,6 +49,8 @@ def main() -> None:
             step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    if not args.tuning:
+        return
     from largekernel.ops import depthwise
 
     for key, log in depthwise.tuned_choices(with_times=True).items():   # every depthwise pass's tuning
