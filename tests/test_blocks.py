@@ -69,3 +69,41 @@ def test_bad_arguments():
 def test_get_bn_without_process_group_is_plain_bn():
     assert type(get_bn(4, use_sync_bn=True)) is nn.BatchNorm2d
     assert type(get_bn(4)) is nn.BatchNorm2d
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_matches_conv2d_float64(channels_last, bias):
+    from largekernel.layers import PointwiseConv2d
+
+    torch.manual_seed(3)
+    conv = PointwiseConv2d(13, 21, bias=bias)
+    x = torch.randn(3, 13, 5, 7)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = conv(x)
+    assert y.shape == (3, 21, 5, 7)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    g = torch.randn_like(y)
+    y.backward(g)
+    xd = x.detach().double().requires_grad_(True)
+    wd = conv.weight.detach().double().requires_grad_(True)
+    bd = conv.bias.detach().double().requires_grad_(True) if bias else None
+    ref = torch.nn.functional.conv2d(xd, wd, bd)
+    ref.backward(g.double())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad.double(), wd.grad, rtol=1e-5, atol=1e-5)
+    if bias:
+        torch.testing.assert_close(conv.bias.grad.double(), bd.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_create_conv2d_picks_pointwise_for_dense_1x1_only():
+    from largekernel.layers import PointwiseConv2d, create_conv2d
+
+    assert type(create_conv2d(8, 16, 1)) is PointwiseConv2d
+    assert type(create_conv2d(8, 16, 1, stride=2)) is nn.Conv2d
+    assert type(create_conv2d(8, 16, 1, groups=2)) is nn.Conv2d
+    assert type(create_conv2d(8, 16, 3)) is nn.Conv2d
+    assert set(create_conv2d(8, 16, 1, bias=True).state_dict()) == {"weight", "bias"}

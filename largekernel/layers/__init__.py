@@ -2,6 +2,7 @@
 from largekernel.layers.conv import (
     ConvNorm,
     DepthwiseConv2d,
+    PointwiseConv2d,
     conv_bn,
     conv_bn_relu,
     create_conv2d,
@@ -12,6 +13,7 @@ from largekernel.layers.large_kernel import ReparamLargeKernelConv, check_kernel
 from largekernel.layers.reparam import reparameterize
 
 __all__ = [
-    "ConvNorm", "DepthwiseConv2d", "conv_bn", "conv_bn_relu", "create_conv2d", "fuse_bn", "pad_kernel_to",
+    "ConvNorm", "DepthwiseConv2d", "PointwiseConv2d", "conv_bn", "conv_bn_relu", "create_conv2d", "fuse_bn",
+    "pad_kernel_to",
     "ReparamLargeKernelConv", "check_kernel_pair", "reparameterize",
 ]

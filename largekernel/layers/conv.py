@@ -1,4 +1,5 @@
-"""Convolution building blocks: the depthwise conv that routes through our kernels, and conv-BN units."""
+"""Convolution building blocks: the depthwise conv that routes through our kernels, the 1x1 conv that runs
+channels_last inputs as one GEMM, and conv-BN units."""
 from __future__ import annotations
 
 import torch
@@ -59,15 +60,42 @@ class DepthwiseConv2d(nn.Conv2d):
         return super().extra_repr() + f", backend={get_backend()}"
 
 
+class PointwiseConv2d(nn.Conv2d):
+    """Drop-in for ``nn.Conv2d(C_in, C_out, 1)`` (same parameters and state-dict names). A channels_last input
+    runs as ``F.linear`` on its (N, H, W, C) view, so the bias is added in the GEMM's epilogue; cuDNN's 1x1 conv
+    adds it in a separate broadcast pass over the output (RepLKNet-31B deploy, batch 128, H100: ~10 of ~35 ms
+    per forward, docs/performance.md; on the CPU the GEMM is as fast or faster too). Output in the input's
+    layout; NCHW inputs (and ONNX export) take ``nn.Conv2d``'s path. (N, C_in, H, W) -> (N, C_out, H, W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and not torch.onnx.is_in_onnx_export():
+            nhwc = x.permute(0, 2, 3, 1)
+            if nhwc.is_contiguous():   # a channels_last tensor (or one that is both)
+                return F.linear(nhwc, self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+        return super().forward(x)
+
+
+def _is_pointwise(in_channels: int, out_channels: int, kh: int, kw: int, stride: int, padding, groups: int,
+                  dilation: int) -> bool:
+    return (kh, kw) == (1, 1) and stride == 1 and _pair(padding) == (0, 0) and groups == 1 and dilation == 1
+
+
 def create_conv2d(in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int = 1,
                   padding: int | tuple[int, int] | None = None, groups: int = 1, bias: bool = False,
                   dilation: int = 1) -> nn.Conv2d:
-    """A conv; depthwise ones (in == out == groups) become :class:`DepthwiseConv2d`."""
+    """A conv; depthwise ones (in == out == groups) become :class:`DepthwiseConv2d`, dense 1x1 ones
+    :class:`PointwiseConv2d`."""
     kh, kw = _pair(kernel_size)
     if padding is None:
         padding = (kh // 2 * dilation, kw // 2 * dilation)
     if in_channels == out_channels == groups and dilation == 1:
         return DepthwiseConv2d(in_channels, (kh, kw), stride=stride, bias=bias, padding=padding)
+    if _is_pointwise(in_channels, out_channels, kh, kw, stride, padding, groups, dilation):
+        return PointwiseConv2d(in_channels, out_channels, bias=bias)
     return nn.Conv2d(in_channels, out_channels, (kh, kw), stride=stride, padding=padding, groups=groups,
                      bias=bias, dilation=dilation)
 
@@ -91,7 +119,8 @@ def fold_pre_bn(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
         raise ValueError("a BN before a conv folds exactly only into a dense, unpadded 1x1 conv")
     scale = bn.weight / (bn.running_var + bn.eps).sqrt()
     shift = bn.bias - bn.running_mean * scale
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=conv.stride, bias=True).to(conv.weight)
+    fused = (PointwiseConv2d(conv.in_channels, conv.out_channels) if conv.stride == (1, 1) else
+             nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=conv.stride)).to(conv.weight)
     fused.weight.copy_(conv.weight * scale.reshape(1, -1, 1, 1))
     bias = conv.weight.flatten(1) @ shift
     fused.bias.copy_(bias if conv.bias is None else bias + conv.bias)
