@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import largekernel
 from largekernel.analysis.complexity import count_macs
+from largekernel.layers import CrossDepthwiseConv2d, DepthwiseConv2d
 from largekernel.layers.shiftwise import ShiftwiseConv2d, ShiftwisePathConv
 from largekernel.models.shiftwise import checkpoint_filter_fn
 from largekernel.ops.dispatch import triton_interpreting, use_backend
@@ -335,14 +336,38 @@ def test_model_reparameterize_and_dense_deploy():
     mixed = largekernel.reparameterize(model)
     kinds = ["cross"] + ["square"] * (len(mixed.stages) - 1)
     mixed.to_dense(kinds)
-    forms = [{m.form for m in stage.modules() if isinstance(m, ShiftwiseConv2d)} for stage in mixed.stages]
-    assert forms == [{"cross"}] + [{"dense"}] * (len(mixed.stages) - 1)
+    forms = [{type(block.large_kernel) for block in stage} for stage in mixed.stages]
+    assert forms == [{CrossDepthwiseConv2d}] + [{DepthwiseConv2d}] * (len(mixed.stages) - 1)
+    assert not any(isinstance(m, (ShiftwiseConv2d, nn.BatchNorm2d)) for m in mixed.stages.modules())
     assert ((mixed(x) - ref).abs().max() / ref.abs().max()) <= 1e-5
     with pytest.raises(ValueError, match="one kind per stage"):
         mixed.to_dense(["square"])
     bands = _tiny_model(impl="bands")
     bands.load_state_dict(model.state_dict())
     assert ((bands(x) - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["square", "cross"])
+def test_block_dense_deploy_folds_every_term_float64(kind):
+    """The block-level deploy (one conv over all channels, permutation moved into SE / pwconv1, FFN tail folded)
+    against the training-form block in eval mode, with every affine parameter random (the default layer scale
+    of 1e-6 would hide errors in the FFN branch)."""
+    torch.manual_seed(4)
+    model = _tiny_model(drop_path_rate=0.0).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gamma", "beta", "bias")) or ".bn" in name or ".norm." in name:
+                p.uniform_(0.5, 1.5)
+    block = model.stages[1][0]
+    assert block.large_kernel.ghost_channels > 0
+    x = torch.randn(2, block.large_kernel.in_channels, 9, 11, dtype=torch.float64)
+    ref = block(x)
+    block.to_dense(kind)
+    assert isinstance(block.large_kernel, CrossDepthwiseConv2d if kind == "cross" else DepthwiseConv2d)
+    assert isinstance(block.norm, nn.Identity) and block.gamma is None and len(block.pwconv2) == 2
+    torch.testing.assert_close(block(x), ref, rtol=1e-10, atol=1e-10)
+    block.to_dense(kind)   # idempotent
+    torch.testing.assert_close(block(x), ref, rtol=1e-10, atol=1e-10)
 
 
 def _official_layout(state: dict, merged: bool) -> dict:

@@ -1,6 +1,7 @@
 """Reusable blocks; each re-parameterizable block owns its ``reparameterize()``."""
 from largekernel.layers.conv import (
     ConvNorm,
+    CrossDepthwiseConv2d,
     DepthwiseConv2d,
     PointwiseConv2d,
     conv_bn,
@@ -13,7 +14,7 @@ from largekernel.layers.large_kernel import ReparamLargeKernelConv, check_kernel
 from largekernel.layers.reparam import reparameterize
 
 __all__ = [
-    "ConvNorm", "DepthwiseConv2d", "PointwiseConv2d", "conv_bn", "conv_bn_relu", "create_conv2d", "fuse_bn",
-    "pad_kernel_to",
+    "ConvNorm", "CrossDepthwiseConv2d", "DepthwiseConv2d", "PointwiseConv2d", "conv_bn", "conv_bn_relu",
+    "create_conv2d", "fuse_bn", "pad_kernel_to",
     "ReparamLargeKernelConv", "check_kernel_pair", "reparameterize",
 ]

@@ -60,6 +60,24 @@ class DepthwiseConv2d(nn.Conv2d):
         return super().extra_repr() + f", backend={get_backend()}"
 
 
+class CrossDepthwiseConv2d(nn.Module):
+    """A D x D depthwise kernel whose support is a centred cross of width k, as two depthwise convs on the same
+    input, summed: ``dense_h`` (k x D, with bias) + ``dense_v`` (D x k); 2kD taps instead of D^2 (the dense
+    deploy form of the shift-wise layers). (N, C, H, W) -> (N, C, H, W).
+    """
+
+    def __init__(self, horizontal: torch.Tensor, vertical: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if horizontal.shape[0] != vertical.shape[0] or horizontal.shape[-2:] != vertical.shape[-2:][::-1]:
+            raise ValueError(f"a cross needs (C, 1, k, D) and (C, 1, D, k) kernels, got {tuple(horizontal.shape)} "
+                             f"and {tuple(vertical.shape)}")
+        self.dense_h = DepthwiseConv2d.from_weights(horizontal, bias)
+        self.dense_v = DepthwiseConv2d.from_weights(vertical)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_h(x) + self.dense_v(x)
+
+
 class PointwiseConv2d(nn.Conv2d):
     """Drop-in for ``nn.Conv2d(C_in, C_out, 1)`` (same parameters and state-dict names). A channels_last input
     runs as ``F.linear`` on its (N, H, W, C) view, so the bias is added in the GEMM's epilogue; cuDNN's 1x1 conv

@@ -17,9 +17,10 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from largekernel.layers.blocks import GRN, SEBlock
+from largekernel.layers.conv import CrossDepthwiseConv2d, DepthwiseConv2d, fuse_bn
 from largekernel.layers.shiftwise import ShiftwiseConv2d, ShiftwisePathConv
 from largekernel.models._stages import StagedConvNet
-from largekernel.models.unireplknet import _ToNCHW, _ToNHWC, downsample_layers
+from largekernel.models.unireplknet import _ToNCHW, _ToNHWC, downsample_layers, fold_ffn_tail
 
 __all__ = ["ShiftWiseV2", "ShiftWiseBlock", "checkpoint_filter_fn"]
 
@@ -42,6 +43,44 @@ class ShiftWiseBlock(nn.Module):
         self.pwconv2 = nn.Sequential(nn.Linear(4 * dim, dim, bias=False), _ToNCHW(), nn.BatchNorm2d(dim))
         self.gamma = nn.Parameter(layer_scale_init_value * torch.ones(dim)) if layer_scale_init_value > 0 else None
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    @torch.no_grad()
+    def to_dense(self, kind: str = "square") -> None:
+        """Deploy the whole block, in place (inference only; exact in eval mode): the shift-wise layer becomes one
+        depthwise conv over all C channels in input order (ghost channels: a centre tap of 1), ``kind="square"``
+        a D x D :class:`DepthwiseConv2d`, ``"cross"`` a :class:`CrossDepthwiseConv2d` (k x D + D x k), with
+        ``norm`` folded in; the layer's output channel order (rep, then ghost channels) moves into the weights of
+        ``se`` and ``pwconv1``, so no channel gather or concatenation is left; GRN ``beta``, the last BN and the
+        layer scale fold into ``pwconv2`` as in UniRepLKNet's deploy form. Idempotent."""
+        sw = self.large_kernel
+        if not isinstance(sw, ShiftwiseConv2d):
+            return
+        if kind not in ("square", "cross"):
+            raise ValueError(f"kind must be 'square' or 'cross', got {kind!r}")
+        in_index = torch.cat([sw.rep_idx, sw.ghost_idx])   # output channel o reads input channel in_index[o]
+        pos = torch.argsort(in_index)                        # ... and input channel c lands on output pos[c]
+        scale, shift = fuse_bn(torch.ones_like(self.norm.weight), self.norm)
+        if kind == "square":
+            weight, bias, _ = sw.to_dense_kernel()
+            conv: nn.Module = DepthwiseConv2d.from_weights((scale.view(-1, 1, 1, 1) * weight)[pos],
+                                                           (scale * bias + shift)[pos])
+        else:
+            horizontal, vertical, bias = sw._cross_kernels()
+            ghost_h = horizontal.new_zeros(sw.ghost_channels, *horizontal.shape[1:])
+            ghost_h[:, 0, sw.small_kernel // 2, sw.dense_size // 2] = 1
+            horizontal = torch.cat([horizontal, ghost_h])
+            vertical = torch.cat([vertical, vertical.new_zeros(sw.ghost_channels, *vertical.shape[1:])])
+            bias = torch.cat([bias, bias.new_zeros(sw.ghost_channels)])
+            conv = CrossDepthwiseConv2d((scale.view(-1, 1, 1, 1) * horizontal)[pos],
+                                        (scale.view(-1, 1, 1, 1) * vertical)[pos], (scale * bias + shift)[pos])
+        self.large_kernel = conv
+        self.norm = nn.Identity()
+        self.se.down.weight.copy_(self.se.down.weight[:, pos])
+        self.se.up.weight.copy_(self.se.up.weight[pos])
+        self.se.up.bias.copy_(self.se.up.bias[pos])
+        linear: nn.Linear = self.pwconv1[1]
+        linear.weight.copy_(linear.weight[:, pos])
+        fold_ffn_tail(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.se(self.norm(self.large_kernel(x)))
@@ -126,17 +165,16 @@ class ShiftWiseV2(StagedConvNet):
                 m.reparameterize()
 
     def to_dense(self, kind: str | Sequence[str] = "square") -> None:
-        """Run every shift-wise layer as its dense equivalent: one D x D depthwise conv (``"square"``) or a
-        k x D + D x k pair (``"cross"``); a sequence gives one kind per stage (on the H100 at 224 px,
-        ``("cross", "cross", "square", "square")`` was the fastest, docs/performance.md). In place; inference
-        only (exact in eval mode)."""
+        """Deploy every block with its shift-wise layer as one dense depthwise conv over all channels
+        (:meth:`ShiftWiseBlock.to_dense`): D x D (``"square"``) or a k x D + D x k pair (``"cross"``); a sequence
+        gives one kind per stage (on the H100 at 224 px, ``("cross", "cross", "square", "square")`` was the
+        fastest, docs/performance.md). In place; inference only (exact in eval mode)."""
         kinds = [kind] * len(self.stages) if isinstance(kind, str) else list(kind)
         if len(kinds) != len(self.stages):
             raise ValueError(f"to_dense needs one kind per stage ({len(self.stages)}), got {len(kinds)}")
         for stage, stage_kind in zip(self.stages, kinds):
-            for m in stage.modules():
-                if isinstance(m, ShiftwiseConv2d):
-                    m.to_dense(stage_kind)
+            for block in stage:
+                block.to_dense(stage_kind)
 
     # ---- timm surface -------------------------------------------------------------------------------------
     @torch.jit.ignore

@@ -95,27 +95,35 @@ class UniRepLKNetBlock(nn.Module):
             else:
                 self.dwconv = fused
             self.norm = nn.Identity()
-        linear: nn.Linear = self.pwconv2[0]
-        grn: GRN = self.act[1]
-        has_bn = len(self.pwconv2) == 3
-        if not (grn.use_bias or has_bn or self.gamma is not None):
-            return
-        # pwconv2(GRN(x)) = W (GRN0(x) + beta) + b, then BN, then layer scale: all affine per output channel.
-        weight = linear.weight
-        bias = linear.bias if linear.bias is not None else weight.new_zeros(weight.shape[0])
-        if grn.use_bias:
-            bias = bias + weight @ grn.beta.reshape(-1)
-            del grn.beta
-            grn.use_bias = False
-        if has_bn:
-            weight, bias = fuse_bn(weight, self.pwconv2[2], bias)
-        if self.gamma is not None:
-            weight, bias = weight * self.gamma[:, None], bias * self.gamma
-            self.gamma = None
-        fused = nn.Linear(linear.in_features, linear.out_features).to(weight.device, weight.dtype)
-        fused.weight.copy_(weight)
-        fused.bias.copy_(bias)
-        self.pwconv2 = nn.Sequential(fused, _ToNCHW())
+        fold_ffn_tail(self)
+
+
+@torch.no_grad()
+def fold_ffn_tail(block: nn.Module) -> None:
+    """UniRepLKNet's deploy form of a block's FFN tail, in place (exact in eval mode): GRN ``beta``
+    (``block.act[1]``), the BN after ``block.pwconv2`` (Linear, _ToNCHW, BN) and the layer scale ``block.gamma``
+    fold into ``pwconv2``'s Linear (with bias). Shared with the shift-wise blocks (same macro design)."""
+    linear: nn.Linear = block.pwconv2[0]
+    grn: GRN = block.act[1]
+    has_bn = len(block.pwconv2) == 3
+    if not (grn.use_bias or has_bn or block.gamma is not None):
+        return
+    # pwconv2(GRN(x)) = W (GRN0(x) + beta) + b, then BN, then layer scale: all affine per output channel.
+    weight = linear.weight
+    bias = linear.bias if linear.bias is not None else weight.new_zeros(weight.shape[0])
+    if grn.use_bias:
+        bias = bias + weight @ grn.beta.reshape(-1)
+        del grn.beta
+        grn.use_bias = False
+    if has_bn:
+        weight, bias = fuse_bn(weight, block.pwconv2[2], bias)
+    if block.gamma is not None:
+        weight, bias = weight * block.gamma[:, None], bias * block.gamma
+        block.gamma = None
+    fused = nn.Linear(linear.in_features, linear.out_features).to(weight.device, weight.dtype)
+    fused.weight.copy_(weight)
+    fused.bias.copy_(bias)
+    block.pwconv2 = nn.Sequential(fused, _ToNCHW())
 
 
 # Official default kernel sizes per block, keyed by depths (A/F/P, N, T, S/B/L/XL).
