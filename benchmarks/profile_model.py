@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--infer", action="store_true")
     ap.add_argument("--layout", default="channels_last", choices=["channels_last", "NCHW"])
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--sort", default="cuda", choices=["cuda", "cpu"], help="rank ops by total CUDA or self CPU time")
     ap.add_argument("--tuning", action="store_true", help="also print every depthwise pass's tuning log")
     ap.add_argument("--sw-deploy", default="merged", choices=["merged", "square", "cross", "mixed"],
                     help="shift-wise models: the deploy form profiled with --infer (see models.py)")
@@ -48,7 +49,8 @@ def main() -> None:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    sort_by = "cuda_time_total" if args.sort == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=args.rows, max_name_column_width=70))
     if not args.tuning:
         return
     from largekernel.ops import depthwise

@@ -79,18 +79,20 @@ class CrossDepthwiseConv2d(nn.Module):
 
 
 class PointwiseConv2d(nn.Conv2d):
-    """Drop-in for ``nn.Conv2d(C_in, C_out, 1)`` (same parameters and state-dict names). A channels_last input
-    runs as ``F.linear`` on its (N, H, W, C) view, so the bias is added in the GEMM's epilogue; cuDNN's 1x1 conv
-    adds it in a separate broadcast pass over the output (RepLKNet-31B deploy, batch 128, H100: ~10 of ~35 ms
-    per forward, docs/performance.md; on the CPU the GEMM is as fast or faster too). Output in the input's
-    layout; NCHW inputs (and ONNX export) take ``nn.Conv2d``'s path. (N, C_in, H, W) -> (N, C_out, H, W).
+    """Drop-in for ``nn.Conv2d(C_in, C_out, 1)`` (same parameters and state-dict names). With a bias, a
+    channels_last input runs as ``F.linear`` on its (N, H, W, C) view, so the bias is added in the GEMM's
+    epilogue; cuDNN's 1x1 conv adds it in a separate broadcast pass over the output (RepLKNet-31B deploy, batch
+    128, H100: ~10 of ~35 ms per forward, docs/performance.md; on the CPU the GEMM is as fast or faster too).
+    Output in the input's layout; other inputs (and ONNX export) take ``nn.Conv2d``'s path.
+    (N, C_in, H, W) -> (N, C_out, H, W).
     """
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and not torch.onnx.is_in_onnx_export():
+        # without a bias there is no extra pass to save: cuDNN's conv (what the training forms were measured with)
+        if self.bias is not None and x.dim() == 4 and not torch.onnx.is_in_onnx_export():
             nhwc = x.permute(0, 2, 3, 1)
             if nhwc.is_contiguous():   # a channels_last tensor (or one that is both)
                 return F.linear(nhwc, self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
