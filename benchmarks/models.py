@@ -6,14 +6,17 @@
 Inference: eval mode, re-parameterized (``largekernel.reparameterize(fold_bn=True)``; timm models via
 ``timm.utils.reparameterize_model``), ``torch.no_grad``, bf16 autocast, ``--layouts`` (default channels_last).
 Training: one SGD step (forward, cross-entropy, backward, step) under bf16 autocast. Median of ``--iters``
-CUDA-event-timed iterations
-after ``--warmup``; random inputs. Writes ``$OUT/models.json`` when ``$OUT`` is set.
+CUDA-event-timed iterations after ``--warmup``; random inputs. ``--rounds R`` builds every model first and times
+them in turn R times (median over rounds; the host's drift then hits all alike). Writes ``$OUT/models.json``
+when ``$OUT`` is set.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -71,9 +74,10 @@ def infer_step(model: torch.nn.Module, x: torch.Tensor):
     return step
 
 
-def bench_model(name: str, batch: int, train_batch: int, warmup: int, iters: int, res: int,
-                train: bool = True, channels_last: bool = True, sw_impl: str = "shiftadd",
-                sw_form: str = "merged") -> dict:
+def build_model(name: str, batch: int, train_batch: int, res: int, train: bool = True, channels_last: bool = True,
+                sw_impl: str = "shiftadd", sw_form: str = "merged") -> dict:
+    """One benchmark entry: the row's labels, a training step (training form, SGD) and an inference step (deploy
+    form of a separate copy), with their random inputs on the GPU."""
     device = "cuda"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     row: dict = {"model": name, "layout": "channels_last" if channels_last else "NCHW"}
@@ -83,28 +87,72 @@ def bench_model(name: str, batch: int, train_batch: int, warmup: int, iters: int
         row.update(sw_impl=sw_impl, sw_deploy=sw_form)
     row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
     model = model.to(device).to(memory_format=fmt)
+    entry: dict = {"row": row, "train": None, "batch": batch, "train_batch": train_batch}
+    deploy = copy.deepcopy(model).eval()
     if train:
-        model.train()
         x = torch.randn(train_batch, 3, res, res, device=device).to(memory_format=fmt)
         y = torch.randint(0, 1000, (train_batch,), device=device)
-        step = train_step(model, x, y)
-        torch.cuda.reset_peak_memory_stats()
-        t = cuda_time(step, iters, budget_ms=0, warmup=warmup) / 1e3
-        row["train_img_s"] = train_batch / t
-        row["train_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-        del step   # and with it the optimizer state
-    model.eval()
+        entry["train"] = train_step(model.train(), x, y)
     if is_ours(name):
-        model = largekernel.reparameterize(model, inplace=True, fold_bn=True)
+        deploy = largekernel.reparameterize(deploy, inplace=True, fold_bn=True)
         if shiftwise:
-            sw_deploy(model, sw_form)
+            sw_deploy(deploy, sw_form)
     else:
         from timm.utils import reparameterize_model
 
-        model = reparameterize_model(model)
+        deploy = reparameterize_model(deploy)
     x = torch.randn(batch, 3, res, res, device=device).to(memory_format=fmt)
-    row["infer_img_s"] = batch / (cuda_time(infer_step(model, x), iters, budget_ms=0, warmup=warmup) / 1e3)
-    return row
+    entry["infer"] = infer_step(deploy, x)
+    return entry
+
+
+def time_model(entry: dict, warmup: int, iters: int) -> dict:
+    """img/s of the entry's training and inference steps (median of ``iters`` after ``warmup``)."""
+    out = {}
+    if entry["train"] is not None:
+        torch.cuda.reset_peak_memory_stats()
+        out["train_img_s"] = entry["train_batch"] / (cuda_time(entry["train"], iters, 0, warmup) / 1e3)
+        out["train_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    out["infer_img_s"] = entry["batch"] / (cuda_time(entry["infer"], iters, 0, warmup) / 1e3)
+    return out
+
+
+def bench_model(name: str, batch: int, train_batch: int, warmup: int, iters: int, res: int,
+                train: bool = True, channels_last: bool = True, sw_impl: str = "shiftadd",
+                sw_form: str = "merged") -> dict:
+    entry = build_model(name, batch, train_batch, res, train, channels_last, sw_impl, sw_form)
+    return {**entry["row"], **time_model(entry, warmup, iters)}
+
+
+def _rounds(variants: list[tuple], args) -> list[dict]:
+    """Every variant built (and tuned) first, then ``args.rounds`` rounds that time each in turn: the host's
+    CPU-speed drift (these steps are partly CPU-bound) then hits every model alike. Reports the median over
+    rounds and each round's value."""
+    entries = []
+    for name, backend, layout, impl in variants:
+        with use_backend(backend if is_ours(name) else "auto"):
+            entry = build_model(name, args.batch, args.train_batch, args.res, not args.no_train,
+                                layout == "channels_last", impl, args.sw_deploy)
+            time_model(entry, args.warmup, 2)   # compile / tune outside the rounds
+        entry["row"].update(backend=backend, layout=layout)
+        entries.append((backend, entry))
+        print(f"built {name} ({backend}, {layout}, {impl})", flush=True)
+    samples: list[dict] = [{} for _ in entries]
+    for r in range(args.rounds):
+        for (backend, entry), got in zip(entries, samples):
+            with use_backend(backend if is_ours(entry["row"]["model"]) else "auto"):
+                for key, value in time_model(entry, 2, args.iters).items():
+                    got.setdefault(key, []).append(value)
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    rows = []
+    for (_, entry), got in zip(entries, samples):
+        row = dict(entry["row"])
+        for key, values in got.items():
+            row[key] = statistics.median(values)
+            row[key + "_rounds"] = [round(v, 1) for v in values]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-train", action="store_true")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="> 1: build every model first, then time them in turn this many times (median over rounds)")
     p.add_argument("--sw-impl", nargs="+", default=["shiftadd"], choices=["shiftadd", "bands"],
                    help="shift-wise models: how the trainable layers compute (one run per value)")
     p.add_argument("--sw-deploy", default="merged", choices=["merged", "square", "cross", "mixed"],
@@ -131,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks/models.py needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.backends.cudnn.benchmark = True
-    rows = []
+    variants = []
     for name in args.models:
         if not timm.is_model(name):
             print(f"skip {name}: not registered", file=sys.stderr)
@@ -139,10 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         ours = is_ours(name)
         backends = (args.backends if name in args.native_models else args.backends[:1]) if ours else ["-"]
         impls = args.sw_impl if name.startswith("shiftwise") else ["shiftadd"]
-        for backend, layout, impl in [(b, lay, i) for b in backends for lay in args.layouts for i in impls]:
+        variants += [(name, b, lay, i) for b in backends for lay in args.layouts for i in impls]
+    rows = []
+    if args.rounds == 1:   # one model at a time (less memory)
+        for name, backend, layout, impl in variants:
             t0 = time.time()
             try:
-                with use_backend(backend if ours else "auto"):
+                with use_backend(backend if is_ours(name) else "auto"):
                     row = bench_model(name, args.batch, args.train_batch, args.warmup, args.iters, args.res,
                                       train=not args.no_train, channels_last=layout == "channels_last",
                                       sw_impl=impl, sw_form=args.sw_deploy)
@@ -153,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
             row["wall_s"] = round(time.time() - t0, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
+    else:
+        rows = _rounds(variants, args)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "timm": timm.__version__,
             "batch": args.batch, "train_batch": args.train_batch, "res": args.res, "iters": args.iters,
+            "rounds": args.rounds,
             "date": time.strftime("%Y-%m-%d"), "rows": rows}
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "models.json"), "w") as f:
