@@ -19,7 +19,7 @@ fp32 inputs use ``input_precision='tf32x3'`` (error-compensated split, ~fp32 acc
 import triton
 import triton.language as tl
 
-from largekernel.ops._launch import cdiv, next_pow2
+from largekernel.ops._launch import cdiv, launch, next_pow2
 
 
 @triton.jit
@@ -521,8 +521,8 @@ def _band_copies(w, taps: tuple, rows: int, rp: int, e0: int, lq: int, bvec: int
     _band_copies_kernel."""
     kh, kw, w_off, swh, sww = taps
     q = w.new_empty((w.shape[0], rows, bvec, lq))
-    _band_copies_kernel[(w.shape[0] * rows,)](w, q, kh, kw, rows, rp, e0, lq, w_off, swh, sww,
-                                     BVEC=bvec, BLOCK_Q=next_pow2(lq), num_warps=1)
+    launch(_band_copies_kernel, (w.shape[0] * rows,), w, q, kh, kw, rows, rp, e0, lq, w_off, swh, sww,
+           BVEC=bvec, BLOCK_Q=next_pow2(lq), num_warps=1)
     return q
 
 
@@ -622,7 +622,7 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
             bn = max(bn, wp)   # whole output rows per tile
             q, e0, phr, lq = plane_band_copies(w, taps, H, W, ph, pw, bn, bk, bvec)
             grid = (C * cdiv(N, bm) * cdiv(H, bn // wp),)
-            _dw_plane_bands_kernel[grid](x, q, b_arg, y,
+            launch(_dw_plane_bands_kernel, grid, x, q, b_arg, y,
                                          N, C, H, W, KH, ph, pw, phr, e0, q.shape[1], lq // bvec,
                                          *x.stride(), *y.stride(),
                                          HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WP=wp,
@@ -630,7 +630,7 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
                                          PREFETCH=cfg.get("prefetch", False), num_warps=cfg.get("num_warps", 4),
                                          num_stages=cfg.get("num_stages", 2))
             return
-        _dw_plane_kernel[grid](x, w, b_arg, y,
+        launch(_dw_plane_kernel, grid, x, w, b_arg, y,
                                N, C, H, W, KH, KW, ph, pw, w_off, swh, sww,
                                *x.stride(), *y.stride(),
                                HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
@@ -654,7 +654,7 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         q, lq, e0 = w, 1, num_u * bu - 1
         if cfg.get("bands"):
             q, lq = band_copies(w, taps, e0, e0 + pwa - pw + bw, bvec)
-        _dw_fwd2_kernel[grid](x, w, b_arg, y,
+        launch(_dw_fwd2_kernel, grid, x, w, b_arg, y,
                               N, C, H, W // vec, KH, KW, ph, pw, pwa // vec, w_off, swh, sww,
                               sn // vec, sc // vec, sh // vec, sw, *y.stride(), q, lq // bvec, e0,
                               HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_W=bw, BLOCK_U=bu,
@@ -664,7 +664,7 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         return
     if flip:
         w = w.flip(-2, -1).contiguous()
-    _dw_fwd_kernel[grid](x, w, b_arg, y,
+    launch(_dw_fwd_kernel, grid, x, w, b_arg, y,
                          N, C, H, W, KH, KW, ph, pw,
                          *x.stride(), *y.stride(),
                          HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_W=bw, BLOCK_U=bu,
@@ -696,7 +696,7 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
                                                             dtype=torch.float32)
         if poison and covered:
             partial.fill_(float("nan"))
-        _dw_wgrad_plane_kernel[(C * splits,)](x, g, partial,
+        launch(_dw_wgrad_plane_kernel, (C * splits,), x, g, partial,
                                               N, C, H, W, kh, kw, ph, pw, per_split, splits,
                                               *x.stride(), *g.stride(),
                                               HP=hp, WP=wp, KHP=_pow2(kh), BLOCK_N=bn,
@@ -712,7 +712,7 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
         partial = torch.empty((splits, C, kh, kw), device=x.device, dtype=torch.float32)
         if poison:
             partial.fill_(float("nan"))
-        _dw_wgrad_batched_kernel[(C * splits,)](x, g, partial,
+        launch(_dw_wgrad_batched_kernel, (C * splits,), x, g, partial,
                                                 N, C, H, W, kh, kw, ph, pw, per_split, splits,
                                                 *x.stride(), *g.stride(),
                                                 BLOCK_J=_pow2(kw), BLOCK_I=_pow2(kh), BLOCK_V=bv, NB=nb,
@@ -730,7 +730,7 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
             partial.fill_(float("nan"))
         vec = _vec(g, cfg)
         gn, gc, gh, gw = g.stride()
-        _dw_wgrad2_kernel[(C * splits,)](x, g, partial,
+        launch(_dw_wgrad2_kernel, (C * splits,), x, g, partial,
                                          N, C, H, W // vec, kh, kw, ph, pw, rows_per_split, splits,
                                          *x.stride(), gn // vec, gc // vec, gh // vec, gw,
                                          BLOCK_J=_pow2(kw), BLOCK_I=_pow2(kh), BLOCK_V=cfg["BLOCK_V"],
@@ -746,7 +746,7 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
     partial = torch.empty((splits, C, kh, kw), device=x.device, dtype=torch.float32)
     if poison:
         partial.fill_(float("nan"))
-    _dw_wgrad_kernel[(C * splits,)](x, g, partial,
+    launch(_dw_wgrad_kernel, (C * splits,), x, g, partial,
                                     N, C, H, W, kh, kw, ph, pw, k_per_split, splits,
                                     *x.stride(), *g.stride(),
                                     BLOCK_J=_pow2(kw), BLOCK_I=_pow2(kh), BLOCK_K=bk,

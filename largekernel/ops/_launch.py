@@ -1,5 +1,16 @@
-"""Host-side integer helpers for kernel launches (``triton.cdiv`` / ``triton.next_power_of_2`` are Triton
-constexpr functions whose Python wrapper costs microseconds per call, ~50 us per depthwise forward+backward)."""
+"""Host-side launch helpers: integer arithmetic (``triton.cdiv`` / ``triton.next_power_of_2`` are Triton
+constexpr functions whose Python wrapper costs microseconds per call) and :func:`launch`, which calls a compiled
+kernel directly once Triton has built it for the same specialization."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# LARGEKERNEL_FAST_LAUNCH=0: always go through ``kernel[grid](...)`` (Triton's JITFunction.run).
+FAST_LAUNCH = os.environ.get("LARGEKERNEL_FAST_LAUNCH", "1") == "1"
+_COMPILED: dict = {}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -8,3 +19,37 @@ def cdiv(a: int, b: int) -> int:
 
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _specialization(v: object) -> object:
+    """At least as fine as what Triton specializes a runtime argument on: a tensor's dtype and 16-byte alignment;
+    an int's value 1, divisibility by 16 and int32 range; the value of anything else (constexprs, None)."""
+    if isinstance(v, torch.Tensor):
+        return v.dtype, v.data_ptr() % 16 == 0
+    if isinstance(v, bool) or not isinstance(v, int):
+        return v
+    return v == 1, v % 16 == 0, -2**31 <= v < 2**31
+
+
+def launch(kernel, grid: tuple, *args: object, **meta: object) -> None:
+    """``kernel[grid](*args, **meta)``. Triton's launch path (argument binding, specialization, cache-key hashing)
+    costs ~100 us of CPU per launch on the lent H100's host, more than the kernels of a 7x7 plane and enough to
+    leave a training step CPU-bound; so the compiled kernel Triton returns is kept under a key at least as fine
+    as Triton's own specialization, and later launches with the same key call it directly. Any failure of the
+    direct call turns the shortcut off for the process (then every launch takes Triton's path)."""
+    global FAST_LAUNCH
+    if FAST_LAUNCH:
+        key = (kernel, tuple(_specialization(a) for a in args), tuple(meta.items()))
+        entry = _COMPILED.get(key)
+        if entry is not None:
+            compiled, constexprs = entry
+            try:
+                compiled[grid](*args, *constexprs)
+                return
+            except Exception:  # noqa: BLE001 - an API this Triton does not have: use its own path from now on
+                FAST_LAUNCH = False
+    compiled = kernel[grid](*args, **meta)
+    if FAST_LAUNCH and hasattr(compiled, "packed_metadata"):
+        names = getattr(kernel, "arg_names", None)
+        if names is not None and all(n in meta for n in names[len(args):]):
+            _COMPILED[key] = (compiled, tuple(meta[n] for n in names[len(args):]))

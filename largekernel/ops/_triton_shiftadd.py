@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from largekernel.ops._launch import cdiv, next_pow2
+from largekernel.ops._launch import cdiv, launch, next_pow2
 
 
 @triton.jit
@@ -606,18 +606,18 @@ def _run_candidate(cand: tuple, kernels: tuple, lead: tuple, plane_args: tuple, 
     pf = {} if kind in ("plane", "dot") else dict(PF=kind.endswith("+pf"))
     if kind == "plane":
         n_th, n_tw = cdiv(grid_h, a), cdiv(grid_w, bb)
-        k_plane[(planes * n_th * n_tw,)](*lead, *plane_args, n_th, n_tw, BLOCK_H=a, BLOCK_W=bb, num_warps=warps,
-                                         **consts, **pf)
+        launch(k_plane, (planes * n_th * n_tw,), *lead, *plane_args, n_th, n_tw, BLOCK_H=a, BLOCK_W=bb,
+               num_warps=warps, **consts, **pf)
     elif kind.startswith("tile"):
         n_t = cdiv(grid_h, a) * cdiv(grid_w, bb)
-        k_tile[(planes * n_t,)](*lead, *extra, n_t, H=h, W=w, BLOCK_H=a, BLOCK_W=bb, num_warps=warps, **consts,
-                                **pf)
+        launch(k_tile, (planes * n_t,), *lead, *extra, n_t, H=h, W=w, BLOCK_H=a, BLOCK_W=bb, num_warps=warps,
+               **consts, **pf)
     elif kind == "dot":
-        k_dot[(planes,)](*lead, *extra, H=h, W=w, P=a, num_warps=warps, **consts, **_dot_consts(dtype))
+        launch(k_dot, (planes,), *lead, *extra, H=h, W=w, P=a, num_warps=warps, **consts, **_dot_consts(dtype))
     else:
         n_t = cdiv(grid_h * grid_w, bb)
-        k_flat[(cdiv(planes, a) * n_t,)](*lead, *extra, planes, n_t, H=h, W=w, NPL=a, BLOCK=bb, num_warps=warps,
-                                         **consts, **pf)
+        launch(k_flat, (cdiv(planes, a) * n_t,), *lead, *extra, planes, n_t, H=h, W=w, NPL=a, BLOCK=bb,
+               num_warps=warps, **consts, **pf)
 
 
 def shift_add_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor,
