@@ -14,10 +14,10 @@ class _Compiled:
         self.log, self.fail = log, fail
 
     def __getitem__(self, grid):
-        def run(*args):
+        def run(*args):   # like Triton's CompiledKernel runner: reads three grid dimensions
             if self.fail:
                 raise TypeError("launcher signature differs")
-            self.log.append(("direct", grid, args))
+            self.log.append(("direct", (grid[0], grid[1], grid[2]), args))
         return run
 
 
@@ -39,6 +39,7 @@ class _Kernel:
 def _fresh(monkeypatch):
     monkeypatch.setattr(_launch, "FAST_LAUNCH", True)
     monkeypatch.setattr(_launch, "_COMPILED", {})
+    monkeypatch.setattr(_launch, "FAST_LAUNCH_ERROR", "")
 
 
 def test_second_launch_with_same_specialization_is_direct():
@@ -47,7 +48,7 @@ def test_second_launch_with_same_specialization_is_direct():
     _launch.launch(k, (4,), x, 32, BLOCK=16, num_warps=4)
     _launch.launch(k, (8,), x, 48, BLOCK=16, num_warps=4)
     assert [e[0] for e in k.log] == ["triton", "direct"]
-    assert k.log[1] == ("direct", (8,), (x, 48, 16))   # runtime args, then the constexprs in signature order
+    assert k.log[1] == ("direct", (8, 1, 1), (x, 48, 16))   # runtime args, then the constexprs in signature order
 
 
 @pytest.mark.parametrize("change", ["int_one", "int_div16", "int_range", "dtype", "align", "meta", "options"])
@@ -80,7 +81,7 @@ def test_failing_direct_call_turns_the_shortcut_off():
     for _ in range(3):
         _launch.launch(k, (4,), x, 32, BLOCK=16)
     assert [e[0] for e in k.log] == ["triton", "triton", "triton"]
-    assert _launch.FAST_LAUNCH is False
+    assert _launch.FAST_LAUNCH is False and "launcher signature differs" in _launch.FAST_LAUNCH_ERROR
 
 
 def test_missing_constexpr_is_not_cached():

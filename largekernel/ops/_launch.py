@@ -9,6 +9,7 @@ import torch
 
 # LARGEKERNEL_FAST_LAUNCH=0: always go through ``kernel[grid](...)`` (Triton's JITFunction.run).
 FAST_LAUNCH = os.environ.get("LARGEKERNEL_FAST_LAUNCH", "1") == "1"
+FAST_LAUNCH_ERROR = ""   # why the shortcut was turned off, if it was
 _COMPILED: dict = {}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
@@ -37,17 +38,17 @@ def launch(kernel, grid: tuple, *args: object, **meta: object) -> None:
     leave a training step CPU-bound; so the compiled kernel Triton returns is kept under a key at least as fine
     as Triton's own specialization, and later launches with the same key call it directly. Any failure of the
     direct call turns the shortcut off for the process (then every launch takes Triton's path)."""
-    global FAST_LAUNCH
+    global FAST_LAUNCH, FAST_LAUNCH_ERROR
     if FAST_LAUNCH:
         key = (kernel, tuple(_specialization(a) for a in args), tuple(meta.items()))
         entry = _COMPILED.get(key)
         if entry is not None:
             compiled, constexprs = entry
-            try:
-                compiled[grid](*args, *constexprs)
+            try:   # the compiled kernel's runner takes a 3-d grid (JITFunction.run pads it)
+                compiled[grid + (1,) * (3 - len(grid))](*args, *constexprs)
                 return
-            except Exception:  # noqa: BLE001 - an API this Triton does not have: use its own path from now on
-                FAST_LAUNCH = False
+            except Exception as err:  # noqa: BLE001 - an API this Triton does not have: use its own path from now on
+                FAST_LAUNCH, FAST_LAUNCH_ERROR = False, f"{type(err).__name__}: {err}"
     compiled = kernel[grid](*args, **meta)
     if FAST_LAUNCH and hasattr(compiled, "packed_metadata"):
         names = getattr(kernel, "arg_names", None)
