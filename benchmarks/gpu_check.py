@@ -224,6 +224,24 @@ def launch_overhead() -> dict:
         res[f"{name}_fwdbwd_us"] = 1000 * dwconv.cuda_time(
             lambda fn=fn: torch.autograd.grad(fn(x, w, b), (x, w, b), gy))
     print("per-call wall time at N1 C8 7x7 K13 (us):", res, flush=True)
+    # repeated calls run through the direct-launch cache (largekernel.ops._launch): check them against float64
+    from largekernel.ops import _launch
+
+    errs = []
+    for n, c, h, k, dt in ((2, 64, 14, 27, torch.bfloat16), (2, 32, 56, 31, torch.bfloat16),
+                           (4, 96, 7, 13, torch.float32), (2, 48, 28, 29, torch.float32)):
+        x, w, b = dwconv.make_inputs(n, c, h, k, k, dt)
+        g = torch.randn(n, c, h, h, device="cuda", dtype=dt)
+        for _ in range(3):
+            got = (dwconv._ours(x, w, b), *torch.autograd.grad(dwconv._ours(x, w, b), (x, w, b), g))
+        xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+        yd = F.conv2d(xd, wd, bd, padding="same", groups=c)
+        ref = (yd, *torch.autograd.grad(yd, (xd, wd, bd), g.double()))
+        errs.append(max(rel(a, r) for a, r in zip(got, ref)))
+    res.update(fast_launch=_launch.FAST_LAUNCH, fast_launch_error=_launch.FAST_LAUNCH_ERROR,
+               direct_entries=len(_launch._COMPILED), repeated_call_rel_err=errs)
+    print("direct launches:", {k: res[k] for k in ("fast_launch", "fast_launch_error", "direct_entries",
+                                                   "repeated_call_rel_err")}, flush=True)
     import cProfile
     import pstats
 
