@@ -49,52 +49,33 @@ def sw_deploy(model: torch.nn.Module, kind: str) -> None:
         model.to_dense(("cross", "cross", "square", "square") if kind == "mixed" else kind)
 
 
-def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, graph: bool = False):
-    """One SGD step (momentum 0.9) under bf16 autocast: forward, cross-entropy, backward, step. graph: the whole
-    step captured once in a CUDA graph and replayed (no CPU launch cost: the GPU-bound step time)."""
+def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """One SGD step (momentum 0.9) under bf16 autocast: forward, cross-entropy, backward, step."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        if not graph:
-            opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
 
-    return _graphed(step, before_capture=lambda: opt.zero_grad(set_to_none=True)) if graph else step
-
-
-def _graphed(step, before_capture=lambda: None):
-    """``step`` captured in a CUDA graph (PyTorch's whole-network recipe: three warm-up runs on a side stream,
-    which also compile and tune our kernels, then one capture); returns the replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            before_capture()
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    before_capture()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+    return step
 
 
-def infer_step(model: torch.nn.Module, x: torch.Tensor, graph: bool = False):
-    """One no-grad forward under bf16 autocast (graph: captured in a CUDA graph and replayed)."""
+def infer_step(model: torch.nn.Module, x: torch.Tensor):
+    """One no-grad forward under bf16 autocast."""
 
     @torch.no_grad()
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
             model(x)
 
-    return _graphed(step) if graph else step
+    return step
 
 
 def build_model(name: str, batch: int, train_batch: int, res: int, train: bool = True, channels_last: bool = True,
-                sw_impl: str = "shiftadd", sw_form: str = "merged", graph: bool = False) -> dict:
+                sw_impl: str = "shiftadd", sw_form: str = "merged") -> dict:
     """One benchmark entry: the row's labels, a training step (training form, SGD) and an inference step (deploy
     form of a separate copy), with their random inputs on the GPU."""
     device = "cuda"
@@ -111,7 +92,7 @@ def build_model(name: str, batch: int, train_batch: int, res: int, train: bool =
     if train:
         x = torch.randn(train_batch, 3, res, res, device=device).to(memory_format=fmt)
         y = torch.randint(0, 1000, (train_batch,), device=device)
-        entry["train"] = train_step(model.train(), x, y, graph)
+        entry["train"] = train_step(model.train(), x, y)
     if is_ours(name):
         deploy = largekernel.reparameterize(deploy, inplace=True, fold_bn=True)
         if shiftwise:
@@ -121,7 +102,7 @@ def build_model(name: str, batch: int, train_batch: int, res: int, train: bool =
 
         deploy = reparameterize_model(deploy)
     x = torch.randn(batch, 3, res, res, device=device).to(memory_format=fmt)
-    entry["infer"] = infer_step(deploy, x, graph)
+    entry["infer"] = infer_step(deploy, x)
     return entry
 
 
@@ -152,7 +133,7 @@ def _rounds(variants: list[tuple], args) -> list[dict]:
         try:
             with use_backend(backend if is_ours(name) else "auto"):
                 entry = build_model(name, args.batch, args.train_batch, args.res, not args.no_train,
-                                    layout == "channels_last", impl, args.sw_deploy, args.cuda_graph)
+                                    layout == "channels_last", impl, args.sw_deploy)
                 time_model(entry, args.warmup, 2)   # compile / tune outside the rounds
         except Exception as err:  # report and go on
             failed.append({"model": name, "backend": backend, "layout": layout,
@@ -193,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-train", action="store_true")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="with --rounds: time CUDA-graph replays of each step (GPU-bound time, no CPU launch cost)")
     p.add_argument("--rounds", type=int, default=1,
                    help="> 1: build every model first, then time them in turn this many times (median over rounds)")
     p.add_argument("--sw-impl", nargs="+", default=["shiftadd"], choices=["shiftadd", "bands"],
@@ -218,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         impls = args.sw_impl if name.startswith("shiftwise") else ["shiftadd"]
         variants += [(name, b, lay, i) for b in backends for lay in args.layouts for i in impls]
     rows = []
-    if args.rounds == 1 and not args.cuda_graph:   # one model at a time (less memory)
+    if args.rounds == 1:   # one model at a time (less memory)
         for name, backend, layout, impl in variants:
             t0 = time.time()
             try:
@@ -237,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = _rounds(variants, args)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "timm": timm.__version__,
             "batch": args.batch, "train_batch": args.train_batch, "res": args.res, "iters": args.iters,
-            "rounds": args.rounds, "cuda_graph": args.cuda_graph,
+            "rounds": args.rounds,
             "date": time.strftime("%Y-%m-%d"), "rows": rows}
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "models.json"), "w") as f:
