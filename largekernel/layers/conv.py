@@ -75,6 +75,12 @@ class CrossDepthwiseConv2d(nn.Module):
         self.dense_v = DepthwiseConv2d.from_weights(vertical)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # the CUDA kernels run on row-major copies: make one for both convs and write the sum back to
+            # channels_last in the add (each conv would otherwise copy its input in and its output back)
+            rows = x.contiguous()
+            horizontal, vertical = self.dense_h(rows), self.dense_v(rows)
+            return torch.add(horizontal, vertical, out=torch.empty_like(horizontal, memory_format=torch.channels_last))
         return self.dense_h(x) + self.dense_v(x)
 
 
