@@ -9,6 +9,7 @@ from conftest import randomize_bn, rel_err
 from torch.utils.flop_counter import FlopCounterMode
 
 import largekernel
+from largekernel.layers import PointwiseConv2d
 from largekernel.models.replknet import MODEL_CFGS
 
 ALL = sorted(MODEL_CFGS)
@@ -91,6 +92,11 @@ def test_reparameterize_is_exact(name: str) -> None:
     assert any("lkb_reparam" in k for k in deploy.state_dict())
     assert rel_err(out, ref) <= 1e-5
     assert rel_err(folded, ref) <= 1e-5
+    # channels_last: the folded 1x1 convs (PointwiseConv2d, with bias) take their GEMM path
+    assert any(isinstance(m, PointwiseConv2d) and m.bias is not None for m in folded_model.modules())
+    with torch.no_grad():
+        folded_cl = folded_model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    assert rel_err(folded_cl, ref) <= 1e-5
     # the original is untouched (inplace=False)
     assert any("lkb_origin" in k for k in model.state_dict())
 
