@@ -51,7 +51,8 @@ def test_second_launch_with_same_specialization_is_direct():
     assert k.log[1] == ("direct", (8, 1, 1), (x, 48, 16))   # runtime args, then the constexprs in signature order
 
 
-@pytest.mark.parametrize("change", ["int_one", "int_div16", "int_range", "dtype", "align", "meta", "options"])
+@pytest.mark.parametrize("change", ["int_one", "int_div16", "int_range", "dtype", "align", "meta", "options",
+                                    "device"])
 def test_a_different_specialization_goes_through_triton(change):
     k = _Kernel()
     x = torch.zeros(64)
@@ -67,6 +68,8 @@ def test_a_different_specialization_goes_through_triton(change):
         args[0] = torch.zeros(64, dtype=torch.float64)
     elif change == "align":
         args[0] = x[1:]   # 4 bytes off the 16-byte alignment
+    elif change == "device":
+        args[0] = torch.zeros(64, device="meta")
     elif change == "meta":
         meta["BLOCK"] = 32
     else:

@@ -40,7 +40,9 @@ def launch(kernel, grid: tuple, *args: object, **meta: object) -> None:
     direct call turns the shortcut off for the process (then every launch takes Triton's path)."""
     global FAST_LAUNCH, FAST_LAUNCH_ERROR
     if FAST_LAUNCH:
-        key = (kernel, tuple(_specialization(a) for a in args), tuple(meta.items()))
+        # the device too: Triton compiles (and loads) a kernel per device, and the runner launches what it holds
+        device = args[0].device if args and isinstance(args[0], torch.Tensor) else None
+        key = (kernel, device, tuple(_specialization(a) for a in args), tuple(meta.items()))
         entry = _COMPILED.get(key)
         if entry is not None:
             compiled, constexprs = entry
