@@ -241,7 +241,7 @@ class ShiftwiseConv2d(nn.Module):
         centre = kernels[self.idx_identity.long()].sum(1)  # (R, k, k)
         return horizontal.unsqueeze(1), vertical.unsqueeze(1), centre.unsqueeze(1)
 
-    def _cross_kernels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def cross_kernels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Eval-mode (k x D kernel with the centre terms and the identity tap, D x k kernel, bias)."""
         if self.form == "cross":
             return self.dense_h.weight, self.dense_v.weight, self.dense_h.bias
@@ -296,7 +296,7 @@ class ShiftwiseConv2d(nn.Module):
     def _rep_dense_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.form == "dense":
             return self.dense.weight[:, 0].clone(), self.dense.bias.clone()
-        horizontal, vertical, bias = self._cross_kernels()
+        horizontal, vertical, bias = self.cross_kernels()
         d, c0, h = self.dense_size, self.dense_size // 2, self.small_kernel // 2
         dense = horizontal.new_zeros(self.rep_channels, d, d)
         dense[:, c0 - h:c0 + h + 1, :] += horizontal[:, 0]
@@ -318,7 +318,7 @@ class ShiftwiseConv2d(nn.Module):
             weight, bias = self._rep_dense_kernel()
             built = {"dense": DepthwiseConv2d.from_weights(weight.unsqueeze(1), bias)}
         else:
-            horizontal, vertical, bias = self._cross_kernels()
+            horizontal, vertical, bias = self.cross_kernels()
             built = {"dense_h": DepthwiseConv2d.from_weights(horizontal, bias),
                      "dense_v": DepthwiseConv2d.from_weights(vertical)}
         for name in ("LoRAs", "LoRA", "bn_lora1", "bn_lora2", "bn_small", "term_scale", "term_bias", "dense_h",
@@ -340,7 +340,7 @@ class ShiftwiseConv2d(nn.Module):
         elif form == "cross":
             out = self.dense_h(rep) + self.dense_v(rep)
         elif self.impl == "bands" and inference:
-            horizontal, vertical, bias = self._cross_kernels()
+            horizontal, vertical, bias = self.cross_kernels()
             out = depthwise_conv2d(rep, horizontal, bias) + depthwise_conv2d(rep, vertical)
         else:
             if self.impl == "bands":

@@ -65,7 +65,7 @@ class ShiftWiseBlock(nn.Module):
             conv: nn.Module = DepthwiseConv2d.from_weights((scale.view(-1, 1, 1, 1) * weight)[pos],
                                                            (scale * bias + shift)[pos])
         else:
-            horizontal, vertical, bias = sw._cross_kernels()
+            horizontal, vertical, bias = sw.cross_kernels()
             ghost_h = horizontal.new_zeros(sw.ghost_channels, *horizontal.shape[1:])
             ghost_h[:, 0, sw.small_kernel // 2, sw.dense_size // 2] = 1
             horizontal = torch.cat([horizontal, ghost_h])
