@@ -107,3 +107,20 @@ def test_create_conv2d_picks_pointwise_for_dense_1x1_only():
     assert type(create_conv2d(8, 16, 1, groups=2)) is nn.Conv2d
     assert type(create_conv2d(8, 16, 3)) is nn.Conv2d
     assert set(create_conv2d(8, 16, 1, bias=True).state_dict()) == {"weight", "bias"}
+
+
+def test_cross_depthwise_conv_is_the_dense_cross_kernel_float64():
+    from largekernel.layers import CrossDepthwiseConv2d
+
+    torch.manual_seed(5)
+    c, k, d = 5, 3, 9
+    horizontal, vertical, bias = torch.randn(c, 1, k, d), torch.randn(c, 1, d, k), torch.randn(c)
+    layer = CrossDepthwiseConv2d(horizontal, vertical, bias).double()
+    dense = torch.zeros(c, 1, d, d, dtype=torch.float64)
+    dense[:, :, d // 2 - k // 2:d // 2 + k // 2 + 1, :] += horizontal.double()
+    dense[:, :, :, d // 2 - k // 2:d // 2 + k // 2 + 1] += vertical.double()
+    x = torch.randn(2, c, 11, 8, dtype=torch.float64)
+    ref = torch.nn.functional.conv2d(x, dense, bias.double(), padding=d // 2, groups=c)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="cross"):
+        CrossDepthwiseConv2d(horizontal, horizontal)
