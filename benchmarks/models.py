@@ -49,29 +49,58 @@ def sw_deploy(model: torch.nn.Module, kind: str) -> None:
         model.to_dense(("cross", "cross", "square", "square") if kind == "mixed" else kind)
 
 
-def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """One SGD step (momentum 0.9) under bf16 autocast: forward, cross-entropy, backward, step."""
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer | None = None,
+               zero_grad: bool = True):
+    """One SGD step (momentum 0.9) under bf16 autocast: forward, cross-entropy, backward, step (then the grads are
+    set to None unless ``zero_grad=False``: a step captured in a CUDA graph keeps its static grads)."""
+    opt = opt if opt is not None else torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    def step() -> torch.Tensor:
+        # the autocast weight-cast cache would hand a captured graph tensors from outside its memory pool
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=zero_grad):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        if zero_grad:
+            opt.zero_grad(set_to_none=True)
+        return loss
 
     return step
 
 
-def infer_step(model: torch.nn.Module, x: torch.Tensor):
-    """One no-grad forward under bf16 autocast."""
+def infer_step(model: torch.nn.Module, x: torch.Tensor, cache: bool = True):
+    """One no-grad forward under bf16 autocast; returns the logits."""
 
     @torch.no_grad()
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            model(x)
+    def step() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache):
+            return model(x)
 
     return step
+
+
+def graphed(step, before_capture=lambda: None, warmup: int = 3):
+    """``step`` captured once in a CUDA graph (PyTorch's whole-network recipe: ``warmup`` runs on a side stream,
+    which also compile and tune our kernels, then one capture); returns a replay function that returns the
+    captured step's (static) output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            before_capture()
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    before_capture()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    def replay():
+        graph.replay()
+        return out
+
+    replay.graph = graph
+    return replay
 
 
 def build_model(name: str, batch: int, train_batch: int, res: int, train: bool = True, channels_last: bool = True,
