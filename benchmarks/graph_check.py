@@ -73,35 +73,37 @@ def run_case(spec: str, iters: int) -> dict:
             eager = train_step(model, x, y, opt)
             replay = graphed(train_step(model, x, y, opt, zero_grad=False),
                              before_capture=lambda: opt.zero_grad(set_to_none=True))
-            out["rel_err"] = _compare_steps(model, opt, start, replay, eager)
+            out.update(_compare_steps(model, opt, start, replay, eager))
         out["eager_ms"] = cuda_time(eager, iters, 0, 3)
         out["graph_ms"] = cuda_time(replay, iters, 0, 3)
         out["speedup"] = out["eager_ms"] / out["graph_ms"]
     return out
 
 
-def _compare_steps(model, opt, start: dict, replay, eager) -> float:
-    """Parameter change of two replays vs two eager steps from the same state: ||d_graph - d_eager|| / ||d_eager||."""
+def _compare_steps(model, opt, start: dict, replay, eager) -> dict:
+    """Three replays vs three eager steps from the same state: the losses, and the parameter change
+    (||d_graph - d_eager|| / ||d_eager||)."""
     def reset():
-        model.load_state_dict(start)   # copy_ in place: the captured graph keeps its addresses
-        for st in opt.state.values():
-            if st.get("momentum_buffer") is not None:
-                st["momentum_buffer"].zero_()
+        with torch.no_grad():   # in place: the captured graph keeps its addresses
+            for k, v in model.state_dict().items():
+                v.copy_(start[k])
+            for st in opt.state.values():
+                if st.get("momentum_buffer") is not None:
+                    st["momentum_buffer"].zero_()
+        torch.cuda.synchronize()
 
-    params = [p for p in model.parameters()]
+    params = dict(model.named_parameters())
     reset()
-    replay()
-    replay()
-    got = [p.detach().clone() for p in params]
+    graph_losses = [float(replay()) for _ in range(3)]
+    got = {k: p.detach().clone() for k, p in params.items()}
     reset()
     opt.zero_grad(set_to_none=True)   # the graph's static grads would otherwise accumulate the eager backward
-    eager()
-    eager()
-    torch.cuda.synchronize()
-    num = sum(float((g - p).double().norm() ** 2) for g, p in zip(got, params))
-    den = sum(float((p.detach() - start_p).double().norm() ** 2)
-              for p, start_p in zip(params, [start[k] for k, _ in model.named_parameters()]))
-    return (num / max(den, 1e-30)) ** 0.5
+    eager_losses = [float(eager()) for _ in range(3)]
+    num = sum(float((got[k] - p).double().norm() ** 2) for k, p in params.items())
+    den = sum(float((p.detach() - start[k]).double().norm() ** 2) for k, p in params.items())
+    worst = max(params, key=lambda k: float((got[k] - params[k]).double().norm()))
+    return {"rel_err": (num / max(den, 1e-30)) ** 0.5, "graph_losses": graph_losses, "eager_losses": eager_losses,
+            "worst_param": worst}
 
 
 def _sanitize(name: str, batch: int, timeout: int) -> dict:

@@ -94,6 +94,23 @@ def _band_copies_match(torch) -> dict:
     return out
 
 
+def _layout_copies_match(torch) -> dict:
+    """The Triton NCHW <-> channels_last transpose against PyTorch's own copy, bit for bit (odd sizes, partial
+    tiles, one-pixel planes, three dtypes)."""
+    from largekernel.ops.layout import to_memory_format
+
+    out = {}
+    for shape in ((2, 70, 5, 9), (1, 3, 1, 1), (3, 130, 9, 11)):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(shape).to(dtype)
+            cl = to_memory_format(x, torch.channels_last, use_triton=True)
+            back = to_memory_format(cl, torch.contiguous_format, use_triton=True)
+            out[f"{shape}/{dtype}"] = bool(
+                cl.is_contiguous(memory_format=torch.channels_last) and back.is_contiguous()
+                and torch.equal(cl, x.contiguous(memory_format=torch.channels_last)) and torch.equal(back, x))
+    return out
+
+
 def _main() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
@@ -112,6 +129,7 @@ def _main() -> None:
         for case in CASES:
             results[f"{case[0]}/v{variant}"] = _run_case(case, torch, F, depthwise_conv2d, depthwise_path)
     results["band_copies"] = _band_copies_match(torch)
+    results["layout_copies"] = _layout_copies_match(torch)
     print(json.dumps(results))
 
 
@@ -137,6 +155,10 @@ def test_triton_matches_float64_reference(results, case, variant):
 
 def test_band_copies_match_independent_layout(results):
     assert results["band_copies"] and all(results["band_copies"].values()), results["band_copies"]
+
+
+def test_layout_copies_match_torch(results):
+    assert results["layout_copies"] and all(results["layout_copies"].values()), results["layout_copies"]
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from largekernel.ops.dispatch import get_backend, triton_interpreting
+from largekernel.ops.layout import rowmajor, to_memory_format
 
 try:
     _TRITON_MISSING = importlib.util.find_spec("triton") is None
@@ -290,11 +291,6 @@ def _precision(dtype: torch.dtype) -> str:
     return FP32_PRECISION if dtype == torch.float32 else "tf32"
 
 
-def _rowmajor(t: torch.Tensor) -> torch.Tensor:
-    """The kernels take any strides but need unit stride along W for coalesced rows."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _format_of(t: torch.Tensor) -> torch.memory_format:
     cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     return torch.channels_last if cl else torch.contiguous_format
@@ -315,7 +311,7 @@ def _conv_pass(cand: dict, src: torch.Tensor, w: torch.Tensor, bias, out: torch.
     if cand.get("native"):   # odd kernels only: then (ph, pw) is the centred 'same' padding
         out.copy_(F.conv2d(src, w.flip(-2, -1) if flip else w, bias, padding="same", groups=C))
         return
-    K.launch_fwd(_rowmajor(src), w.reshape(C, kh, kw).contiguous(),
+    K.launch_fwd(rowmajor(src), w.reshape(C, kh, kw).contiguous(),
                  bias.contiguous() if bias is not None else None, out, ph, pw, cand,
                  _precision(src.dtype), src.device.type == "cpu", flip)
 
@@ -327,7 +323,7 @@ def _wgrad_pass(cand: dict, x: torch.Tensor, g: torch.Tensor, weight: torch.Tens
     ph, pw = _pads(kh, kw)
     if cand.get("native"):
         return torch.nn.grad.conv2d_weight(x, weight.shape, g, padding=(ph, pw), groups=C)
-    dw = K.launch_wgrad(_rowmajor(x), _rowmajor(g), kh, kw, ph, pw, cand, _precision(x.dtype),
+    dw = K.launch_wgrad(rowmajor(x), rowmajor(g), kh, kw, ph, pw, cand, _precision(x.dtype),
                         x.device.type == "cpu", POISON)
     return dw.reshape(C, 1, kh, kw).to(weight.dtype)
 
@@ -338,13 +334,13 @@ def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     # The kernels want unit stride along W. A channels_last input is computed on a row-major copy into a row-major
     # output, converted back at the end: two copies, much cheaper than the kernels' strided output stores were
     # (RepLKNet-31B stage 1, batch 128, H100: 3.1 ms per call with channels_last stores vs ~1.4 ms row-major).
-    src = _rowmajor(x)
+    src = rowmajor(x)
     y = _alloc_like(src)
     cand = _pick("fwd", x, kh, kw, _fwd_candidates(x, kh, kw), lambda c: _conv_pass(c, src, weight, bias, y, ph, pw))
     if cand.get("native"):
         return F.conv2d(x, weight, bias, padding="same", groups=weight.shape[0])
     _conv_pass(cand, src, weight, bias, y, ph, pw)
-    return y if src is x else y.contiguous(memory_format=_format_of(x))
+    return y if src is x else to_memory_format(y, _format_of(x))
 
 
 def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool,
@@ -353,9 +349,9 @@ def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     ph, pw = _pads(kh, kw)
     dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     # one row-major copy of grad_out (and of x, for the weight grad) where they are channels_last: see _triton_forward
-    gr = _rowmajor(grad) if need_w or need_x else grad
+    gr = rowmajor(grad) if need_w or need_x else grad
     if need_w:   # first, so that its fp32 partial sums are freed before dx is allocated (peak memory)
-        xr = _rowmajor(x)
+        xr = rowmajor(x)
         cand = _pick("wgrad", x, kh, kw, _wgrad_candidates(x, kh, kw), lambda c: _wgrad_pass(c, xr, gr, weight))
         dw = _wgrad_pass(cand, xr, gr, weight)
     if need_x:
@@ -366,7 +362,7 @@ def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
             dx = F.conv2d(grad, weight.flip(-2, -1), None, padding="same", groups=weight.shape[0])
         else:   # our kernels read the kernel flipped in place: no flipped copy (peak memory = native's)
             _conv_pass(cand, gr, weight, None, dx, kh - 1 - ph, kw - 1 - pw, flip=True)
-        dx = dx.contiguous(memory_format=_format_of(x))
+        dx = to_memory_format(dx, _format_of(x))
     if need_b:
         db = grad.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
     return dx, dw, db

@@ -1,0 +1,87 @@
+"""NCHW <-> channels_last copies for the depthwise kernels, which want unit stride along W.
+
+A channels_last activation is copied to row-major before our kernels and the result copied back (the kernels'
+own strided channels_last stores were 2x slower, docs/performance.md). PyTorch's generic strided copy does this
+transpose far below copy bandwidth on the H100 (RepLKNet-31B's training step: 120 such copies, ~6.6 of 75 ms of GPU
+time); :func:`to_memory_format` does it as a tiled Triton transpose on CUDA and falls back to PyTorch elsewhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from largekernel.ops.dispatch import triton_interpreting
+
+# LARGEKERNEL_FAST_TRANSPOSE=0: always PyTorch's copy
+FAST_TRANSPOSE = os.environ.get("LARGEKERNEL_FAST_TRANSPOSE", "1") == "1"
+_kernel = None
+
+
+def _transpose_kernel():
+    """The Triton kernel, built on first use (Triton reads TRITON_INTERPRET when a kernel is decorated)."""
+    global _kernel
+    if _kernel is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _nchw_nhwc_copy(src, dst, P, C, s_n, s_p, s_c, d_n, d_p, d_c,
+                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+            # one (BLOCK_P positions x BLOCK_C channels) tile of image n; each side is read / written along its
+            # unit-stride axis (Triton stages the tile through shared memory between the two layouts)
+            n = tl.program_id(2).to(tl.int64)
+            p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+            c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+            mask = (p < P)[:, None] & (c < C)[None, :]
+            v = tl.load(src + n * s_n + p[:, None] * s_p + c[None, :] * s_c, mask=mask)
+            tl.store(dst + n * d_n + p[:, None] * d_p + c[None, :] * d_c, v, mask=mask)
+
+        _kernel = _nchw_nhwc_copy
+    return _kernel
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def to_memory_format(t: torch.Tensor, memory_format: torch.memory_format,
+                     use_triton: bool | None = None) -> torch.Tensor:
+    """``t.contiguous(memory_format=memory_format)``; a 4-d copy between NCHW and channels_last runs as the Triton
+    transpose (``use_triton=None``: where Triton runs, i.e. on CUDA tensors, and on the CPU under
+    ``TRITON_INTERPRET=1``, the CI tests). Returns ``t`` itself when it is already in that format."""
+    if t.is_contiguous(memory_format=memory_format):
+        return t
+    if use_triton is None:
+        use_triton = FAST_TRANSPOSE
+    to_cl = memory_format == torch.channels_last
+    # the two layouts this kernel converts between, and image sizes its int32 offsets address
+    ok = (use_triton and t.dim() == 4 and (t.is_cuda or (t.device.type == "cpu" and triton_interpreting()))
+          and (t.is_contiguous() if to_cl else _is_channels_last(t))
+          and 0 < t[0].numel() < 2**31 and t.shape[0] < 65536)
+    if not ok:
+        return t.contiguous(memory_format=memory_format)
+    from largekernel.ops._launch import cdiv, launch
+
+    n, c, h, w = t.shape
+    out = torch.empty_like(t, memory_format=memory_format)
+    p = h * w
+    # strides of (n, p, c) on both sides: NCHW has (C*P, 1, P), channels_last (P*C, C, 1)
+    s_src, s_dst = (c * p, 1, p), (p * c, c, 1)
+    if not to_cl:
+        s_src, s_dst = s_dst, s_src
+    block_p, block_c = 64, 64
+    grid = (cdiv(p, block_p), cdiv(c, block_c), n)
+    # Triton launches on the current device
+    on_device = t.is_cuda and t.device.index != torch.cuda.current_device()
+    with torch.cuda.device(t.device) if on_device else contextlib.nullcontext():
+        launch(_transpose_kernel(), grid, t, out, p, c, *s_src, *s_dst, BLOCK_P=block_p, BLOCK_C=block_c,
+               num_warps=4)
+    return out
+
+
+def rowmajor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit stride along W (the depthwise kernels take any other strides): itself, or a row-major copy."""
+    return t if t.stride(-1) == 1 else to_memory_format(t, torch.contiguous_format)
+
