@@ -258,27 +258,34 @@ def _cuda_ms(fn, reps: int = 3, calls: int = 4) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _pick(kind: str, x: torch.Tensor, kh: int, kw: int, cands: list[dict], run) -> dict:
-    """The fastest candidate for this pass and argument signature, timed once and cached."""
-    if len(cands) == 1 or not TUNE or not x.is_cuda:
-        return cands[0]
+def _pick(kind: str, x: torch.Tensor, kh: int, kw: int, candidates, run) -> dict:
+    """The fastest candidate for this pass and argument signature, timed once and cached. ``candidates()`` builds
+    the list; it is only called when the pick is not cached (this runs on every call: host time counts)."""
+    forced = WGRAD_CFG if kind == "wgrad" else FWD_CFG
+    if forced:
+        return forced
+    if not TUNE or not x.is_cuda:
+        return candidates()[0]
     key = (kind, x.dtype, tuple(x.shape), kh, kw, x.stride(-1) == 1, x.device.index, _precision(x.dtype))
-    if torch.cuda.is_current_stream_capturing():   # no timing inside a CUDA graph capture: a cached pick or the first
-        return _TUNED.get(key, cands[0])
-    if key not in _TUNED:
-        best, best_ms, log = cands[0], float("inf"), []
-        for cand in cands:
-            try:
-                ms = _cuda_ms(lambda c=cand: run(c))
-            except Exception as e:  # noqa: BLE001 - a candidate that fails to compile/launch is skipped
-                log.append((cand, repr(e)[:200]))
-                continue
-            log.append((cand, ms))
-            if ms < best_ms:
-                best, best_ms = cand, ms
-        _TUNED[key] = best
-        _TUNING_LOG[key] = log
-    return _TUNED[key]
+    best = _TUNED.get(key)
+    if best is not None:
+        return best
+    cands = candidates()
+    if len(cands) == 1 or torch.cuda.is_current_stream_capturing():   # no timing inside a CUDA graph capture
+        return cands[0]
+    best, best_ms, log = cands[0], float("inf"), []
+    for cand in cands:
+        try:
+            ms = _cuda_ms(lambda c=cand: run(c))
+        except Exception as e:  # noqa: BLE001 - a candidate that fails to compile/launch is skipped
+            log.append((cand, repr(e)[:200]))
+            continue
+        log.append((cand, ms))
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    _TUNED[key] = best
+    _TUNING_LOG[key] = log
+    return best
 
 
 def tuned_choices(with_times: bool = False) -> dict:
@@ -336,7 +343,8 @@ def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     # (RepLKNet-31B stage 1, batch 128, H100: 3.1 ms per call with channels_last stores vs ~1.4 ms row-major).
     src = rowmajor(x)
     y = _alloc_like(src)
-    cand = _pick("fwd", x, kh, kw, _fwd_candidates(x, kh, kw), lambda c: _conv_pass(c, src, weight, bias, y, ph, pw))
+    cand = _pick("fwd", x, kh, kw, lambda: _fwd_candidates(x, kh, kw),
+                 lambda c: _conv_pass(c, src, weight, bias, y, ph, pw))
     if cand.get("native"):
         return F.conv2d(x, weight, bias, padding="same", groups=weight.shape[0])
     _conv_pass(cand, src, weight, bias, y, ph, pw)
@@ -352,11 +360,14 @@ def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     gr = rowmajor(grad) if need_w or need_x else grad
     if need_w:   # first, so that its fp32 partial sums are freed before dx is allocated (peak memory)
         xr = rowmajor(x)
-        cand = _pick("wgrad", x, kh, kw, _wgrad_candidates(x, kh, kw), lambda c: _wgrad_pass(c, xr, gr, weight))
+        cand = _pick("wgrad", x, kh, kw, lambda: _wgrad_candidates(x, kh, kw), lambda c: _wgrad_pass(c, xr, gr, weight))
         dw = _wgrad_pass(cand, xr, gr, weight)
     if need_x:
         dx = _alloc_like(x if x.stride(-1) == 1 else gr)   # row-major, converted to x's layout below
-        cand = _pick("dgrad", x, kh, kw, _fwd_candidates(x, kh, kw, bands=False),
+        # band copies (a weights-sized temporary) only where PyTorch's own backward peaks far higher: channels_last
+        # inputs (cuDNN's workspace there; NCHW peaks equal native's only without them, docs/performance.md)
+        bands = x.stride(-1) != 1
+        cand = _pick("dgrad", x, kh, kw, lambda: _fwd_candidates(x, kh, kw, bands=bands),
                      lambda c: _conv_pass(c, gr, weight, None, dx, kh - 1 - ph, kw - 1 - pw, flip=True))
         if cand.get("native"):
             dx = F.conv2d(grad, weight.flip(-2, -1), None, padding="same", groups=weight.shape[0])
@@ -386,7 +397,9 @@ def _native_backward(grad, x, weight, need_x, need_w, need_b):
 
 def _on_device(x: torch.Tensor):
     """Triton launches on the current CUDA device: make it x's."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
