@@ -104,7 +104,7 @@ def _check_case(case, dt, tol, variants) -> list[dict]:
 
 
 MEMORY_CASES = [(c, h, k, cl) for c, h, k in ((128, 56, 31), (256, 28, 29), (512, 14, 27), (1024, 7, 13))
-                for cl in ((False, True) if h == 56 else (False,))]
+                for cl in (False, True)]
 
 
 def peak_memory(cases=MEMORY_CASES) -> list[dict]:

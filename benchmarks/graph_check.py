@@ -38,7 +38,8 @@ def _build(name: str, mode: str, batch: int):
     import largekernel  # noqa: F401 - registers our models
 
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=1000).cuda().to(memory_format=torch.channels_last)
+    # no stochastic depth: replays and eager steps draw different random numbers, so they would not compare
+    model = timm.create_model(name, num_classes=1000, drop_path_rate=0.0).cuda().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
     if mode == "train":
         return model.train(), x

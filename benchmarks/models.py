@@ -104,9 +104,10 @@ def graphed(step, before_capture=lambda: None, warmup: int = 3):
 
 
 def build_model(name: str, batch: int, train_batch: int, res: int, train: bool = True, channels_last: bool = True,
-                sw_impl: str = "shiftadd", sw_form: str = "merged") -> dict:
+                sw_impl: str = "shiftadd", sw_form: str = "merged", graph: bool = False) -> dict:
     """One benchmark entry: the row's labels, a training step (training form, SGD) and an inference step (deploy
-    form of a separate copy), with their random inputs on the GPU."""
+    form of a separate copy), with their random inputs on the GPU; graph: both steps captured in CUDA graphs and
+    replayed (:func:`graphed`)."""
     device = "cuda"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     row: dict = {"model": name, "layout": "channels_last" if channels_last else "NCHW"}
@@ -121,7 +122,12 @@ def build_model(name: str, batch: int, train_batch: int, res: int, train: bool =
     if train:
         x = torch.randn(train_batch, 3, res, res, device=device).to(memory_format=fmt)
         y = torch.randint(0, 1000, (train_batch,), device=device)
-        entry["train"] = train_step(model.train(), x, y)
+        if graph:
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            entry["train"] = graphed(train_step(model.train(), x, y, opt, zero_grad=False),
+                                     before_capture=lambda: opt.zero_grad(set_to_none=True))
+        else:
+            entry["train"] = train_step(model.train(), x, y)
     if is_ours(name):
         deploy = largekernel.reparameterize(deploy, inplace=True, fold_bn=True)
         if shiftwise:
@@ -131,7 +137,7 @@ def build_model(name: str, batch: int, train_batch: int, res: int, train: bool =
 
         deploy = reparameterize_model(deploy)
     x = torch.randn(batch, 3, res, res, device=device).to(memory_format=fmt)
-    entry["infer"] = infer_step(deploy, x)
+    entry["infer"] = graphed(infer_step(deploy, x, cache=False)) if graph else infer_step(deploy, x)
     return entry
 
 
@@ -162,7 +168,7 @@ def _rounds(variants: list[tuple], args) -> list[dict]:
         try:
             with use_backend(backend if is_ours(name) else "auto"):
                 entry = build_model(name, args.batch, args.train_batch, args.res, not args.no_train,
-                                    layout == "channels_last", impl, args.sw_deploy)
+                                    layout == "channels_last", impl, args.sw_deploy, args.cuda_graph)
                 time_model(entry, args.warmup, 2)   # compile / tune outside the rounds
         except Exception as err:  # report and go on
             failed.append({"model": name, "backend": backend, "layout": layout,
@@ -203,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-train", action="store_true")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="with --rounds: time CUDA-graph replays of each step (no CPU launch cost: the GPU-bound rate)")
     p.add_argument("--rounds", type=int, default=1,
                    help="> 1: build every model first, then time them in turn this many times (median over rounds)")
     p.add_argument("--sw-impl", nargs="+", default=["shiftadd"], choices=["shiftadd", "bands"],
@@ -226,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         impls = args.sw_impl if name.startswith("shiftwise") else ["shiftadd"]
         variants += [(name, b, lay, i) for b in backends for lay in args.layouts for i in impls]
     rows = []
-    if args.rounds == 1:   # one model at a time (less memory)
+    if args.rounds == 1 and not args.cuda_graph:   # one model at a time (less memory)
         for name, backend, layout, impl in variants:
             t0 = time.time()
             try:
@@ -245,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = _rounds(variants, args)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "timm": timm.__version__,
             "batch": args.batch, "train_batch": args.train_batch, "res": args.res, "iters": args.iters,
-            "rounds": args.rounds,
+            "rounds": args.rounds, "cuda_graph": args.cuda_graph,
             "date": time.strftime("%Y-%m-%d"), "rows": rows}
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "models.json"), "w") as f:
