@@ -104,7 +104,8 @@ def graphed(step, before_capture=lambda: None, warmup: int = 3):
 
 
 def build_model(name: str, batch: int, train_batch: int, res: int, train: bool = True, channels_last: bool = True,
-                sw_impl: str = "shiftadd", sw_form: str = "merged", graph: bool = False) -> dict:
+                sw_impl: str = "shiftadd", sw_form: str = "merged", graph: bool = False,
+                drop_path_rate: float | None = None) -> dict:
     """One benchmark entry: the row's labels, a training step (training form, SGD) and an inference step (deploy
     form of a separate copy), with their random inputs on the GPU; graph: both steps captured in CUDA graphs and
     replayed (:func:`graphed`)."""
@@ -112,7 +113,11 @@ def build_model(name: str, batch: int, train_batch: int, res: int, train: bool =
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     row: dict = {"model": name, "layout": "channels_last" if channels_last else "NCHW"}
     shiftwise = name.startswith("shiftwise")
-    model = timm.create_model(name, num_classes=1000, **({"impl": sw_impl} if shiftwise else {}))
+    kwargs = {"impl": sw_impl} if shiftwise else {}
+    if drop_path_rate is not None:   # else each model's default (a training-recipe setting, not the architecture's)
+        kwargs["drop_path_rate"] = drop_path_rate
+        row["drop_path_rate"] = drop_path_rate
+    model = timm.create_model(name, num_classes=1000, **kwargs)
     if shiftwise:
         row.update(sw_impl=sw_impl, sw_deploy=sw_form)
     row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
@@ -168,7 +173,8 @@ def _rounds(variants: list[tuple], args) -> list[dict]:
         try:
             with use_backend(backend if is_ours(name) else "auto"):
                 entry = build_model(name, args.batch, args.train_batch, args.res, not args.no_train,
-                                    layout == "channels_last", impl, args.sw_deploy, args.cuda_graph)
+                                    layout == "channels_last", impl, args.sw_deploy, args.cuda_graph,
+                                    args.drop_path_rate)
                 time_model(entry, args.warmup, 2)   # compile / tune outside the rounds
         except Exception as err:  # report and go on
             failed.append({"model": name, "backend": backend, "layout": layout,
@@ -209,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-train", action="store_true")
+    p.add_argument("--drop-path-rate", type=float, default=None,
+                   help="stochastic depth of every model's training step (default: each model's own default)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="with --rounds: time CUDA-graph replays of each step (no CPU launch cost: the GPU-bound rate)")
     p.add_argument("--rounds", type=int, default=1,

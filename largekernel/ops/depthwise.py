@@ -365,8 +365,9 @@ def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     if need_x:
         dx = _alloc_like(x if x.stride(-1) == 1 else gr)   # row-major, converted to x's layout below
         # band copies (a weights-sized temporary) only where PyTorch's own backward peaks far higher: channels_last
-        # inputs (cuDNN's workspace there; NCHW peaks equal native's only without them, docs/performance.md)
-        bands = x.stride(-1) != 1
+        # inputs in 2-byte types (NCHW, and fp32 at 7x7, peak at or below native's only without them: the memory
+        # table in docs/performance.md)
+        bands = x.stride(-1) != 1 and x.element_size() == 2
         cand = _pick("dgrad", x, kh, kw, lambda: _fwd_candidates(x, kh, kw, bands=bands),
                      lambda c: _conv_pass(c, gr, weight, None, dx, kh - 1 - ph, kw - 1 - pw, flip=True))
         if cand.get("native"):
