@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--drop-path-rate", type=float, default=None,
                    help="stochastic depth of every model's training step (default: each model's own default)")
+    p.add_argument("--no-cudnn-benchmark", action="store_true", help="cuDNN's heuristics instead of its benchmark mode")
     p.add_argument("--cuda-graph", action="store_true",
                    help="with --rounds: time CUDA-graph replays of each step (no CPU launch cost: the GPU-bound rate)")
     p.add_argument("--rounds", type=int, default=1,
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("benchmarks/models.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     variants = []
     for name in args.models:
         if not timm.is_model(name):
