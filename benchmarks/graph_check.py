@@ -4,13 +4,15 @@ fast is it against the eager step?
     PYTHONPATH=. python3 benchmarks/graph_check.py                       # the default matrix, one process per case
     PYTHONPATH=. python3 benchmarks/graph_check.py --case replknet_31b:train:auto:64
 
-A case is ``model:mode:backend:batch``; mode ``train`` (one SGD step under bf16 autocast, training form) or ``infer``
-(deploy form, no_grad). Each case runs in its own process (an illegal memory access poisons the CUDA context), with
-PyTorch's whole-network recipe: warm-up steps on a side stream (these compile and tune our kernels), one capture,
-replays. Correctness: from the same initial state, two replays and two eager steps must change the parameters alike
-(training), or give the same logits (inference). ``--sanitize`` also runs the eager step of each of our models at a
-small batch under ``compute-sanitizer`` with PyTorch's caching allocator off, so that any out-of-bounds access of a
-kernel is reported with the kernel's name. Writes ``$OUT/graph_check.json`` when ``$OUT`` is set.
+A case is ``model:mode:backend:batch``; mode ``train`` (one SGD step under bf16 autocast, training form), ``infer``
+(deploy form, no_grad), or ``train+tiny`` / ``train+copy`` / ``train+infer`` (a second capture or deploy copy made
+before the training step's replays, see ``_second_capture``). Each case runs in its own process (an illegal memory
+access poisons the CUDA context), with PyTorch's whole-network recipe: warm-up steps on a side stream (these compile
+and tune our kernels), one capture, replays. Correctness: from the same initial state, three replays and three eager
+steps must give the same losses and change the parameters alike (training), or give the same logits (inference).
+``--sanitize`` also runs the eager step of each of our models at a small batch under ``compute-sanitizer`` with
+PyTorch's caching allocator off, so that any out-of-bounds access of a kernel is reported with the kernel's name.
+Writes ``$OUT/graph_check.json`` when ``$OUT`` is set.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def _build(name: str, mode: str, batch: int):
     # no stochastic depth: replays and eager steps draw different random numbers, so they would not compare
     model = timm.create_model(name, num_classes=1000, drop_path_rate=0.0).cuda().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
-    if mode == "train":
+    if mode.startswith("train"):
         return model.train(), x
     model.eval()
     if is_ours(name):
@@ -74,11 +76,42 @@ def run_case(spec: str, iters: int) -> dict:
             eager = train_step(model, x, y, opt)
             replay = graphed(train_step(model, x, y, opt, zero_grad=False),
                              before_capture=lambda: opt.zero_grad(set_to_none=True))
+            if mode != "train":   # a second capture after the training step's (bisecting a crash of its replay)
+                _second_capture(mode, name, model, x)
             out.update(_compare_steps(model, opt, start, replay, eager))
         out["eager_ms"] = cuda_time(eager, iters, 0, 3)
         out["graph_ms"] = cuda_time(replay, iters, 0, 3)
         out["speedup"] = out["eager_ms"] / out["graph_ms"]
     return out
+
+
+def _second_capture(mode: str, name: str, model, x) -> None:
+    """train+tiny: a trivial second graph; train+copy: a deploy copy of the model (no graph); train+infer: a deploy
+    copy and its forward captured (what models.py --cuda-graph does)."""
+    import copy
+
+    from models import graphed, infer_step
+
+    if mode == "train+tiny":
+        t = torch.ones(16, device="cuda")
+        graphed(lambda: t * 2)
+        return
+    deploy = copy.deepcopy(model).eval()
+    deploy = largekernel_reparameterize(name, deploy)
+    if mode == "train+infer":
+        graphed(infer_step(deploy, torch.randn_like(x[:8]), cache=False))
+
+
+def largekernel_reparameterize(name: str, model):
+    from models import is_ours
+
+    import largekernel
+
+    if is_ours(name):
+        return largekernel.reparameterize(model, inplace=True, fold_bn=True)
+    from timm.utils import reparameterize_model
+
+    return reparameterize_model(model)
 
 
 def _compare_steps(model, opt, start: dict, replay, eager) -> dict:
