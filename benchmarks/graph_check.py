@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.cases:
         t0 = time.time()
         try:
-            proc = subprocess.run([sys.executable, "-X", "faulthandler", __file__, "--case", spec, "--iters", str(args.iters)],
-                                  capture_output=True, text=True, timeout=args.timeout)
+            cmd = [sys.executable, "-X", "faulthandler", __file__, "--case", spec, "--iters", str(args.iters)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             row = json.loads(lines[-1][7:]) if lines else {"case": spec, "error": proc.stderr[-1500:]}
         except subprocess.TimeoutExpired:
