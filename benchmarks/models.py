@@ -99,7 +99,10 @@ def graphed(step, before_capture=lambda: None, warmup: int = 3):
         graph.replay()
         return out
 
-    replay.graph = graph
+    # the graph reads and writes the step's tensors (model, optimizer state, inputs) in place: keep them alive with
+    # it (without this, the model and optimizer built for the step were freed once the builder returned, and the
+    # next capture's empty_cache() gave their memory back: replays then crashed or hit illegal addresses)
+    replay.graph, replay.step = graph, step
     return replay
 
 
