@@ -289,6 +289,50 @@ def check_compile() -> dict:
     return dict(path=path, rel=err)
 
 
+def check_layers() -> list[dict]:
+    """The layout copies and the cross-shaped depthwise layer on the GPU: ``to_memory_format`` bit for bit against
+    PyTorch's copy; ``CrossDepthwiseConv2d`` on channels_last inputs (its CUDA-only path: one row-major copy for both
+    convs, the sum converted back) against float64 ``F.conv2d`` with the dense cross kernel, forward (with and without
+    autograd) and gradients."""
+    from largekernel.layers.conv import CrossDepthwiseConv2d
+    from largekernel.ops.layout import to_memory_format
+
+    rows = []
+    for shape, dt in (((64, 128, 56, 56), torch.bfloat16), ((3, 130, 9, 11), torch.float32),
+                      ((2, 70, 5, 9), torch.float16), ((128, 640, 7, 7), torch.bfloat16)):
+        x = torch.randn(shape, device="cuda").to(dt)
+        cl = to_memory_format(x, torch.channels_last)
+        back = to_memory_format(cl, torch.contiguous_format)
+        ok = (cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, x) and back.is_contiguous()
+              and torch.equal(back, x))
+        rows.append(dict(check="layout_copy", shape=shape, dtype=str(dt), ok=bool(ok)))
+    for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        c, k, d = 80, 3, 51
+        h = torch.randn(c, 1, k, d, device="cuda") / d ** 0.5
+        v = torch.randn(c, 1, d, k, device="cuda") / d ** 0.5
+        b = torch.randn(c, device="cuda")
+        layer = CrossDepthwiseConv2d(h, v, b).cuda().to(dt)
+        dense = torch.zeros(c, 1, d, d, device="cuda", dtype=torch.float64)
+        dense[:, :, (d - k) // 2:(d + k) // 2, :] += h.double()
+        dense[:, :, :, (d - k) // 2:(d + k) // 2] += v.double()
+        x = torch.randn(2, c, 56, 56, device="cuda").to(dt).contiguous(memory_format=torch.channels_last)
+        xd = x.detach().double().requires_grad_()
+        ref = F.conv2d(xd, dense, b.double(), padding="same", groups=c)
+        g = torch.randn_like(ref)
+        ref.backward(g)
+        with torch.no_grad():
+            y0 = layer(x)
+        x.requires_grad_()
+        y = layer(x)
+        y.backward(g.to(dt))
+        errs = dict(y_nograd=rel(y0, ref.detach()), y=rel(y.detach(), ref.detach()), dx=rel(x.grad, xd.grad))
+        ok = all(e <= tol for e in errs.values()) and y.is_contiguous(memory_format=torch.channels_last)
+        rows.append(dict(check="cross_dw", dtype=str(dt), ok=bool(ok), **errs))
+    for r in rows:
+        print(("OK  " if r["ok"] else "FAIL"), r, flush=True)
+    return rows
+
+
 def quick(native_from: str | None) -> dict:
     """Short run: in-place kernel flip + small-plane tiles at full C/H/K, timings of the small-plane stage
     shapes, peak memory (bf16, NCHW)."""
@@ -343,6 +387,7 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true", help="skip the correctness and memory checks")
     ap.add_argument("--overhead", action="store_true", help="only the per-call CPU overhead and its profile")
     ap.add_argument("--memory", action="store_true", help="only the peak-memory comparison")
+    ap.add_argument("--layers", action="store_true", help="only the layout-copy and cross-layer checks")
     ap.add_argument("--shapes", default="all", help="'quick' = the 4 stage shapes")
     ap.add_argument("--sweep-shapes", default="512/14/27,1024/7/13,256/28/29", help="C/H/K list for --sweep")
     ap.add_argument("--sweep-dtypes", default="bfloat16,float32")
@@ -362,6 +407,10 @@ def main() -> None:
     if args.memory:
         _dump(dict(memory=peak_memory()))
         return
+    if args.layers:
+        rows = check_layers()
+        _dump(dict(layers=rows))
+        sys.exit(0 if all(r["ok"] for r in rows) else 1)
     report: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
     report["correctness"] = [] if args.no_check else check_correctness()
     try:

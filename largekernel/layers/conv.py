@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from largekernel.ops import depthwise_conv2d, depthwise_path, get_backend
-from largekernel.ops.layout import rowmajor
+from largekernel.ops.layout import rowmajor, to_memory_format
 
 
 def _pair(k: int | tuple[int, int]) -> tuple[int, int]:
@@ -77,11 +77,12 @@ class CrossDepthwiseConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            # the CUDA kernels run on row-major copies: make one for both convs and write the sum back to
-            # channels_last in the add (each conv would otherwise copy its input in and its output back)
+            # the CUDA kernels run on row-major copies: make one for both convs, add row-major, convert the sum back
+            # (each conv would otherwise copy its input in and its output back)
             rows = rowmajor(x)
-            horizontal, vertical = self.dense_h(rows), self.dense_v(rows)
-            return torch.add(horizontal, vertical, out=torch.empty_like(horizontal, memory_format=torch.channels_last))
+            out = self.dense_h(rows)
+            out = out.add_(self.dense_v(rows)) if not torch.is_grad_enabled() else out + self.dense_v(rows)
+            return to_memory_format(out, torch.channels_last)
         return self.dense_h(x) + self.dense_v(x)
 
 
