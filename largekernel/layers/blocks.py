@@ -33,8 +33,10 @@ class GRN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
-        y = (self.gamma * nx + 1) * x
-        return y + self.beta if self.use_bias else y
+        # the (N, 1, 1, C) scale in x's dtype: under bf16 autocast, fp32 gamma would promote the full-size product to
+        # fp32 (twice the bytes written, and a cast back before the next Linear)
+        y = (self.gamma * nx + 1).to(x.dtype) * x
+        return y + self.beta.to(x.dtype) if self.use_bias else y
 
 
 class SEBlock(nn.Module):
