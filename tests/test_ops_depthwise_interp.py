@@ -108,6 +108,11 @@ def _layout_copies_match(torch) -> dict:
             out[f"{shape}/{dtype}"] = bool(
                 cl.is_contiguous(memory_format=torch.channels_last) and back.is_contiguous()
                 and torch.equal(cl, x.contiguous(memory_format=torch.channels_last)) and torch.equal(back, x))
+    # autograd: the gradient comes back through the inverse copy, in the input's layout
+    x = torch.randn(2, 5, 3, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(2, 5, 3, 4)
+    (to_memory_format(x, torch.contiguous_format, use_triton=True) * g).sum().backward()
+    out["grad"] = bool(torch.equal(x.grad, g) and x.grad.is_contiguous(memory_format=torch.channels_last))
     return out
 
 

@@ -46,6 +46,20 @@ def _is_channels_last(t: torch.Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
+class _Transpose(torch.autograd.Function):
+    """The Triton copy with autograd: the gradient goes back through the inverse copy."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+        ctx.source_format = (torch.channels_last if memory_format == torch.contiguous_format
+                             else torch.contiguous_format)
+        return _copy(t, memory_format)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return to_memory_format(grad, ctx.source_format), None
+
+
 def to_memory_format(t: torch.Tensor, memory_format: torch.memory_format,
                      use_triton: bool | None = None) -> torch.Tensor:
     """``t.contiguous(memory_format=memory_format)``; a 4-d copy between NCHW and channels_last runs as the Triton
@@ -62,8 +76,15 @@ def to_memory_format(t: torch.Tensor, memory_format: torch.memory_format,
           and 0 < t[0].numel() < 2**31 and t.shape[0] < 65536)
     if not ok:
         return t.contiguous(memory_format=memory_format)
+    if t.requires_grad and torch.is_grad_enabled():
+        return _Transpose.apply(t, memory_format)
+    return _copy(t, memory_format)
+
+
+def _copy(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
     from largekernel.ops._launch import cdiv, launch
 
+    to_cl = memory_format == torch.channels_last
     n, c, h, w = t.shape
     out = torch.empty_like(t, memory_format=memory_format)
     p = h * w
