@@ -28,6 +28,24 @@ def test_grn_zero_init_is_identity():
     torch.testing.assert_close(GRN(4)(x), x)
 
 
+def test_grn_keeps_a_low_precision_activation_dtype():
+    # fp32 parameters on a bf16 activation (what bf16 autocast gives): the output stays bf16 (a promotion to fp32
+    # doubled the bytes of the full-size product) and matches the float64 formula to bf16 precision
+    torch.manual_seed(2)
+    grn = GRN(6)
+    with torch.no_grad():
+        grn.gamma.normal_()
+        grn.beta.normal_()
+    x = torch.randn(2, 5, 4, 6).to(torch.bfloat16)
+    y = grn(x)
+    assert y.dtype == torch.bfloat16
+    xd = x.double()
+    gx = (xd ** 2).sum(dim=(1, 2), keepdim=True).sqrt()
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+    ref = grn.gamma.double() * (xd * nx) + grn.beta.double() + xd
+    assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+
+
 def test_se_matches_formula():
     torch.manual_seed(1)
     se = SEBlock(8, 2).double()
