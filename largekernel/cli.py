@@ -91,6 +91,8 @@ _TRAIN_HELP = {
     "workers": "data loader worker processes",
     "reparam": "re-parameterize at the end and check the deploy form",
     "progress": "progress bars",
+    "cuda_graph": "capture one training update in a CUDA graph and replay it (one GPU, adam/adamw, no "
+                  "accumulation / fp16 / sparse / compile): a CPU-bound step then runs at the GPU's pace",
 }
 
 

@@ -122,9 +122,27 @@ def test_subcommand_table_is_extensible():
     (["train", "--model-kwargs", "small_kernel=None"], ("silently ignored",)),
     (["eval", "/nonexistent/x.safetensors"], ("does not exist",)),
     (["info", "not_a_model"], ("unknown model",)),
+    (["train", "--cuda-graph", "--device", "cpu"], ("cuda_graph", "CUDA device")),
+    (["train", "--cuda-graph", "--accum-steps", "2"], ("cuda_graph", "accum_steps=2")),
+    (["train", "--cuda-graph", "--opt", "sgd"], ("cuda_graph", "opt='sgd'")),
 ])
 def test_bad_input_one_line(args, needles, capsys):
     _one_line_error(capsys, main(args), *needles)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")
+def test_cuda_graph_without_a_gpu_is_one_line(tmp_path, capsys):
+    args = [a if a != "cpu" else "auto" for a in TRAIN]
+    _one_line_error(capsys, main([*args, "--cuda-graph", "--output", str(tmp_path)]), "cuda_graph", "CUDA device")
+
+
+def test_graphed_step_rejects_optimizers_it_cannot_capture():
+    from largekernel.train.graph import GraphedTrainStep
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="adam"):
+        GraphedTrainStep(model, torch.nn.functional.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                         lambda cache: torch.autocast("cpu", enabled=False))
 
 
 def test_bad_data_folders(tmp_path, capsys):

@@ -55,6 +55,7 @@ class TrainConfig:
     channels_last: bool = False
     grad_checkpointing: bool = False
     compile: bool = False
+    cuda_graph: bool = False
     sync_bn: bool = False
     finetune: str | None = None
     sparse: float | None = None
@@ -114,6 +115,15 @@ class TrainConfig:
             bad("max_skipped", self.max_skipped, "must be >= 0")
         if self.data in ("folder",) and not self.data_dir:
             bad("data_dir", self.data_dir, "is required for data 'folder'")
+        if self.cuda_graph:   # what a captured update cannot take (graph.GraphedTrainStep)
+            if self.device == "cpu":
+                bad("cuda_graph", self.device, "needs a CUDA device")
+            for name, ok in (("accum_steps", self.accum_steps == 1), ("amp", self.amp != "fp16"),
+                             ("sparse", self.sparse is None), ("compile", not self.compile),
+                             ("opt", self.opt.lower() in ("adam", "adamw"))):
+                if not ok:
+                    bad("cuda_graph", f"{name}={getattr(self, name)!r}",
+                        "takes accum_steps 1, amp none/bf16, no sparse training, no compile, opt adam/adamw")
         if (self.mixup > 0 or self.cutmix > 0) and self.data == "pathfinder":
             bad("mixup/cutmix", (self.mixup, self.cutmix), "would destroy the Pathfinder label (use 0)")
         return self

@@ -113,10 +113,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)        # torch.compile
 
 
-def _autocast(device: torch.device, amp: str):
+def _autocast(device: torch.device, amp: str, cache_enabled: bool = True):
     if amp == "none":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
+                          cache_enabled=cache_enabled)
 
 
 @torch.no_grad()
@@ -233,6 +234,14 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: TrainConfig | None = No
         net = nn.parallel.DistributedDataParallel(base, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
+    graphed = None
+    if cfg.cuda_graph:   # config.validate() ruled out the options a captured step cannot take
+        if device.type != "cuda" or world_size > 1:
+            raise ValueError(f"cuda_graph needs one CUDA device, got {device} with {world_size} process(es)")
+        from largekernel.train.graph import GraphedTrainStep
+
+        graphed = GraphedTrainStep(net, criterion, optimizer, lambda cache: _autocast(device, cfg.amp, cache),
+                                   cfg.clip_grad)
 
     history: list[dict[str, Any]] = []
     step_losses: list[float] = []
@@ -292,33 +301,37 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: TrainConfig | None = No
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             micro += 1
-            last_micro = micro % cfg.accum_steps == 0
-            sync = contextlib.nullcontext() if (last_micro or world_size == 1) else net.no_sync()
-            with sync:
-                with _autocast(device, cfg.amp):
-                    loss = criterion(net(x), y)
-                scaler.scale(loss / cfg.accum_steps).backward()
-            acc_loss += loss.detach().float()
-            if not last_micro:
-                continue
-            loss_val = acc_loss / cfg.accum_steps
-            if world_size > 1:
-                dist.all_reduce(loss_val)
-                loss_val = loss_val / world_size
-            loss_val = float(loss_val)
-            acc_loss = 0.0
+            if graphed is not None:   # the whole update, replayed from a CUDA graph (the step is already applied)
+                loss_val = float(graphed(x, y))
+            else:
+                last_micro = micro % cfg.accum_steps == 0
+                sync = contextlib.nullcontext() if (last_micro or world_size == 1) else net.no_sync()
+                with sync:
+                    with _autocast(device, cfg.amp):
+                        loss = criterion(net(x), y)
+                    scaler.scale(loss / cfg.accum_steps).backward()
+                acc_loss += loss.detach().float()
+                if not last_micro:
+                    continue
+                loss_val = acc_loss / cfg.accum_steps
+                if world_size > 1:
+                    dist.all_reduce(loss_val)
+                    loss_val = loss_val / world_size
+                loss_val = float(loss_val)
+                acc_loss = 0.0
             if not math.isfinite(loss_val):
                 where = f"epoch {epoch + 1}, step {global_step + 1}"
                 kept = (f"; last good checkpoint kept: {run_dir / STATE_FILE}"
                         if run_dir is not None and (run_dir / STATE_FILE).exists() else "")
                 raise TrainingDiverged(f"loss became {loss_val} at {where} (lower --lr, use --clip-grad or "
                                        f"--amp none){kept}")
-            if cfg.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(base.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            if graphed is None:
+                if cfg.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(base.parameters(), cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
             global_step += 1
             scheduler.step_update(global_step)
             if sparsity is not None:
