@@ -97,12 +97,12 @@ def _second_capture(mode: str, name: str, model, x) -> None:
         graphed(lambda: t * 2)
         return
     deploy = copy.deepcopy(model).eval()
-    deploy = largekernel_reparameterize(name, deploy)
+    deploy = _deploy_form(name, deploy)
     if mode == "train+infer":
         graphed(infer_step(deploy, torch.randn_like(x[:8]), cache=False))
 
 
-def largekernel_reparameterize(name: str, model):
+def _deploy_form(name: str, model):
     from models import is_ours
 
     import largekernel
