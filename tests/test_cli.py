@@ -145,6 +145,25 @@ def test_graphed_step_rejects_optimizers_it_cannot_capture():
                          lambda cache: torch.autocast("cpu", enabled=False))
 
 
+def test_graphed_step_makes_a_resumed_optimizer_capturable():
+    # --resume loads the optimizer state after the step object exists; a state saved by an eager run restores
+    # capturable=False, which a capture refuses: the first call turns it back on
+    from largekernel.train.graph import GraphedTrainStep
+
+    model = torch.nn.Linear(3, 2)
+    eager = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    eager.step()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    step = GraphedTrainStep(model, torch.nn.functional.cross_entropy, opt,
+                            lambda cache: torch.autocast("cpu", enabled=False))
+    opt.load_state_dict(eager.state_dict())
+    assert not any(g["capturable"] for g in opt.param_groups)
+    step._make_capturable()
+    assert all(g["capturable"] for g in opt.param_groups)
+    assert all(st["step"].device == p.device for p, st in opt.state.items())
+
+
 def test_bad_data_folders(tmp_path, capsys):
     _one_line_error(capsys, main(["train", "--data", "folder", "--data-dir", str(tmp_path / "missing")]),
                     "does not exist")

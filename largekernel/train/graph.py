@@ -44,13 +44,21 @@ class GraphedTrainStep:
             raise ValueError(f"warmup must be >= 1, got {warmup}")
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.autocast, self.clip_grad, self.warmup = autocast, clip_grad, warmup
-        for group in optimizer.param_groups:
-            group["capturable"] = True
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.eager_steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self._lrs: list[torch.Tensor] = []
         self._x = self._y = self._loss = None
+
+    def _make_capturable(self) -> None:
+        """Before the first update (a resumed optimizer state may have been saved by a non-capturable run, and
+        ``load_state_dict`` restores its groups' flags): capturable groups, step counters on the parameters' device."""
+        for group in self.optimizer.param_groups:
+            group["capturable"] = True
+            for p in group["params"]:
+                step = self.optimizer.state.get(p, {}).get("step")
+                if torch.is_tensor(step) and step.device != p.device:
+                    self.optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
 
     def _update(self, x: torch.Tensor, y: torch.Tensor, cache_enabled: bool = True) -> torch.Tensor:
         with self.autocast(cache_enabled):
@@ -83,6 +91,8 @@ class GraphedTrainStep:
         self.graph = graph
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.graph is None and self.eager_steps == 0:
+            self._make_capturable()
         if self.graph is None and self.eager_steps < self.warmup:
             side = torch.cuda.Stream(device=x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))
