@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from largekernel.ops import depthwise_conv2d, depthwise_path, get_backend
-from largekernel.ops.layout import rowmajor, to_memory_format
+from largekernel.ops.layout import memory_format_of, rowmajor, to_memory_format
 
 
 def _pair(k: int | tuple[int, int]) -> tuple[int, int]:
@@ -76,7 +76,7 @@ class CrossDepthwiseConv2d(nn.Module):
         self.dense_v = DepthwiseConv2d.from_weights(vertical)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        if x.is_cuda and memory_format_of(x) == torch.channels_last:
             # the CUDA kernels run on row-major copies: make one for both convs, add row-major, convert the sum back
             # (each conv would otherwise copy its input in and its output back)
             rows = rowmajor(x)

@@ -3,6 +3,7 @@ constexpr functions whose Python wrapper costs microseconds per call) and :func:
 kernel directly once Triton has built it for the same specialization."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -12,6 +13,13 @@ FAST_LAUNCH = os.environ.get("LARGEKERNEL_FAST_LAUNCH", "1") == "1"
 FAST_LAUNCH_ERROR = ""   # why the shortcut was turned off, if it was
 _COMPILED: dict = {}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: a context that makes it t's (a no-op when it already is)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def cdiv(a: int, b: int) -> int:

@@ -13,15 +13,15 @@ Paths (see :func:`depthwise_path`):
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 
 import torch
 import torch.nn.functional as F
 
+from largekernel.ops._launch import on_device
 from largekernel.ops.dispatch import get_backend, triton_interpreting
-from largekernel.ops.layout import rowmajor, to_memory_format
+from largekernel.ops.layout import memory_format_of, rowmajor, to_memory_format
 
 try:
     _TRITON_MISSING = importlib.util.find_spec("triton") is None
@@ -103,9 +103,8 @@ def _native(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pa
     if path == "native":
         return F.conv2d(x, weight, bias, padding="same", groups=weight.shape[0])
     fmt = torch.channels_last if path == "native-channels_last" else torch.contiguous_format
-    was_cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     out = F.conv2d(x.contiguous(memory_format=fmt), weight, bias, padding="same", groups=weight.shape[0])
-    return out.contiguous(memory_format=torch.channels_last if was_cl else torch.contiguous_format)
+    return out.contiguous(memory_format=memory_format_of(x))
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -298,11 +297,6 @@ def _precision(dtype: torch.dtype) -> str:
     return FP32_PRECISION if dtype == torch.float32 else "tf32"
 
 
-def _format_of(t: torch.Tensor) -> torch.memory_format:
-    cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
-
-
 def _alloc_like(t: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(t)
     return out.fill_(float("nan")) if POISON else out
@@ -348,7 +342,7 @@ def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if cand.get("native"):
         return F.conv2d(x, weight, bias, padding="same", groups=weight.shape[0])
     _conv_pass(cand, src, weight, bias, y, ph, pw)
-    return y if src is x else to_memory_format(y, _format_of(x))
+    return y if src is x else to_memory_format(y, memory_format_of(x))
 
 
 def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool,
@@ -374,7 +368,7 @@ def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
             dx = F.conv2d(grad, weight.flip(-2, -1), None, padding="same", groups=weight.shape[0])
         else:   # our kernels read the kernel flipped in place: no flipped copy (peak memory = native's)
             _conv_pass(cand, gr, weight, None, dx, kh - 1 - ph, kw - 1 - pw, flip=True)
-        dx = to_memory_format(dx, _format_of(x))
+        dx = to_memory_format(dx, memory_format_of(x))
     if need_b:
         db = grad.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
     return dx, dw, db
@@ -396,16 +390,9 @@ def _native_backward(grad, x, weight, need_x, need_w, need_b):
     return dx, dw, db
 
 
-def _on_device(x: torch.Tensor):
-    """Triton launches on the current CUDA device: make it x's."""
-    if x.is_cuda and x.device.index != torch.cuda.current_device():
-        return torch.cuda.device(x.device)
-    return contextlib.nullcontext()
-
-
 def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if _triton_runs_on(x) and _triton_supported(x, weight, bias):
-        with _on_device(x):
+        with on_device(x):
             return _triton_forward(x, weight, bias)
     return F.conv2d(x, weight, bias, padding="same", groups=weight.shape[0])
 
@@ -413,7 +400,7 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def _backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool,
                    need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _triton_runs_on(x) and _triton_supported(x, weight, None):
-        with _on_device(x):
+        with on_device(x):
             return _triton_backward(grad, x, weight, need_x, need_w, need_b)
     return _native_backward(grad, x, weight, need_x, need_w, need_b)
 

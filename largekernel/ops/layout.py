@@ -7,7 +7,6 @@ time); :func:`to_memory_format` does it as a tiled Triton transpose on CUDA and 
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -42,8 +41,11 @@ def _transpose_kernel():
     return _kernel
 
 
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a channels_last tensor that is not also row-major, else
+    ``torch.contiguous_format``."""
+    cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
 
 
 class _Transpose(torch.autograd.Function):
@@ -72,7 +74,7 @@ def to_memory_format(t: torch.Tensor, memory_format: torch.memory_format,
     to_cl = memory_format == torch.channels_last
     # the two layouts this kernel converts between, and image sizes its int32 offsets address
     ok = (use_triton and t.dim() == 4 and (t.is_cuda or (t.device.type == "cpu" and triton_interpreting()))
-          and (t.is_contiguous() if to_cl else _is_channels_last(t))
+          and (t.is_contiguous() if to_cl else memory_format_of(t) == torch.channels_last)
           and 0 < t[0].numel() < 2**31 and t.shape[0] < 65536)
     if not ok:
         return t.contiguous(memory_format=memory_format)
@@ -82,7 +84,7 @@ def to_memory_format(t: torch.Tensor, memory_format: torch.memory_format,
 
 
 def _copy(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
-    from largekernel.ops._launch import cdiv, launch
+    from largekernel.ops._launch import cdiv, launch, on_device
 
     to_cl = memory_format == torch.channels_last
     n, c, h, w = t.shape
@@ -94,9 +96,7 @@ def _copy(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
         s_src, s_dst = s_dst, s_src
     block_p, block_c = 64, 64
     grid = (cdiv(p, block_p), cdiv(c, block_c), n)
-    # Triton launches on the current device
-    on_device = t.is_cuda and t.device.index != torch.cuda.current_device()
-    with torch.cuda.device(t.device) if on_device else contextlib.nullcontext():
+    with on_device(t):
         launch(_transpose_kernel(), grid, t, out, p, c, *s_src, *s_dst, BLOCK_P=block_p, BLOCK_C=block_c,
                num_warps=4)
     return out
