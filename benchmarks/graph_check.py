@@ -35,7 +35,7 @@ DEFAULT_CASES = [
 
 def _build(name: str, mode: str, batch: int):
     import timm
-    from models import is_ours, sw_deploy
+    from models import deploy_form
 
     import largekernel  # noqa: F401 - registers our models
 
@@ -45,12 +45,7 @@ def _build(name: str, mode: str, batch: int):
     x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
     if mode.startswith("train"):
         return model.train(), x
-    model.eval()
-    if is_ours(name):
-        model = largekernel.reparameterize(model, inplace=True, fold_bn=True)
-        if name.startswith("shiftwise"):
-            sw_deploy(model, "mixed")
-    return model, x
+    return deploy_form(name, model.eval(), "mixed"), x
 
 
 def run_case(spec: str, iters: int) -> dict:
@@ -90,28 +85,15 @@ def _second_capture(mode: str, name: str, model, x) -> None:
     copy and its forward captured (what models.py --cuda-graph does)."""
     import copy
 
-    from models import graphed, infer_step
+    from models import deploy_form, graphed, infer_step
 
     if mode == "train+tiny":
         t = torch.ones(16, device="cuda")
         graphed(lambda: t * 2)
         return
-    deploy = copy.deepcopy(model).eval()
-    deploy = _deploy_form(name, deploy)
+    deploy = deploy_form(name, copy.deepcopy(model).eval())
     if mode == "train+infer":
         graphed(infer_step(deploy, torch.randn_like(x[:8]), cache=False))
-
-
-def _deploy_form(name: str, model):
-    from models import is_ours
-
-    import largekernel
-
-    if is_ours(name):
-        return largekernel.reparameterize(model, inplace=True, fold_bn=True)
-    from timm.utils import reparameterize_model
-
-    return reparameterize_model(model)
 
 
 def _compare_steps(model, opt, start: dict, replay, eager) -> dict:

@@ -49,6 +49,19 @@ def sw_deploy(model: torch.nn.Module, kind: str) -> None:
         model.to_dense(("cross", "cross", "square", "square") if kind == "mixed" else kind)
 
 
+def deploy_form(name: str, model: torch.nn.Module, sw_form: str = "merged") -> torch.nn.Module:
+    """The inference form the benchmarks time: ours re-parameterized with every BN folded (shift-wise nets then in
+    ``sw_form``, see :func:`sw_deploy`), timm's through ``timm.utils.reparameterize_model``. In place."""
+    if is_ours(name):
+        model = largekernel.reparameterize(model, inplace=True, fold_bn=True)
+        if name.startswith("shiftwise"):
+            sw_deploy(model, sw_form)
+        return model
+    from timm.utils import reparameterize_model
+
+    return reparameterize_model(model)
+
+
 def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer | None = None,
                zero_grad: bool = True):
     """One SGD step (momentum 0.9) under bf16 autocast: forward, cross-entropy, backward, step (then the grads are
@@ -136,14 +149,7 @@ def build_model(name: str, batch: int, train_batch: int, res: int, train: bool =
                                      before_capture=lambda: opt.zero_grad(set_to_none=True))
         else:
             entry["train"] = train_step(model.train(), x, y)
-    if is_ours(name):
-        deploy = largekernel.reparameterize(deploy, inplace=True, fold_bn=True)
-        if shiftwise:
-            sw_deploy(deploy, sw_form)
-    else:
-        from timm.utils import reparameterize_model
-
-        deploy = reparameterize_model(deploy)
+    deploy = deploy_form(name, deploy, sw_form)
     x = torch.randn(batch, 3, res, res, device=device).to(memory_format=fmt)
     entry["infer"] = graphed(infer_step(deploy, x, cache=False)) if graph else infer_step(deploy, x)
     return entry

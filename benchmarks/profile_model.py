@@ -12,10 +12,8 @@ import argparse
 
 import timm
 import torch
-from models import infer_step, sw_deploy, train_step  # benchmarks/ is the script directory
+from models import deploy_form, infer_step, train_step  # benchmarks/ is the script directory
 from torch.profiler import ProfilerActivity, profile
-
-import largekernel
 
 
 def main() -> None:
@@ -35,10 +33,7 @@ def main() -> None:
     x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=fmt)
     y = torch.randint(0, 1000, (batch,), device="cuda")
     if args.infer:
-        model = largekernel.reparameterize(model.eval(), inplace=True, fold_bn=True)
-        if args.model.startswith("shiftwise"):
-            sw_deploy(model, args.sw_deploy)
-        step = infer_step(model, x)
+        step = infer_step(deploy_form(args.model, model.eval(), args.sw_deploy), x)
     else:
         step = train_step(model, x, y)
 
