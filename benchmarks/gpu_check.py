@@ -55,6 +55,14 @@ VARIANTS = [
                                    prefetch=True),
      lambda w: (dict(plane=True, BLOCK_N=32, programs=4224) if w <= 16 else
                 dict(BLOCK_V=min(32, dwmod._bw(w)), programs=2112, num_warps=4))),
+    # fp32 only: Triton's six-product bf16 split instead of tf32x3 (a tuner candidate for fp32 inputs)
+    ("bf16x6", lambda w: dict(BLOCK_M=64, BLOCK_W=min(32, dwmod._bw(w)), BLOCK_U=32, num_warps=4, prefetch=True,
+                              precision="bf16x6"),
+     lambda w: dict(BLOCK_V=min(32, dwmod._bw(w)), programs=2112, num_warps=4, precision="bf16x6")),
+    ("plane-bf16x6", lambda w: dict(plane=True, bands=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4,
+                                    prefetch=True, precision="bf16x6"),
+     lambda w: (dict(plane=True, BLOCK_N=64, precision="bf16x6") if w <= 16 else
+                dict(NB=max(1, 64 // (1 << (w - 1).bit_length())), programs=2112, precision="bf16x6"))),
 ]
 
 
@@ -92,6 +100,8 @@ def _check_case(case, dt, tol, variants) -> list[dict]:
         t.requires_grad_()
     rows = []
     for vname, fcfg, wcfg in variants:
+        if "bf16x6" in vname and dt != torch.float32:
+            continue
         dwmod.FWD_CFG, dwmod.WGRAD_CFG = fcfg(w_), wcfg(w_)
         y = torch.ops.largekernel.depthwise_conv2d(x, w, b)
         gx, gw, gb = torch.autograd.grad(y, (x, w, b), g)

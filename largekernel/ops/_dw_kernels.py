@@ -14,7 +14,9 @@ Both kernels run on the tensor cores (``tl.dot``) with operands built on the fly
   windows of one x row, the B operand a stack of shifted rows of grad_out. The reduction is split over
   programs; each writes an fp32 partial that a tiny sum finishes (deterministic, no atomics).
 
-fp32 inputs use ``input_precision='tf32x3'`` (error-compensated split, ~fp32 accuracy) or 'ieee'.
+fp32 inputs use ``input_precision='tf32x3'`` or ``'bf16x6'`` (error-compensated splits, ~fp32 accuracy; the
+tuner picks per pass); the 0/1 GEMMs of the small-plane weight grad split their other operand into three bf16 parts
+instead (``_mma01``).
 """
 import triton
 import triton.language as tl
@@ -29,6 +31,36 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _dot_exact(a, b, acc, CAST_F32: tl.constexpr):
+    if CAST_F32:   # the interpreter has no 2-byte dot; both operands are exactly representable in fp32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _mma01(a, s, acc, S_LEFT: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
+    """acc + a @ s (acc + s @ a if S_LEFT) where s holds only 0 and 1. For fp32 (PRECISION is not 'tf32') a is
+    split into three bf16 parts (hi + mid + lo = a to within 2^-24 relative) whose products with s are exact:
+    three bf16 MMAs with fp32 accumulation instead of an error-compensated split of both operands."""
+    if PRECISION == "tf32":
+        if S_LEFT:
+            return tl.dot(s, a, acc, input_precision="tf32")
+        return tl.dot(a, s, acc, input_precision="tf32")
+    hi = a.to(tl.bfloat16)
+    r = a - hi.to(tl.float32)
+    mid = r.to(tl.bfloat16)
+    lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+    sb = s.to(tl.bfloat16)
+    if S_LEFT:
+        acc = _dot_exact(sb, lo, acc, CAST_F32)
+        acc = _dot_exact(sb, mid, acc, CAST_F32)
+        return _dot_exact(sb, hi, acc, CAST_F32)
+    acc = _dot_exact(lo, sb, acc, CAST_F32)
+    acc = _dot_exact(mid, sb, acc, CAST_F32)
+    return _dot_exact(hi, sb, acc, CAST_F32)
 
 
 @triton.jit
@@ -583,9 +615,10 @@ def _dw_wgrad_plane_kernel(x_ptr, g_ptr, dw_ptr,
             if CAST_F32:
                 gt = gt.to(tl.float32)
             m = tl.dot(xt, gt, input_precision=PRECISION)                         # (HP*WP, WP)
-            d = tl.dot(tl.reshape(m, (HP, WP * WP)), skew, input_precision=PRECISION)   # (HP, 2*WP)
+            d = _mma01(tl.reshape(m, (HP, WP * WP)), skew, tl.zeros((HP, 2 * WP), dtype=tl.float32), False,
+                       PRECISION, CAST_F32)                                       # (HP, 2*WP)
             shift = ((hh[None, :] - oy + PH) == ii[:, None]).to(tl.float32)      # (KHP, HP)
-            acc = tl.dot(shift, d, acc, input_precision=PRECISION)
+            acc = _mma01(d, shift, acc, True, PRECISION, CAST_F32)
 
     j = jj - (WP - 1) + PW
     out = dw_ptr + (s.to(tl.int64) * C + c) * KH * KW + ii[:, None] * KW + j[None, :]

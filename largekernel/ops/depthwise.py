@@ -202,6 +202,8 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
             # (56x56 K31 bf16: 0.926 -> 0.713 ms; slower in fp32, where B is 4-wide)
             cands += [dict(BLOCK_M=128, BLOCK_W=32, BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True, bands=True),
                       dict(BLOCK_M=64, BLOCK_W=32, BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True, bands=True)]
+    if x.dtype == torch.float32:   # also Triton's six-product bf16 split (fp32 accuracy, 2-byte MMA operands)
+        cands += [dict(c, precision="bf16x6") for c in cands[:2]]
     if kh % 2 and kw % 2:
         cands.append(dict(native=True))
     return cands
@@ -220,9 +222,13 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
     W = x.shape[3]
     bv = _bw(W)
     cands = [dict(BLOCK_V=min(32, bv), programs=2112, num_warps=4, num_stages=2)]
-    if small and x.dtype != torch.float32:   # (bf16 14x14 K27: 0.091 ms; fp32: slower than the row kernels)
-        cands = [dict(plane=True, BLOCK_N=64, num_warps=4), dict(plane=True, BLOCK_N=32, programs=4224, num_warps=4),
-                 *cands]
+    if small:   # (bf16 14x14 K27: 0.091 ms; fp32 with tf32x3 on all three GEMMs was slower than the row kernels)
+        plane = [dict(plane=True, BLOCK_N=64, num_warps=4), dict(plane=True, BLOCK_N=32, programs=4224, num_warps=4)]
+        if x.dtype == torch.float32:
+            plane += [dict(c, precision="bf16x6") for c in plane]
+        cands = [*plane, *cands]
+    elif x.dtype == torch.float32:
+        cands.append(dict(cands[0], precision="bf16x6"))
     if W <= 32:   # narrow planes: the same row of several images per reduction step
         narrow = 1 << (W - 1).bit_length()
         cands += [dict(NB=max(1, 64 // narrow), programs=4224, num_warps=4, prefetch=False),
@@ -314,7 +320,7 @@ def _conv_pass(cand: dict, src: torch.Tensor, w: torch.Tensor, bias, out: torch.
         return
     K.launch_fwd(rowmajor(src), w.reshape(C, kh, kw).contiguous(),
                  bias.contiguous() if bias is not None else None, out, ph, pw, cand,
-                 _precision(src.dtype), src.device.type == "cpu", flip)
+                 cand.get("precision", _precision(src.dtype)), src.device.type == "cpu", flip)
 
 
 def _wgrad_pass(cand: dict, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -324,7 +330,7 @@ def _wgrad_pass(cand: dict, x: torch.Tensor, g: torch.Tensor, weight: torch.Tens
     ph, pw = _pads(kh, kw)
     if cand.get("native"):
         return torch.nn.grad.conv2d_weight(x, weight.shape, g, padding=(ph, pw), groups=C)
-    dw = K.launch_wgrad(rowmajor(x), rowmajor(g), kh, kw, ph, pw, cand, _precision(x.dtype),
+    dw = K.launch_wgrad(rowmajor(x), rowmajor(g), kh, kw, ph, pw, cand, cand.get("precision", _precision(x.dtype)),
                         x.device.type == "cpu", POISON)
     return dw.reshape(C, 1, kh, kw).to(weight.dtype)
 
