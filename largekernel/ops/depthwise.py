@@ -143,6 +143,8 @@ FWD_CFG: dict = {}
 WGRAD_CFG: dict = {}
 TUNE = os.environ.get("LARGEKERNEL_TUNE", "1") == "1"
 FP32_PRECISION = os.environ.get("LARGEKERNEL_FP32_PRECISION", "tf32x3")   # or 'ieee' (CUDA-core FMA)
+# fp32 candidates are also tried with these other splits (Triton's bf16x6: six bf16 products, fp32 accuracy)
+FP32_SPLITS = [p for p in os.environ.get("LARGEKERNEL_FP32_SPLITS", "bf16x6").split(",") if p]
 POISON = False   # tests: fill kernel outputs with NaN before the launch so unwritten elements show
 # interpreter tests: 0 = first-generation kernels, 1 = prefetching / row-walking ones, 2 = whole-plane forward and
 # batched-rows weight grad, 3 = the row kernels on the transposed problem, 4 / 5 = the row kernel /
@@ -202,8 +204,8 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
             # (56x56 K31 bf16: 0.926 -> 0.713 ms; slower in fp32, where B is 4-wide)
             cands += [dict(BLOCK_M=128, BLOCK_W=32, BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True, bands=True),
                       dict(BLOCK_M=64, BLOCK_W=32, BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True, bands=True)]
-    if x.dtype == torch.float32:   # also Triton's six-product bf16 split (fp32 accuracy, 2-byte MMA operands)
-        cands += [dict(c, precision="bf16x6") for c in cands[:2]]
+    if x.dtype == torch.float32:   # also the other splits (bf16x6: 2-byte MMA operands, six products)
+        cands += [dict(c, precision=p) for p in FP32_SPLITS for c in cands[:2]]
     if kh % 2 and kw % 2:
         cands.append(dict(native=True))
     return cands
@@ -225,10 +227,10 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
     if small:   # (bf16 14x14 K27: 0.091 ms; fp32 with tf32x3 on all three GEMMs was slower than the row kernels)
         plane = [dict(plane=True, BLOCK_N=64, num_warps=4), dict(plane=True, BLOCK_N=32, programs=4224, num_warps=4)]
         if x.dtype == torch.float32:
-            plane += [dict(c, precision="bf16x6") for c in plane]
+            plane += [dict(c, precision=p) for p in FP32_SPLITS for c in plane]
         cands = [*plane, *cands]
     elif x.dtype == torch.float32:
-        cands.append(dict(cands[0], precision="bf16x6"))
+        cands += [dict(cands[0], precision=p) for p in FP32_SPLITS]
     if W <= 32:   # narrow planes: the same row of several images per reduction step
         narrow = 1 << (W - 1).bit_length()
         cands += [dict(NB=max(1, 64 // narrow), programs=4224, num_warps=4, prefetch=False),
