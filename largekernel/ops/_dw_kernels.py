@@ -36,31 +36,43 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
 @triton.jit
 def _dot_exact(a, b, acc, CAST_F32: tl.constexpr):
     if CAST_F32:   # the interpreter has no 2-byte dot; both operands are exactly representable in fp32
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _dot_split01(parts_lo, parts_mid, parts_hi, sb, acc, S_LEFT: tl.constexpr, CAST_F32: tl.constexpr):
+    if S_LEFT:
+        acc = _dot_exact(sb, parts_lo, acc, CAST_F32)
+        acc = _dot_exact(sb, parts_mid, acc, CAST_F32)
+        acc = _dot_exact(sb, parts_hi, acc, CAST_F32)
+    else:
+        acc = _dot_exact(parts_lo, sb, acc, CAST_F32)
+        acc = _dot_exact(parts_mid, sb, acc, CAST_F32)
+        acc = _dot_exact(parts_hi, sb, acc, CAST_F32)
+    return acc
 
 
 @triton.jit
 def _mma01(a, s, acc, S_LEFT: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
     """acc + a @ s (acc + s @ a if S_LEFT) where s holds only 0 and 1. For fp32 (PRECISION is not 'tf32') a is
     split into three bf16 parts (hi + mid + lo = a to within 2^-24 relative) whose products with s are exact:
-    three bf16 MMAs with fp32 accumulation instead of an error-compensated split of both operands."""
+    three bf16 MMAs with fp32 accumulation instead of an error-compensated split of both operands.
+    (No early returns: Triton's code generator keeps visiting the statements after a return in a static branch.)"""
     if PRECISION == "tf32":
         if S_LEFT:
-            return tl.dot(s, a, acc, input_precision="tf32")
-        return tl.dot(a, s, acc, input_precision="tf32")
-    hi = a.to(tl.bfloat16)
-    r = a - hi.to(tl.float32)
-    mid = r.to(tl.bfloat16)
-    lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
-    sb = s.to(tl.bfloat16)
-    if S_LEFT:
-        acc = _dot_exact(sb, lo, acc, CAST_F32)
-        acc = _dot_exact(sb, mid, acc, CAST_F32)
-        return _dot_exact(sb, hi, acc, CAST_F32)
-    acc = _dot_exact(lo, sb, acc, CAST_F32)
-    acc = _dot_exact(mid, sb, acc, CAST_F32)
-    return _dot_exact(hi, sb, acc, CAST_F32)
+            acc = tl.dot(s, a, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(a, s, acc, input_precision="tf32")
+    else:
+        hi = a.to(tl.bfloat16)
+        r = a - hi.to(tl.float32)
+        mid = r.to(tl.bfloat16)
+        lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+        acc = _dot_split01(lo, mid, hi, s.to(tl.bfloat16), acc, S_LEFT, CAST_F32)
+    return acc
 
 
 @triton.jit

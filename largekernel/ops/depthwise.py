@@ -205,7 +205,9 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
             cands += [dict(BLOCK_M=128, BLOCK_W=32, BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True, bands=True),
                       dict(BLOCK_M=64, BLOCK_W=32, BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True, bands=True)]
     if x.dtype == torch.float32:   # also the other splits (bf16x6: 2-byte MMA operands, six products)
-        cands += [dict(c, precision=p) for p in FP32_SPLITS for c in cands[:2]]
+        # (the first two: the fastest tiles in tf32x3; all three element-wise plane tiles of the input grad)
+        base = [c for c in cands if c.get("plane")] if H * W <= PLANE_MAX and not bands else cands[:2]
+        cands += [dict(c, precision=p) for p in FP32_SPLITS for c in base]
     if kh % 2 and kw % 2:
         cands.append(dict(native=True))
     return cands
