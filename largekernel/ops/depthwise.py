@@ -368,6 +368,7 @@ def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
         xr = rowmajor(x)
         cand = _pick("wgrad", x, kh, kw, lambda: _wgrad_candidates(x, kh, kw), lambda c: _wgrad_pass(c, xr, gr, weight))
         dw = _wgrad_pass(cand, xr, gr, weight)
+        del xr   # a channels_last x's row-major copy: freed before dx is allocated (peak memory)
     if need_x:
         dx = _alloc_like(x if x.stride(-1) == 1 else gr)   # row-major, converted to x's layout below
         # band copies (a weights-sized temporary) only where PyTorch's own backward peaks far higher: channels_last
@@ -380,6 +381,7 @@ def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
             dx = F.conv2d(grad, weight.flip(-2, -1), None, padding="same", groups=weight.shape[0])
         else:   # our kernels read the kernel flipped in place: no flipped copy (peak memory = native's)
             _conv_pass(cand, gr, weight, None, dx, kh - 1 - ph, kw - 1 - pw, flip=True)
+        del gr   # likewise grad_out's copy, before dx's channels_last copy
         dx = to_memory_format(dx, memory_format_of(x))
     if need_b:
         db = grad.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
