@@ -228,13 +228,9 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
     W = x.shape[3]
     bv = _bw(W)
     cands = [dict(BLOCK_V=min(32, bv), programs=2112, num_warps=4, num_stages=2)]
-    if small:   # (bf16 14x14 K27: 0.091 ms; fp32 with tf32x3 on all three GEMMs was slower than the row kernels)
-        plane = [dict(plane=True, BLOCK_N=64, num_warps=4), dict(plane=True, BLOCK_N=32, programs=4224, num_warps=4)]
-        if x.dtype == torch.float32:
-            plane += [dict(c, precision=p) for p in FP32_SPLITS for c in plane]
-        cands = [*plane, *cands]
-    elif x.dtype == torch.float32:
-        cands += [dict(cands[0], precision=p) for p in FP32_SPLITS]
+    if small:   # (bf16 14x14 K27: 0.091 ms on the H100; fp32 since its 0/1 GEMMs use exact bf16 parts, v8)
+        cands = [dict(plane=True, BLOCK_N=64, num_warps=4), dict(plane=True, BLOCK_N=32, programs=4224, num_warps=4),
+                 dict(plane=True, BLOCK_N=128, num_warps=8), *cands]
     if W <= 32:   # narrow planes: the same row of several images per reduction step
         narrow = 1 << (W - 1).bit_length()
         cands += [dict(NB=max(1, 64 // narrow), programs=4224, num_warps=4, prefetch=False),
@@ -243,6 +239,9 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
     else:
         cands += [dict(BLOCK_V=bv, programs=1056, num_warps=8, num_stages=2),
                   dict(BLOCK_K=32, programs=1056, num_warps=4, num_stages=3)]
+    if x.dtype == torch.float32:   # the other fp32 splits too: which is fastest differs per tile (v8 table)
+        base = [c for c in cands if c.get("plane")] if small else [c for c in cands if "BLOCK_K" not in c]
+        cands += [dict(c, precision=p) for p in FP32_SPLITS for c in base]
     if kh != kw and x.shape[2] > 32:   # rectangular kernels: also the transposed problem
         cands.append(dict(BLOCK_V=min(32, _bw(x.shape[2])), programs=2112, num_warps=4, transpose=True))
     if kh % 2 and kw % 2:
