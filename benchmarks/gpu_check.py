@@ -64,9 +64,13 @@ VARIANTS = [
      lambda w: (dict(plane=True, BLOCK_N=64, precision="bf16x6") if w <= 16 else
                 dict(NB=max(1, 64 // (1 << (w - 1).bit_length())), programs=2112, precision="bf16x6"))),
 ]
-# measured, not offered to the tuner: the three-product split (hi*hi + hi*lo + lo*hi, ~2^-17 per product)
+# the three-product split (hi*hi + hi*lo + lo*hi, ~2^-17 per product; offered to the tuner since v8)
 VARIANTS += [(name.replace("bf16x6", "bf16x3"), lambda w, f=f: dict(f(w), precision="bf16x3"),
               lambda w, g=g: dict(g(w), precision="bf16x3")) for name, f, g in VARIANTS[-2:]]
+# bf16x3 with the kernel as bf16 high / low band copies (row kernel)
+VARIANTS.append(("bf16x3-bands", lambda w: dict(BLOCK_M=128, BLOCK_W=32, BLOCK_U=32, num_warps=4, prefetch=True,
+                                                bands=True, split=True),
+                 lambda w: dict(BLOCK_V=min(32, dwmod._bw(w)), programs=2112, num_warps=4, precision="bf16x3")))
 
 
 def check_correctness(variants=VARIANTS) -> list[dict]:

@@ -34,6 +34,15 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
 
 
 @triton.jit
+def _to_bf16_rn(x):
+    """fp32 x rounded to the nearest bf16 (ties to even) with integer arithmetic, so that the interpreter (whose float
+    casts truncate) computes the same parts as the GPU (whose cast rounds to nearest); NaN / overflow not handled."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)   # exact: the low 16 bits are zero
+
+
+@triton.jit
 def _dot_exact(a, b, acc, CAST_F32: tl.constexpr):
     if CAST_F32:   # the interpreter has no 2-byte dot; both operands are exactly representable in fp32
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -67,10 +76,10 @@ def _mma01(a, s, acc, S_LEFT: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: t
         else:
             acc = tl.dot(a, s, acc, input_precision="tf32")
     else:
-        hi = a.to(tl.bfloat16)
+        hi = _to_bf16_rn(a)
         r = a - hi.to(tl.float32)
-        mid = r.to(tl.bfloat16)
-        lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+        mid = _to_bf16_rn(r)
+        lo = _to_bf16_rn(r - mid.to(tl.float32))
         acc = _dot_split01(lo, mid, hi, s.to(tl.bfloat16), acc, S_LEFT, CAST_F32)
     return acc
 
@@ -164,9 +173,10 @@ def _dw_wgrad_kernel(x_ptr, g_ptr, dw_ptr,
 
 @triton.jit
 def _fwd_tiles(t, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw, swh, sww,
-               q_c, KH, LQ_V, E0, PWD, BLOCK_U: tl.constexpr, BLOCK_W: tl.constexpr, BANDS: tl.constexpr,
-               BVEC: tl.constexpr):
-    """A (rows x input columns) and B (Toeplitz band) tiles of step t = i * num_u + uc; zeros past T.
+               q_c, q2_c, KH, LQ_V, E0, PWD, BLOCK_U: tl.constexpr, BLOCK_W: tl.constexpr, BANDS: tl.constexpr,
+               BVEC: tl.constexpr, SPLIT: tl.constexpr):
+    """A (rows x input columns) and B (Toeplitz band) tiles of step t = i * num_u + uc; zeros past T. Returns
+    (A, B, B2): B2 is the low bf16 part of B's band copies with SPLIT, else B again.
 
     BANDS: B is read from the shifted band copies (``band_copies``) as aligned BVEC-wide vectors, unmasked:
     B[u, v] = P_i[E0 - D - u + v] with D = uc * BLOCK_U - PWD (PWD = PWA - PW), P_i the reversed zero-padded row,
@@ -183,20 +193,38 @@ def _fwd_tiles(t, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, 
         e = E0 + PWD - uc * BLOCK_U - du                  # >= 0; past T (prefetch) row i is clamped
         s = e % BVEC
         row = ((tl.minimum(i, KH - 1) * BVEC + s) * LQ_V + e // BVEC) * BVEC
-        b = tl.load(q_c + row[:, None] + tl.arange(0, BLOCK_W)[None, :])
+        offs = row[:, None] + tl.arange(0, BLOCK_W)[None, :]
+        b = tl.load(q_c + offs)
+        if SPLIT:
+            b2 = tl.load(q2_c + offs)
+        else:
+            b2 = b
     else:
         tt = t0 + uc * BLOCK_U
         b = tl.load(w_tap + i * swh + tt * sww, mask=(tt >= 0) & (tt < KW) & live, other=0.0)
-    return a, b
+        b2 = b
+    return a, b, b2
+
+
+@triton.jit
+def _mma_split(a, b_hi, b_lo, acc, CAST_F32: tl.constexpr):
+    """acc + a @ (b_hi + b_lo) for fp32 a and a B given as its two bf16 parts (band copies built that way): a is
+    split likewise and the three products hi*hi + hi*lo + lo*hi run as bf16 MMAs (Triton's bf16x3, without
+    re-splitting B at every step)."""
+    a_hi = _to_bf16_rn(a)
+    a_lo = _to_bf16_rn(a - a_hi.to(tl.float32))
+    acc = _dot_exact(a_lo, b_hi, acc, CAST_F32)
+    acc = _dot_exact(a_hi, b_lo, acc, CAST_F32)
+    return _dot_exact(a_hi, b_hi, acc, CAST_F32)
 
 
 @triton.jit(do_not_specialize=[13, 14, 15])   # w_off, swh, sww: forward and input grad share a binary
 def _dw_fwd2_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                     N, C, H, W_V, KH, KW, PH, PW, PWA_V, w_off, swh, sww,
-                    sxn_v, sxc_v, sxh_v, sxw, syn, syc, syh, syw, q_ptr, LQ_V, E0,
+                    sxn_v, sxc_v, sxh_v, sxw, syn, syc, syh, syw, q_ptr, q2_ptr, LQ_V, E0,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
                     BLOCK_U: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr,
-                    VEC: tl.constexpr, BANDS: tl.constexpr, BVEC: tl.constexpr):
+                    VEC: tl.constexpr, BANDS: tl.constexpr, BVEC: tl.constexpr, SPLIT: tl.constexpr):
     """_dw_fwd_kernel with the (kernel row, column chunk) loop flattened and the next step's tiles
     loaded before the current dot (register double buffering: the loads are 2-byte gathers that
     Triton's cp.async pipeliner does not take).
@@ -205,7 +233,9 @@ def _dw_fwd2_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     VEC, chunks start at ``w0 - PWA`` with PWA = PW rounded up to VEC) so that Triton can prove VEC-wide
     aligned, uniformly masked runs and emit vector loads for the x tile. Tap (i, j) of channel c is read
     at ``w_ptr + w_off + c*KH*KW + i*swh + j*sww`` (the input grad reads the kernel flipped in place), or with
-    BANDS from the shifted band copies at ``q_ptr`` (see ``band_copies``) as unmasked BVEC-wide vectors."""
+    BANDS from the shifted band copies at ``q_ptr`` (see ``band_copies``) as unmasked BVEC-wide vectors.
+    SPLIT (fp32 x, with BANDS): ``q_ptr`` / ``q2_ptr`` hold the band copies of the kernel's high / low bf16 parts,
+    and each step is three bf16 MMAs (``_mma_split``)."""
     W = W_V * VEC
     PWA = PWA_V * VEC
     sxn = sxn_v * VEC
@@ -231,18 +261,24 @@ def _dw_fwd2_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     num_u = tl.cdiv(BLOCK_W + KW - 1 + PWA - PW, BLOCK_U)
     T = KH * num_u
 
-    q_c = q_ptr + (c.to(tl.int64) * KH * LQ_V) * BVEC * BVEC
+    q_off = (c.to(tl.int64) * KH * LQ_V) * BVEC * BVEC
+    q_c = q_ptr + q_off
+    q2_c = q2_ptr + q_off
     PWD = PWA - PW
 
     acc = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
-    a, b = _fwd_tiles(0, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw, swh, sww,
-                      q_c, KH, LQ_V, E0, PWD, BLOCK_U, BLOCK_W, BANDS, BVEC)
+    a, b, b2 = _fwd_tiles(0, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw, swh, sww,
+                          q_c, q2_c, KH, LQ_V, E0, PWD, BLOCK_U, BLOCK_W, BANDS, BVEC, SPLIT)
     for t in range(0, T):
         a_cur = a
         b_cur = b
-        a, b = _fwd_tiles(t + 1, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw,
-                          swh, sww, q_c, KH, LQ_V, E0, PWD, BLOCK_U, BLOCK_W, BANDS, BVEC)
-        acc = _mma(a_cur, b_cur, acc, PRECISION, CAST_F32)
+        b2_cur = b2
+        a, b, b2 = _fwd_tiles(t + 1, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw,
+                              swh, sww, q_c, q2_c, KH, LQ_V, E0, PWD, BLOCK_U, BLOCK_W, BANDS, BVEC, SPLIT)
+        if SPLIT:
+            acc = _mma_split(a_cur, b_cur, b2_cur, acc, CAST_F32)
+        else:
+            acc = _mma(a_cur, b_cur, acc, PRECISION, CAST_F32)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
@@ -695,16 +731,25 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         sn, sc, sh, sw = x.stride()
         pwa = cdiv(pw, vec) * vec
         num_u = cdiv(bw + KW - 1 + pwa - pw, bu)
-        bvec = 16 // w.element_size() if cfg.get("bands") else 1
-        q, lq, e0 = w, 1, num_u * bu - 1
-        if cfg.get("bands"):
+        bands = bool(cfg.get("bands"))
+        split = bands and bool(cfg.get("split")) and x.element_size() == 4   # fp32: bf16 hi / lo band copies
+        bvec = 8 if split else 16 // w.element_size() if bands else 1
+        q, q2, lq, e0 = w, w, 1, num_u * bu - 1
+        if split:
+            import torch
+
+            w_hi = w.to(torch.bfloat16)   # same shape and strides as w: the same taps read it
+            q, lq = band_copies(w_hi, taps, e0, e0 + pwa - pw + bw, bvec)
+            q2, _ = band_copies((w - w_hi.float()).to(torch.bfloat16), taps, e0, e0 + pwa - pw + bw, bvec)
+        elif bands:
             q, lq = band_copies(w, taps, e0, e0 + pwa - pw + bw, bvec)
+            q2 = q
         launch(_dw_fwd2_kernel, grid, x, w, b_arg, y,
                               N, C, H, W // vec, KH, KW, ph, pw, pwa // vec, w_off, swh, sww,
-                              sn // vec, sc // vec, sh // vec, sw, *y.stride(), q, lq // bvec, e0,
+                              sn // vec, sc // vec, sh // vec, sw, *y.stride(), q, q2, lq // bvec, e0,
                               HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_W=bw, BLOCK_U=bu,
-                              PRECISION=precision, CAST_F32=cast_f32, VEC=vec, BANDS=bool(cfg.get("bands")),
-                              BVEC=bvec,
+                              PRECISION=precision, CAST_F32=cast_f32, VEC=vec, BANDS=bands,
+                              BVEC=bvec, SPLIT=split,
                               num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
         return
     if flip:

@@ -150,7 +150,8 @@ FP32_SPLITS = [p for p in os.environ.get("LARGEKERNEL_FP32_SPLITS", "bf16x6,bf16
 POISON = False   # tests: fill kernel outputs with NaN before the launch so unwritten elements show
 # interpreter tests: 0 = first-generation kernels, 1 = prefetching / row-walking ones, 2 = whole-plane forward and
 # batched-rows weight grad, 3 = the row kernels on the transposed problem, 4 / 5 = the row kernel /
-# its transposed problem reading the shifted band copies, 6 / 7 = the whole-plane GEMM reading them
+# its transposed problem reading the shifted band copies, 6 / 7 = the whole-plane GEMM reading them, 8 = the row kernel
+# reading bf16 high / low band copies of an fp32 kernel
 INTERP_VARIANT = 0
 PLANE_MAX = 1024   # planes up to this many pixels also try the whole-plane GEMM (28x28 and below)
 _TUNED: dict = {}
@@ -175,7 +176,8 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
                  dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, prefetch=True, bands=True),
                  dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, transpose=True, bands=True),
                  dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, prefetch=True),
-                 dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)][INTERP_VARIANT]]
+                 dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32),
+                 dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, prefetch=True, bands=True, split=True)][INTERP_VARIANT]]
     N, _, H, W = x.shape
     if H * W <= PLANE_MAX:   # small planes: the whole-plane GEMM reading the band copies, one row-Toeplitz config
         # (from the H100 tile sweeps, docs/performance.md: bf16 likes 64x128x16 tiles at 14x14, 64x64x16 at 7x7,
@@ -210,6 +212,10 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
         # (the first two: the fastest tiles in tf32x3; all three element-wise plane tiles of the input grad)
         base = [c for c in cands if c.get("plane")] if H * W <= PLANE_MAX and not bands else cands[:2]
         cands += [dict(c, precision=p) for p in FP32_SPLITS for c in base]
+        if "bf16x3" in FP32_SPLITS and bands and H * W > PLANE_MAX and kh <= kw:
+            # bf16x3 with B as aligned bf16 vectors from high / low band copies, not split again at every step
+            cands += [dict(BLOCK_M=bm, BLOCK_W=32, BLOCK_U=32, num_warps=nw, num_stages=2, prefetch=True, bands=True,
+                           split=True) for bm, nw in ((64, 4), (128, 4), (128, 8))]
     if kh % 2 and kw % 2:
         cands.append(dict(native=True))
     return cands
@@ -224,7 +230,8 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
         return [[dict(BLOCK_K=32, programs=8), dict(BLOCK_V=16, programs=8), dict(NB=2, programs=8),
                  dict(BLOCK_V=16, programs=8, transpose=True),
                  dict(BLOCK_V=16, programs=8), dict(BLOCK_V=16, programs=8, transpose=True),
-                 *(plane if small else [dict(NB=2, programs=8), dict(BLOCK_K=32, programs=8)])][INTERP_VARIANT]]
+                 *(plane if small else [dict(NB=2, programs=8), dict(BLOCK_K=32, programs=8)]),
+                 dict(BLOCK_V=16, programs=8, prefetch=True)][INTERP_VARIANT]]
     W = x.shape[3]
     bv = _bw(W)
     cands = [dict(BLOCK_V=min(32, bv), programs=2112, num_warps=4, num_stages=2)]
