@@ -52,15 +52,11 @@ def _dot_exact(a, b, acc, CAST_F32: tl.constexpr):
 
 
 @triton.jit
-def _dot_split01(parts_lo, parts_mid, parts_hi, sb, acc, S_LEFT: tl.constexpr, CAST_F32: tl.constexpr):
+def _dot01(part, sb, acc, S_LEFT: tl.constexpr, CAST_F32: tl.constexpr):
     if S_LEFT:
-        acc = _dot_exact(sb, parts_lo, acc, CAST_F32)
-        acc = _dot_exact(sb, parts_mid, acc, CAST_F32)
-        acc = _dot_exact(sb, parts_hi, acc, CAST_F32)
+        acc = _dot_exact(sb, part, acc, CAST_F32)
     else:
-        acc = _dot_exact(parts_lo, sb, acc, CAST_F32)
-        acc = _dot_exact(parts_mid, sb, acc, CAST_F32)
-        acc = _dot_exact(parts_hi, sb, acc, CAST_F32)
+        acc = _dot_exact(part, sb, acc, CAST_F32)
     return acc
 
 
@@ -68,7 +64,8 @@ def _dot_split01(parts_lo, parts_mid, parts_hi, sb, acc, S_LEFT: tl.constexpr, C
 def _mma01(a, s, acc, S_LEFT: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
     """acc + a @ s (acc + s @ a if S_LEFT) where s holds only 0 and 1. For fp32 (PRECISION is not 'tf32') a is
     split into three bf16 parts (hi + mid + lo = a to within 2^-24 relative) whose products with s are exact:
-    three bf16 MMAs with fp32 accumulation instead of an error-compensated split of both operands.
+    three bf16 MMAs with fp32 accumulation instead of an error-compensated split of both operands (also under
+    'bf16x3': two parts would add their 2^-17 to that split's own error, 6e-6 in the interpreter tests).
     (No early returns: Triton's code generator keeps visiting the statements after a return in a static branch.)"""
     if PRECISION == "tf32":
         if S_LEFT:
@@ -76,11 +73,13 @@ def _mma01(a, s, acc, S_LEFT: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: t
         else:
             acc = tl.dot(a, s, acc, input_precision="tf32")
     else:
+        sb = s.to(tl.bfloat16)
         hi = _to_bf16_rn(a)
         r = a - hi.to(tl.float32)
         mid = _to_bf16_rn(r)
-        lo = _to_bf16_rn(r - mid.to(tl.float32))
-        acc = _dot_split01(lo, mid, hi, s.to(tl.bfloat16), acc, S_LEFT, CAST_F32)
+        acc = _dot01(_to_bf16_rn(r - mid.to(tl.float32)), sb, acc, S_LEFT, CAST_F32)
+        acc = _dot01(mid, sb, acc, S_LEFT, CAST_F32)
+        acc = _dot01(hi, sb, acc, S_LEFT, CAST_F32)
     return acc
 
 
@@ -657,12 +656,25 @@ def _dw_wgrad_plane_kernel(x_ptr, g_ptr, dw_ptr,
                      other=0.0)                                                   # (HP*WP, BLOCK_N)
         if CAST_F32:
             xt = xt.to(tl.float32)
+        if PRECISION == "bf16x3":   # x split once per batch block, not again for every output row
+            xt_hi = _to_bf16_rn(xt)
+            xt_lo = _to_bf16_rn(xt - xt_hi.to(tl.float32))
+        else:
+            xt_hi = xt
+            xt_lo = xt
         for oy in range(0, H):
             gt = tl.load(g_c + n64[:, None] * sgn + oy * sgh + ox[None, :] * sgw,
                          mask=n_ok[:, None] & (ox < W)[None, :], other=0.0)       # (BLOCK_N, WP)
             if CAST_F32:
                 gt = gt.to(tl.float32)
-            m = tl.dot(xt, gt, input_precision=PRECISION)                         # (HP*WP, WP)
+            if PRECISION == "bf16x3":   # hi*hi + hi*lo + lo*hi as bf16 MMAs (Triton's bf16x3, x pre-split)
+                g_hi = _to_bf16_rn(gt)
+                g_lo = _to_bf16_rn(gt - g_hi.to(tl.float32))
+                m = _dot_exact(xt_lo, g_hi, tl.zeros((HP * WP, WP), dtype=tl.float32), CAST_F32)
+                m = _dot_exact(xt_hi, g_lo, m, CAST_F32)
+                m = _dot_exact(xt_hi, g_hi, m, CAST_F32)                          # (HP*WP, WP)
+            else:
+                m = tl.dot(xt, gt, input_precision=PRECISION)                     # (HP*WP, WP)
             d = _mma01(tl.reshape(m, (HP, WP * WP)), skew, tl.zeros((HP, 2 * WP), dtype=tl.float32), False,
                        PRECISION, CAST_F32)                                       # (HP, 2*WP)
             shift = ((hh[None, :] - oy + PH) == ii[:, None]).to(tl.float32)      # (KHP, HP)

@@ -151,7 +151,7 @@ POISON = False   # tests: fill kernel outputs with NaN before the launch so unwr
 # interpreter tests: 0 = first-generation kernels, 1 = prefetching / row-walking ones, 2 = whole-plane forward and
 # batched-rows weight grad, 3 = the row kernels on the transposed problem, 4 / 5 = the row kernel /
 # its transposed problem reading the shifted band copies, 6 / 7 = the whole-plane GEMM reading them, 8 = the row kernel
-# reading bf16 high / low band copies of an fp32 kernel
+# reading bf16 high / low band copies of an fp32 kernel (and the bf16x3 whole-plane weight grad)
 INTERP_VARIANT = 0
 PLANE_MAX = 1024   # planes up to this many pixels also try the whole-plane GEMM (28x28 and below)
 _TUNED: dict = {}
@@ -231,7 +231,8 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
                  dict(BLOCK_V=16, programs=8, transpose=True),
                  dict(BLOCK_V=16, programs=8), dict(BLOCK_V=16, programs=8, transpose=True),
                  *(plane if small else [dict(NB=2, programs=8), dict(BLOCK_K=32, programs=8)]),
-                 dict(BLOCK_V=16, programs=8, prefetch=True)][INTERP_VARIANT]]
+                 dict(plane=True, BLOCK_N=16, precision="bf16x3") if small else dict(BLOCK_V=16, programs=8)
+                 ][INTERP_VARIANT]]
     W = x.shape[3]
     bv = _bw(W)
     cands = [dict(BLOCK_V=min(32, bv), programs=2112, num_warps=4, num_stages=2)]
