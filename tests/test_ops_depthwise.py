@@ -116,3 +116,24 @@ def test_onnx_export_emits_standard_conv(tmp_path, dynamo):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("splits", [["bf16x6", "bf16x3"], ["bf16x6"], []])
+def test_fp32_tuner_candidates_follow_the_allowed_splits(monkeypatch, splits):
+    """The CUDA tuner's fp32 candidates use only the splits LARGEKERNEL_FP32_SPLITS allows (bf16x3 and the split band
+    copies carry ~5e-6 relative error; without them every fp32 pass stays at ~1e-7); other dtypes never get them."""
+    import largekernel.ops.depthwise as dw
+
+    monkeypatch.setattr(dw, "FP32_SPLITS", splits)
+    for h, k in ((56, 31), (28, 29), (14, 27), (7, 13)):
+        x = torch.empty(64, 128, h, h, device="meta", dtype=torch.float32)
+        cands = [*dw._fwd_candidates(x, k, k), *dw._fwd_candidates(x, k, k, bands=False),
+                 *dw._wgrad_candidates(x, k, k)]
+        used = {c["precision"] for c in cands if "precision" in c}
+        assert used <= set(splits)
+        assert any(c.get("split") for c in cands) == ("bf16x3" in splits and h == 56)
+        if splits:
+            assert set(splits) <= used
+        xb = x.to(torch.bfloat16)
+        assert not any("precision" in c or c.get("split") for c in
+                       [*dw._fwd_candidates(xb, k, k), *dw._wgrad_candidates(xb, k, k)])
