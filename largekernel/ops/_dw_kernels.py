@@ -14,9 +14,10 @@ Both kernels run on the tensor cores (``tl.dot``) with operands built on the fly
   windows of one x row, the B operand a stack of shifted rows of grad_out. The reduction is split over
   programs; each writes an fp32 partial that a tiny sum finishes (deterministic, no atomics).
 
-fp32 inputs use ``input_precision='tf32x3'`` or ``'bf16x6'`` (error-compensated splits, ~fp32 accuracy; the
-tuner picks per pass); the 0/1 GEMMs of the small-plane weight grad split their other operand into three bf16 parts
-instead (``_mma01``).
+fp32 inputs use error-compensated splits on the tensor cores, picked per pass by the tuner: ``input_precision=``
+``'tf32x3'`` / ``'bf16x6'`` (~1e-7 relative) or ``'bf16x3'`` (~5e-6), or our own bf16x3 where an operand can be split
+once instead of at every step (``_mma_split``: high / low band copies of the kernel); the 0/1 GEMMs of the
+small-plane weight grad split only their data operand, into three exact bf16 parts (``_mma01``).
 """
 import triton
 import triton.language as tl
