@@ -137,3 +137,20 @@ def test_fp32_tuner_candidates_follow_the_allowed_splits(monkeypatch, splits):
         xb = x.to(torch.bfloat16)
         assert not any("precision" in c or c.get("split") for c in
                        [*dw._fwd_candidates(xb, k, k), *dw._wgrad_candidates(xb, k, k)])
+
+
+@pytest.mark.parametrize("env, expected", [({}, "tf32x3 bf16x6,bf16x3"),
+                                           ({"LARGEKERNEL_FP32_PRECISION": "ieee"}, "ieee "),
+                                           ({"LARGEKERNEL_FP32_PRECISION": "ieee", "LARGEKERNEL_FP32_SPLITS": "bf16x6"},
+                                            "ieee bf16x6")])
+def test_fp32_precision_environment(env, expected):
+    """A precision named in LARGEKERNEL_FP32_PRECISION is the only one used unless splits are named too."""
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LARGEKERNEL_FP32")}
+    out = subprocess.run([sys.executable, "-c", "import largekernel.ops.depthwise as d; "
+                          "print(d.FP32_PRECISION, ','.join(d.FP32_SPLITS))"],
+                         env={**clean, **env}, capture_output=True, text=True, check=True).stdout
+    assert out.rstrip("\n") == expected

@@ -145,8 +145,10 @@ TUNE = os.environ.get("LARGEKERNEL_TUNE", "1") == "1"
 FP32_PRECISION = os.environ.get("LARGEKERNEL_FP32_PRECISION", "tf32x3")   # or 'ieee' (CUDA-core FMA)
 # fp32 candidates are also tried with these other splits of Triton's: bf16x6 (six bf16 products, ~2e-7 relative
 # error like tf32x3) and bf16x3 (three products, hi*hi + hi*lo + lo*hi: ~4.4e-6 measured on the H200, within the
-# 1e-5 fp32 criterion; 1.1-1.5x faster). LARGEKERNEL_FP32_SPLITS=bf16x6 keeps every fp32 pass at ~1e-7.
-FP32_SPLITS = [p for p in os.environ.get("LARGEKERNEL_FP32_SPLITS", "bf16x6,bf16x3").split(",") if p]
+# 1e-5 fp32 criterion; 1.1-1.5x faster). LARGEKERNEL_FP32_SPLITS=bf16x6 keeps every fp32 pass at ~1e-7; naming a
+# precision in LARGEKERNEL_FP32_PRECISION (e.g. 'ieee') means that one only, unless the splits are named too.
+_DEFAULT_SPLITS = "" if "LARGEKERNEL_FP32_PRECISION" in os.environ else "bf16x6,bf16x3"
+FP32_SPLITS = [p for p in os.environ.get("LARGEKERNEL_FP32_SPLITS", _DEFAULT_SPLITS).split(",") if p]
 POISON = False   # tests: fill kernel outputs with NaN before the launch so unwritten elements show
 # interpreter tests: 0 = first-generation kernels, 1 = prefetching / row-walking ones, 2 = whole-plane forward and
 # batched-rows weight grad, 3 = the row kernels on the transposed problem, 4 / 5 = the row kernel /
