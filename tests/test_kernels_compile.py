@@ -95,12 +95,12 @@ def test_depthwise_launches_compile_for_hopper(monkeypatch, dtype):
         ph, pw = dw._pads(kh, kw)
         for cand in [*dw._fwd_candidates(big, kh, kw), *dw._fwd_candidates(big, kh, kw, bands=False)]:
             if not cand.get("native"):
-                prec = cand.get("precision", dw._precision(dtype))
+                prec = dw._precision(dtype, cand)
                 K.launch_fwd(x, w, b, torch.empty_like(x), ph, pw, cand, prec, False)
                 K.launch_fwd(x, w, None, torch.empty_like(x), kh - 1 - ph, kw - 1 - pw, cand, prec, False, flip=True)
         for cand in dw._wgrad_candidates(big, kh, kw):
             if not cand.get("native"):
-                prec = cand.get("precision", dw._precision(dtype))
+                prec = dw._precision(dtype, cand)
                 K.launch_wgrad(x, torch.randn_like(x), kh, kw, ph, pw, cand, prec, False)
     assert any(m.get("PRECISION") == "bf16x3" for _, _, m in calls) == (dtype == torch.float32)
     assert _compile_all(calls) >= 8

@@ -16,8 +16,8 @@ Both kernels run on the tensor cores (``tl.dot``) with operands built on the fly
 
 fp32 inputs use error-compensated splits on the tensor cores, picked per pass by the tuner: ``input_precision=``
 ``'tf32x3'`` / ``'bf16x6'`` (~1e-7 relative) or ``'bf16x3'`` (~5e-6), or our own bf16x3 where an operand can be split
-once instead of at every step (``_mma_split``: high / low band copies of the kernel); the 0/1 GEMMs of the
-small-plane weight grad split only their data operand, into three exact bf16 parts (``_mma01``).
+once instead of at every step (``_dot3``: high / low band copies of the kernel, x in the small-plane weight grad);
+the 0/1 GEMMs of the small-plane weight grad split only their data operand, into three exact bf16 parts (``_mma01``).
 """
 import triton
 import triton.language as tl
@@ -41,6 +41,13 @@ def _to_bf16_rn(x):
     bits = x.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)   # exact: the low 16 bits are zero
+
+
+@triton.jit
+def _split_bf16(x):
+    """fp32 x as two bf16 parts, hi + lo = x to within ~2^-17 relative (rounded to nearest)."""
+    hi = _to_bf16_rn(x)
+    return hi, _to_bf16_rn(x - hi.to(tl.float32))
 
 
 @triton.jit
@@ -75,10 +82,9 @@ def _mma01(a, s, acc, S_LEFT: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: t
             acc = tl.dot(a, s, acc, input_precision="tf32")
     else:
         sb = s.to(tl.bfloat16)
-        hi = _to_bf16_rn(a)
-        r = a - hi.to(tl.float32)
-        mid = _to_bf16_rn(r)
-        acc = _dot01(_to_bf16_rn(r - mid.to(tl.float32)), sb, acc, S_LEFT, CAST_F32)
+        hi, mid = _split_bf16(a)
+        lo = _to_bf16_rn(a - hi.to(tl.float32) - mid.to(tl.float32))   # both subtractions exact
+        acc = _dot01(lo, sb, acc, S_LEFT, CAST_F32)
         acc = _dot01(mid, sb, acc, S_LEFT, CAST_F32)
         acc = _dot01(hi, sb, acc, S_LEFT, CAST_F32)
     return acc
@@ -207,12 +213,9 @@ def _fwd_tiles(t, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, 
 
 
 @triton.jit
-def _mma_split(a, b_hi, b_lo, acc, CAST_F32: tl.constexpr):
-    """acc + a @ (b_hi + b_lo) for fp32 a and a B given as its two bf16 parts (band copies built that way): a is
-    split likewise and the three products hi*hi + hi*lo + lo*hi run as bf16 MMAs (Triton's bf16x3, without
-    re-splitting B at every step)."""
-    a_hi = _to_bf16_rn(a)
-    a_lo = _to_bf16_rn(a - a_hi.to(tl.float32))
+def _dot3(a_hi, a_lo, b_hi, b_lo, acc, CAST_F32: tl.constexpr):
+    """acc + (a_hi + a_lo) @ (b_hi + b_lo) from bf16 parts as hi*hi + hi*lo + lo*hi (Triton's bf16x3), the small
+    products first. Callers split an operand once where it is reused, instead of at every dot."""
     acc = _dot_exact(a_lo, b_hi, acc, CAST_F32)
     acc = _dot_exact(a_hi, b_lo, acc, CAST_F32)
     return _dot_exact(a_hi, b_hi, acc, CAST_F32)
@@ -235,7 +238,7 @@ def _dw_fwd2_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     at ``w_ptr + w_off + c*KH*KW + i*swh + j*sww`` (the input grad reads the kernel flipped in place), or with
     BANDS from the shifted band copies at ``q_ptr`` (see ``band_copies``) as unmasked BVEC-wide vectors.
     SPLIT (fp32 x, with BANDS): ``q_ptr`` / ``q2_ptr`` hold the band copies of the kernel's high / low bf16 parts,
-    and each step is three bf16 MMAs (``_mma_split``)."""
+    and each step is three bf16 MMAs (``_dot3``)."""
     W = W_V * VEC
     PWA = PWA_V * VEC
     sxn = sxn_v * VEC
@@ -275,8 +278,9 @@ def _dw_fwd2_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
         b2_cur = b2
         a, b, b2 = _fwd_tiles(t + 1, T, num_u, x_rows, y, row_in, w_tap, t0, w0, du, H, W, KW, PH, PWA, sxh, sxw,
                               swh, sww, q_c, q2_c, KH, LQ_V, E0, PWD, BLOCK_U, BLOCK_W, BANDS, BVEC, SPLIT)
-        if SPLIT:
-            acc = _mma_split(a_cur, b_cur, b2_cur, acc, CAST_F32)
+        if SPLIT:   # B comes as its bf16 parts (band copies built that way): split only A, per step
+            a_hi, a_lo = _split_bf16(a_cur)
+            acc = _dot3(a_hi, a_lo, b_cur, b2_cur, acc, CAST_F32)
         else:
             acc = _mma(a_cur, b_cur, acc, PRECISION, CAST_F32)
 
@@ -658,8 +662,7 @@ def _dw_wgrad_plane_kernel(x_ptr, g_ptr, dw_ptr,
         if CAST_F32:
             xt = xt.to(tl.float32)
         if PRECISION == "bf16x3":   # x split once per batch block, not again for every output row
-            xt_hi = _to_bf16_rn(xt)
-            xt_lo = _to_bf16_rn(xt - xt_hi.to(tl.float32))
+            xt_hi, xt_lo = _split_bf16(xt)
         else:
             xt_hi = xt
             xt_lo = xt
@@ -668,12 +671,9 @@ def _dw_wgrad_plane_kernel(x_ptr, g_ptr, dw_ptr,
                          mask=n_ok[:, None] & (ox < W)[None, :], other=0.0)       # (BLOCK_N, WP)
             if CAST_F32:
                 gt = gt.to(tl.float32)
-            if PRECISION == "bf16x3":   # hi*hi + hi*lo + lo*hi as bf16 MMAs (Triton's bf16x3, x pre-split)
-                g_hi = _to_bf16_rn(gt)
-                g_lo = _to_bf16_rn(gt - g_hi.to(tl.float32))
-                m = _dot_exact(xt_lo, g_hi, tl.zeros((HP * WP, WP), dtype=tl.float32), CAST_F32)
-                m = _dot_exact(xt_hi, g_lo, m, CAST_F32)
-                m = _dot_exact(xt_hi, g_hi, m, CAST_F32)                          # (HP*WP, WP)
+            if PRECISION == "bf16x3":   # Triton's bf16x3 with x pre-split
+                g_hi, g_lo = _split_bf16(gt)
+                m = _dot3(xt_hi, xt_lo, g_hi, g_lo, tl.zeros((HP * WP, WP), dtype=tl.float32), CAST_F32)   # (HP*WP, WP)
             else:
                 m = tl.dot(xt, gt, input_precision=PRECISION)                     # (HP*WP, WP)
             d = _mma01(tl.reshape(m, (HP, WP * WP)), skew, tl.zeros((HP, 2 * WP), dtype=tl.float32), False,
@@ -748,15 +748,15 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         split = bands and bool(cfg.get("split")) and x.element_size() == 4   # fp32: bf16 hi / lo band copies
         bvec = 8 if split else 16 // w.element_size() if bands else 1
         q, q2, lq, e0 = w, w, 1, num_u * bu - 1
-        if split:
-            import torch
+        if bands:
+            parts = [w]
+            if split:   # the kernel's bf16 parts; same shape and strides as w, so the same taps read them
+                import torch
 
-            w_hi = w.to(torch.bfloat16)   # same shape and strides as w: the same taps read it
-            q, lq = band_copies(w_hi, taps, e0, e0 + pwa - pw + bw, bvec)
-            q2, _ = band_copies((w - w_hi.float()).to(torch.bfloat16), taps, e0, e0 + pwa - pw + bw, bvec)
-        elif bands:
-            q, lq = band_copies(w, taps, e0, e0 + pwa - pw + bw, bvec)
-            q2 = q
+                w_hi = w.to(torch.bfloat16)
+                parts = [w_hi, (w - w_hi.float()).to(torch.bfloat16)]
+            copies = [band_copies(p, taps, e0, e0 + pwa - pw + bw, bvec) for p in parts]
+            (q, lq), (q2, _) = copies[0], copies[-1]
         launch(_dw_fwd2_kernel, grid, x, w, b_arg, y,
                               N, C, H, W // vec, KH, KW, ph, pw, pwa // vec, w_off, swh, sww,
                               sn // vec, sc // vec, sh // vec, sw, *y.stride(), q, q2, lq // bvec, e0,

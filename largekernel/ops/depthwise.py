@@ -314,7 +314,10 @@ def tuned_choices(with_times: bool = False) -> dict:
     return dict(_TUNING_LOG if with_times else _TUNED)
 
 
-def _precision(dtype: torch.dtype) -> str:
+def _precision(dtype: torch.dtype, cand: dict | None = None) -> str:
+    """The dot precision of a pass: the candidate's own fp32 split if it names one, else the dtype's default."""
+    if cand and "precision" in cand:
+        return cand["precision"]
     return FP32_PRECISION if dtype == torch.float32 else "tf32"
 
 
@@ -335,7 +338,7 @@ def _conv_pass(cand: dict, src: torch.Tensor, w: torch.Tensor, bias, out: torch.
         return
     K.launch_fwd(rowmajor(src), w.reshape(C, kh, kw).contiguous(),
                  bias.contiguous() if bias is not None else None, out, ph, pw, cand,
-                 cand.get("precision", _precision(src.dtype)), src.device.type == "cpu", flip)
+                 _precision(src.dtype, cand), src.device.type == "cpu", flip)
 
 
 def _wgrad_pass(cand: dict, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -345,7 +348,7 @@ def _wgrad_pass(cand: dict, x: torch.Tensor, g: torch.Tensor, weight: torch.Tens
     ph, pw = _pads(kh, kw)
     if cand.get("native"):
         return torch.nn.grad.conv2d_weight(x, weight.shape, g, padding=(ph, pw), groups=C)
-    dw = K.launch_wgrad(rowmajor(x), rowmajor(g), kh, kw, ph, pw, cand, cand.get("precision", _precision(x.dtype)),
+    dw = K.launch_wgrad(rowmajor(x), rowmajor(g), kh, kw, ph, pw, cand, _precision(x.dtype, cand),
                         x.device.type == "cpu", POISON)
     return dw.reshape(C, 1, kh, kw).to(weight.dtype)
 
