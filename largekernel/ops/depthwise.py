@@ -210,14 +210,14 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
             # (56x56 K31 bf16: 0.926 -> 0.713 ms; slower in fp32, where B is 4-wide)
             cands += [dict(BLOCK_M=128, BLOCK_W=32, BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True, bands=True),
                       dict(BLOCK_M=64, BLOCK_W=32, BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True, bands=True)]
+        elif bands and "bf16x3" in FP32_SPLITS:   # fp32: bf16x3 with B as aligned bf16 vectors from the band copies
+            # of the kernel's high / low parts, not split again at every step
+            cands += [dict(BLOCK_M=bm, BLOCK_W=32, BLOCK_U=32, num_warps=nw, num_stages=2, prefetch=True, bands=True,
+                           split=True) for bm, nw in ((64, 4), (128, 4), (128, 8))]
     if x.dtype == torch.float32:   # also the other splits (bf16x6: 2-byte MMA operands, six products)
         # (the first two: the fastest tiles in tf32x3; all three element-wise plane tiles of the input grad)
         base = [c for c in cands if c.get("plane")] if H * W <= PLANE_MAX and not bands else cands[:2]
         cands += [dict(c, precision=p) for p in FP32_SPLITS for c in base]
-        if "bf16x3" in FP32_SPLITS and bands and H * W > PLANE_MAX and kh <= kw:
-            # bf16x3 with B as aligned bf16 vectors from high / low band copies, not split again at every step
-            cands += [dict(BLOCK_M=bm, BLOCK_W=32, BLOCK_U=32, num_warps=nw, num_stages=2, prefetch=True, bands=True,
-                           split=True) for bm, nw in ((64, 4), (128, 4), (128, 8))]
     if kh % 2 and kw % 2:
         cands.append(dict(native=True))
     return cands
