@@ -72,13 +72,18 @@ VARIANTS.append(("bf16x3-bands", lambda w: dict(BLOCK_M=128, BLOCK_W=32, BLOCK_U
                                                 bands=True, split=True),
                  lambda w: dict(BLOCK_V=min(32, dwmod._bw(w)), programs=2112, num_warps=4, precision="bf16x3")))
 
+# the Gram-matrix weight grad (planes of <= 128 padded positions: 7x7), the v2 weight grad elsewhere
+VARIANTS += [(name, VARIANTS[0][1], lambda w, p=prec: (dict(gram=True, BLOCK_N=64, **p) if w <= 8 else
+                                                      VARIANTS[0][2](w)))
+             for name, prec in (("gram", {}), ("gram-bf16x3", dict(precision="bf16x3")))]
+
 
 def check_correctness(variants=VARIANTS) -> list[dict]:
     dwmod.POISON = True
     out = []
     for ci, case in enumerate(CHECKS):
         for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
-            vs = variants if ci < 4 else [variants[0], *variants[3:]]   # every variant on the stage shapes
+            vs = variants if ci < 4 else [v for v in variants if v[0] not in ("v2-big", "v1")]  # all on stage shapes
             try:
                 out.extend(_check_case(case, dt, tol, vs))
             except Exception as e:  # noqa: BLE001 - record and go on
@@ -409,6 +414,7 @@ def main() -> None:
     ap.add_argument("--sweep-shapes", default="512/14/27,1024/7/13,256/28/29", help="C/H/K list for --sweep")
     ap.add_argument("--sweep-dtypes", default="bfloat16,float32")
     ap.add_argument("--sweep-kinds", default="fwd,dgrad,wgrad")
+    ap.add_argument("--variants", default=None, help="comma-separated VARIANTS names to check (default: all)")
     args = ap.parse_args()
     t0 = time.time()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -429,7 +435,8 @@ def main() -> None:
         _dump(dict(layers=rows))
         sys.exit(0 if all(r["ok"] for r in rows) else 1)
     report: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
-    report["correctness"] = [] if args.no_check else check_correctness()
+    variants = VARIANTS if args.variants is None else [v for v in VARIANTS if v[0] in args.variants.split(",")]
+    report["correctness"] = [] if args.no_check else check_correctness(variants)
     try:
         report["memory"] = {} if args.no_check else peak_memory()
     except Exception as e:  # noqa: BLE001

@@ -29,7 +29,7 @@ CASES = [
     ("vec4_even_fp32", 1, 5, 6, 24, 6, 4, "float32", "nchw", False, "xw"),
     ("batch_over_tile_fp32", 19, 3, 6, 5, 7, 7, "float32", "nchw", True, "xwb"),   # > BLOCK_M / NB images
 ]
-VARIANTS = (0, 1, 2, 3, 4, 5, 6, 7, 8)   # see largekernel.ops.depthwise.INTERP_VARIANT
+VARIANTS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)   # see largekernel.ops.depthwise.INTERP_VARIANT
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 5e-3}
 
 

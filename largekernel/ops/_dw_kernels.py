@@ -686,6 +686,66 @@ def _dw_wgrad_plane_kernel(x_ptr, g_ptr, dw_ptr,
     tl.store(out, acc, mask=(ii < KH)[:, None] & ((j >= 0) & (j < KW))[None, :])
 
 
+@triton.jit
+def _dw_wgrad_gram_kernel(x_ptr, g_ptr, dw_ptr,
+                          N, C, H, W, KH, KW, PH, PW, N_PER_SPLIT, SPLITS,
+                          sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+                          HP: tl.constexpr, WP: tl.constexpr, KHP: tl.constexpr, JP: tl.constexpr,
+                          BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
+    """Weight grad for planes of at most GRAM_MAX padded positions (7x7: 8 x 8), where every output sees most of
+    the input: per channel the Gram matrix ``P[p, q] = sum_n x[n, p] * g[n, q]`` over the batch is one GEMM per
+    batch block (reduction length = batch), and only once the batch is summed is each entry moved to its tap
+    (py - qy + PH, px - qx + PW): P reordered to ((py, qy), (px, qx)), ``D = P @ S`` sums the diagonals
+    px - qx (S[(px, qx), j'] = [px - qx + WP - 1 == j']), ``dw = R @ D`` sums py - qy (R[i, (py, qy)] =
+    [py - qy + PH == i]). ~8x fewer MMA steps than ``_dw_wgrad_plane_kernel`` at 7x7, in one dependency chain
+    per batch block instead of one per output row."""
+    pid = tl.program_id(0)
+    s = pid % SPLITS
+    c = pid // SPLITS
+    n_start = s * N_PER_SPLIT
+    n_end = tl.minimum(n_start + N_PER_SPLIT, N)
+
+    p = tl.arange(0, HP * WP)
+    py = p // WP
+    px = p % WP
+    p_ok = (py < H) & (px < W)
+    nn = tl.arange(0, BLOCK_N)
+    x_c = x_ptr + c.to(tl.int64) * sxc
+    g_c = g_ptr + c.to(tl.int64) * sgc
+    gram = tl.zeros((HP * WP, HP * WP), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        n = n0 + nn
+        n_ok = n < n_end
+        n64 = tl.where(n_ok, n, 0).to(tl.int64)
+        xt = tl.load(x_c + n64[None, :] * sxn + (py * sxh + px * sxw)[:, None], mask=p_ok[:, None] & n_ok[None, :],
+                     other=0.0)                                                   # (HP*WP, BLOCK_N)
+        gt = tl.load(g_c + n64[:, None] * sgn + (py * sgh + px * sgw)[None, :], mask=n_ok[:, None] & p_ok[None, :],
+                     other=0.0)                                                   # (BLOCK_N, HP*WP)
+        if CAST_F32:
+            xt = xt.to(tl.float32)
+            gt = gt.to(tl.float32)
+        if PRECISION == "bf16x3":
+            x_hi, x_lo = _split_bf16(xt)
+            g_hi, g_lo = _split_bf16(gt)
+            gram = _dot3(x_hi, x_lo, g_hi, g_lo, gram, CAST_F32)
+        else:
+            gram = tl.dot(xt, gt, gram, input_precision=PRECISION)
+
+    pairs = tl.reshape(tl.permute(tl.reshape(gram, (HP, WP, HP, WP)), (0, 2, 1, 3)), (HP * HP, WP * WP))
+    k = tl.arange(0, WP * WP)
+    jj = tl.arange(0, JP)
+    skew = ((k // WP - k % WP + WP - 1)[:, None] == jj[None, :]).to(tl.float32)   # (WP*WP, JP)
+    d = _mma01(pairs, skew, tl.zeros((HP * HP, JP), dtype=tl.float32), False, PRECISION, CAST_F32)
+    r = tl.arange(0, HP * HP)
+    ii = tl.arange(0, KHP)
+    rows = ((r // HP - r % HP + PH)[None, :] == ii[:, None]).to(tl.float32)      # (KHP, HP*HP)
+    acc = _mma01(d, rows, tl.zeros((KHP, JP), dtype=tl.float32), True, PRECISION, CAST_F32)
+
+    j = jj - (WP - 1) + PW
+    out = dw_ptr + (s.to(tl.int64) * C + c) * KH * KW + ii[:, None] * KW + j[None, :]
+    tl.store(out, acc, mask=(ii < KH)[:, None] & ((j >= 0) & (j < KW))[None, :])
+
+
 def _vec(t, cfg: dict) -> int:
     """Widest run (<= 16 bytes) that W, the strides and the data pointer are all multiples of."""
     n, c, h, w = t.shape
@@ -698,6 +758,14 @@ def _vec(t, cfg: dict) -> int:
 
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, next_pow2(n))
+
+
+GRAM_MAX = 128   # padded plane positions up to which the Gram weight grad applies (its P tile is GRAM_MAX^2 fp32)
+
+
+def gram_dims(H: int, W: int) -> tuple[int, int]:
+    """Padded (HP, WP) of the Gram weight grad: powers of two, >= 4 so that its reordered GEMMs are >= 16 wide."""
+    return _pow2(H, 4), _pow2(W, 4)
 
 
 def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_f32: bool,
@@ -785,6 +853,27 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
                           {k: v for k, v in cfg.items() if k != "transpose"}, precision, cast_f32, poison)
         return dw.transpose(1, 2)
     N, C, H, W = x.shape
+    if cfg.get("gram"):   # Gram matrix over the batch, then to taps
+        hp, wp = gram_dims(H, W)
+        if hp * wp > GRAM_MAX:
+            raise ValueError(f"the Gram weight grad takes planes up to {GRAM_MAX} padded positions, got {H}x{W}")
+        bn, jp = cfg.get("BLOCK_N", 64), max(16, 2 * wp)
+        splits = max(1, min(cdiv(N, bn), cdiv(cfg.get("programs", C), C)))
+        per_split = cdiv(cdiv(N, splits), bn) * bn
+        splits = cdiv(N, per_split)
+        # every kernel row gets written; columns only within the plane's reach (j in pw - wp + 1 .. pw - wp + jp)
+        covered = pw - wp + 1 <= 0 and kw - 1 <= pw - wp + jp
+        partial = (torch.empty if covered else torch.zeros)((splits, C, kh, kw), device=x.device,
+                                                            dtype=torch.float32)
+        if poison and covered:
+            partial.fill_(float("nan"))
+        launch(_dw_wgrad_gram_kernel, (C * splits,), x, g, partial,
+                                             N, C, H, W, kh, kw, ph, pw, per_split, splits,
+                                             *x.stride(), *g.stride(),
+                                             HP=hp, WP=wp, KHP=_pow2(kh), JP=jp, BLOCK_N=bn,
+                                             PRECISION=precision, CAST_F32=cast_f32,
+                                             num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+        return partial.sum(0) if splits > 1 else partial[0]
     if cfg.get("plane"):   # gather-free small-plane form
         if H > 16 or W > 16:
             raise ValueError(f"the whole-plane weight grad takes planes up to 16x16, got {H}x{W}")

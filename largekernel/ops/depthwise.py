@@ -153,7 +153,8 @@ POISON = False   # tests: fill kernel outputs with NaN before the launch so unwr
 # interpreter tests: 0 = first-generation kernels, 1 = prefetching / row-walking ones, 2 = whole-plane forward and
 # batched-rows weight grad, 3 = the row kernels on the transposed problem, 4 / 5 = the row kernel /
 # its transposed problem reading the shifted band copies, 6 / 7 = the whole-plane GEMM reading them, 8 = the row kernel
-# reading bf16 high / low band copies of an fp32 kernel (and the bf16x3 whole-plane weight grad)
+# reading bf16 high / low band copies of an fp32 kernel (and the bf16x3 whole-plane weight grad), 9 = the Gram-matrix
+# weight grad on planes of <= GRAM_MAX padded positions (bf16x3; the plane weight grad on larger ones)
 INTERP_VARIANT = 0
 PLANE_MAX = 1024   # planes up to this many pixels also try the whole-plane GEMM (28x28 and below)
 _TUNED: dict = {}
@@ -179,7 +180,8 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
                  dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, transpose=True, bands=True),
                  dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, prefetch=True),
                  dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32),
-                 dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, prefetch=True, bands=True, split=True)][INTERP_VARIANT]]
+                 dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, prefetch=True, bands=True, split=True),
+                 dict(plane=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)][INTERP_VARIANT]]
     N, _, H, W = x.shape
     if H * W <= PLANE_MAX:   # small planes: the whole-plane GEMM reading the band copies, one row-Toeplitz config
         # (from the H100 tile sweeps, docs/performance.md: bf16 likes 64x128x16 tiles at 14x14, 64x64x16 at 7x7,
@@ -197,6 +199,11 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
             cands = [dict(plane=True, BLOCK_M=bm, BLOCK_N=128, BLOCK_K=32, num_warps=8),
                      dict(plane=True, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=4, prefetch=True),
                      dict(plane=True, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=16, num_warps=4, prefetch=True)]
+        if H * W <= 64 and bm > 16:   # 7x7: one tile per channel leaves too few programs in flight (1024 for
+            # C1024); fewer images per tile give 2-4x the programs, each gathering the same (L1/L2-resident) kernel
+            few = [dict(c, BLOCK_M=m) for m in (bm // 2, bm // 4) if m >= 16 for c in (cands[:2] if bands else
+                                                                                       cands[-2:])]
+            cands += few
         cands.append(dict(BLOCK_M=128, BLOCK_W=_bw(W), BLOCK_U=32, num_warps=8, num_stages=2, prefetch=True))
     else:
         bw = _bw(W)
@@ -217,6 +224,8 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
     if x.dtype == torch.float32:   # also the other splits (bf16x6: 2-byte MMA operands, six products)
         # (the first two: the fastest tiles in tf32x3; all three element-wise plane tiles of the input grad)
         base = [c for c in cands if c.get("plane")] if H * W <= PLANE_MAX and not bands else cands[:2]
+        if bands and H * W <= 64 and N > 16:
+            base += few
         cands += [dict(c, precision=p) for p in FP32_SPLITS for c in base]
     if kh % 2 and kw % 2:
         cands.append(dict(native=True))
@@ -226,14 +235,19 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
 def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
     if WGRAD_CFG:
         return [WGRAD_CFG]
+    from largekernel.ops import _dw_kernels as K
+
     small = x.shape[2] <= 16 and x.shape[3] <= 16   # the gather-free whole-plane weight grad applies
+    hp, wp = K.gram_dims(x.shape[2], x.shape[3])
+    gram = hp * wp <= K.GRAM_MAX                     # and the Gram-matrix one (7x7, 8x8)
     if x.device.type == "cpu":
         plane = [dict(plane=True, BLOCK_N=16, programs=8), dict(plane=True, BLOCK_N=16)]
+        split = dict(plane=True, BLOCK_N=16, precision="bf16x3") if small else dict(BLOCK_V=16, programs=8)
         return [[dict(BLOCK_K=32, programs=8), dict(BLOCK_V=16, programs=8), dict(NB=2, programs=8),
                  dict(BLOCK_V=16, programs=8, transpose=True),
                  dict(BLOCK_V=16, programs=8), dict(BLOCK_V=16, programs=8, transpose=True),
-                 *(plane if small else [dict(NB=2, programs=8), dict(BLOCK_K=32, programs=8)]),
-                 dict(plane=True, BLOCK_N=16, precision="bf16x3") if small else dict(BLOCK_V=16, programs=8)
+                 *(plane if small else [dict(NB=2, programs=8), dict(BLOCK_K=32, programs=8)]), split,
+                 dict(gram=True, BLOCK_N=16, programs=8, precision="bf16x3") if gram else split
                  ][INTERP_VARIANT]]
     W = x.shape[3]
     bv = _bw(W)
@@ -241,6 +255,9 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
     if small:   # (bf16 14x14 K27: 0.091 ms on the H100; fp32 since its 0/1 GEMMs use exact bf16 parts, v8)
         cands = [dict(plane=True, BLOCK_N=64, num_warps=4), dict(plane=True, BLOCK_N=32, programs=4224, num_warps=4),
                  dict(plane=True, BLOCK_N=128, num_warps=8), *cands]
+    if gram:
+        cands = [dict(gram=True, BLOCK_N=64, num_warps=4), dict(gram=True, BLOCK_N=32, programs=1056, num_warps=4),
+                 dict(gram=True, BLOCK_N=64, num_warps=8), *cands]
     if W <= 32:   # narrow planes: the same row of several images per reduction step
         narrow = 1 << (W - 1).bit_length()
         cands += [dict(NB=max(1, 64 // narrow), programs=4224, num_warps=4, prefetch=False),
@@ -250,7 +267,8 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
         cands += [dict(BLOCK_V=bv, programs=1056, num_warps=8, num_stages=2),
                   dict(BLOCK_K=32, programs=1056, num_warps=4, num_stages=3)]
     if x.dtype == torch.float32:   # the other fp32 splits too: which is fastest differs per tile (v8 table)
-        base = [c for c in cands if c.get("plane")] if small else [c for c in cands if "BLOCK_K" not in c]
+        base = ([c for c in cands if c.get("plane") or c.get("gram")] if small else
+                [c for c in cands if "BLOCK_K" not in c])
         cands += [dict(c, precision=p) for p in FP32_SPLITS for c in base]
     if kh != kw and x.shape[2] > 32:   # rectangular kernels: also the transposed problem
         cands.append(dict(BLOCK_V=min(32, _bw(x.shape[2])), programs=2112, num_warps=4, transpose=True))
