@@ -27,7 +27,7 @@ CHECKS = [  # (N, C, H, W, kh, kw, channels_last)
     (2, 128, 56, 56, 31, 31, False), (2, 256, 28, 28, 29, 29, True), (2, 512, 14, 14, 27, 27, False),
     (64, 1024, 7, 7, 13, 13, False), (2, 128, 56, 56, 51, 51, False), (2, 128, 56, 56, 51, 5, True),
     (2, 128, 56, 56, 5, 51, False), (1, 96, 30, 45, 4, 6, False), (3, 77, 33, 19, 63, 63, False),
-    (2, 128, 56, 56, 3, 3, True),
+    (2, 128, 56, 56, 3, 3, True), (32, 256, 28, 28, 29, 29, False),   # the last: band copies fit in dx's tail
 ]
 
 
@@ -76,6 +76,12 @@ VARIANTS.append(("bf16x3-bands", lambda w: dict(BLOCK_M=128, BLOCK_W=32, BLOCK_U
 VARIANTS += [(name, VARIANTS[0][1], lambda w, p=prec: (dict(gram=True, BLOCK_N=64, **p) if w <= 8 else
                                                       VARIANTS[0][2](w)))
              for name, prec in (("gram", {}), ("gram-bf16x3", dict(precision="bf16x3")))]
+
+# the input grad reading band copies kept in dx's last images, the gathering kernel computing those (<= 28x28)
+_TAIL = dict(plane=True, bands=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, prefetch=True,
+             tail=dict(plane=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, prefetch=True))
+VARIANTS += [(name, lambda w, p=prec: dict(_TAIL, **p) if w <= 28 else VARIANTS[0][1](w), VARIANTS[0][2])
+             for name, prec in (("tail", {}), ("tail-bf16x3", dict(precision="bf16x3")))]
 
 
 def check_correctness(variants=VARIANTS) -> list[dict]:

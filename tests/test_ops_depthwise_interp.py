@@ -28,6 +28,8 @@ CASES = [
     ("vec8_bf16", 2, 3, 9, 16, 5, 7, "bfloat16", "nchw", True, "xwb"),   # W, strides multiples of 8
     ("vec4_even_fp32", 1, 5, 6, 24, 6, 4, "float32", "nchw", False, "xw"),
     ("batch_over_tile_fp32", 19, 3, 6, 5, 7, 7, "float32", "nchw", True, "xwb"),   # > BLOCK_M / NB images
+    # variant 9: the band copies fit in the output's last 35 images (the first 13 read them)
+    ("copies_in_tail_fp32", 48, 2, 6, 5, 7, 7, "float32", "nchw", True, "xwb"),
 ]
 VARIANTS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)   # see largekernel.ops.depthwise.INTERP_VARIANT
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 5e-3}

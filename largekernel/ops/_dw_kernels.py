@@ -503,22 +503,27 @@ def _taps(w, flip: bool, transpose: bool) -> tuple[int, int, int, int, int]:
     return (kw, kh, w_off, sww, swh) if transpose else (kh, kw, w_off, swh, sww)
 
 
-def plane_band_copies(w, taps: tuple, H: int, W: int, ph: int, pw: int, block_n: int, block_k: int, bvec: int):
-    """Band copies for _dw_plane_bands_kernel: Q[c, r, s, k] = P_r[k + s] with P_r[e] = w[r - RP, E0 - e] (zero
-    off the kernel; w flipped if flip), rows r covering every kernel-row offset py - oy + ph the kernel can form
-    (output rows up to the last tile's, input rows up to one prefetched chunk past the plane); ``taps`` from
-    ``_taps``. Returns (Q, E0, PH + RP, LQ). C * R * bvec * LQ elements (~2x(H + 4) rows of ~2*pow2(W) columns,
-    times bvec): weights-sized, not batch-sized (8 MB at C512 14x14 bf16)."""
-    kw = taps[1]
+def _plane_band_geometry(kw: int, H: int, W: int, ph: int, pw: int, block_n: int, block_k: int, bvec: int):
+    """(rows, RP, E0, LQ) of plane_band_copies."""
     wp = next_pow2(W)
     nr = block_n // wp
     oy_max = cdiv(H, nr) * nr - 1
     py_max = H + 2 * cdiv(block_k, wp)
     rp = max(0, oy_max - ph)
-    rows = rp + py_max + ph + 1
     e0 = max(kw - 1, pw + wp - 1)
-    lq = cdiv(e0 - pw + wp, bvec) * bvec
-    return _band_copies(w, taps, rows, rp, e0, lq, bvec), e0, ph + rp, lq
+    return rp + py_max + ph + 1, rp, e0, cdiv(e0 - pw + wp, bvec) * bvec
+
+
+def plane_band_copies(w, taps: tuple, H: int, W: int, ph: int, pw: int, block_n: int, block_k: int, bvec: int,
+                      out=None):
+    """Band copies for _dw_plane_bands_kernel: Q[c, r, s, k] = P_r[k + s] with P_r[e] = w[r - RP, E0 - e] (zero
+    off the kernel; w flipped if flip), rows r covering every kernel-row offset py - oy + ph the kernel can form
+    (output rows up to the last tile's, input rows up to one prefetched chunk past the plane); ``taps`` from
+    ``_taps``; ``out``: a buffer of that many elements to build them in (else allocated). Returns
+    (Q, E0, PH + RP, LQ). C * R * bvec * LQ elements (~2x(H + 4) rows of ~2*pow2(W) columns, times bvec):
+    weights-sized, not batch-sized (8 MB at C512 14x14 bf16)."""
+    rows, rp, e0, lq = _plane_band_geometry(taps[1], H, W, ph, pw, block_n, block_k, bvec)
+    return _band_copies(w, taps, rows, rp, e0, lq, bvec, out), e0, ph + rp, lq
 
 
 @triton.jit
@@ -600,11 +605,12 @@ def _band_copies_kernel(w_ptr, q_ptr, KH, KW, R, RP, E0, LQ, w_off, swh, sww,
     tl.store(q_ptr + pid.to(tl.int64) * BVEC * LQ + sv[:, None] * LQ + k[None, :], v, mask=(k < LQ)[None, :])
 
 
-def _band_copies(w, taps: tuple, rows: int, rp: int, e0: int, lq: int, bvec: int):
+def _band_copies(w, taps: tuple, rows: int, rp: int, e0: int, lq: int, bvec: int, out=None):
     """(C, rows, bvec, lq) band copies of w (C, kh, kw) read through ``taps`` (``_taps``), one launch; see
-    _band_copies_kernel."""
+    _band_copies_kernel. ``out``: a contiguous buffer of exactly that many elements of w's dtype to use."""
     kh, kw, w_off, swh, sww = taps
-    q = w.new_empty((w.shape[0], rows, bvec, lq))
+    shape = (w.shape[0], rows, bvec, lq)
+    q = w.new_empty(shape) if out is None else out.view(shape)
     launch(_band_copies_kernel, (w.shape[0] * rows,), w, q, kh, kw, rows, rp, e0, lq, w_off, swh, sww,
            BVEC=bvec, BLOCK_Q=next_pow2(lq), num_warps=1)
     return q
@@ -768,6 +774,21 @@ def gram_dims(H: int, W: int) -> tuple[int, int]:
     return _pow2(H, 4), _pow2(W, 4)
 
 
+def _tail_scratch(y, numel: int, dtype):
+    """(n, buf): a buffer of ``numel`` elements of ``dtype`` in the storage of y's images n.. (16-byte aligned), n
+    the images before it; (0, None) where y is not contiguous or the buffer would reach into image 0."""
+    import torch
+
+    if y.numel() == 0:
+        return 0, None
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    per_image = y[0].numel() * y.element_size()
+    start = (y.numel() * y.element_size() - nbytes) // 16 * 16
+    if not y.is_contiguous() or y.data_ptr() % 16 or start < per_image:
+        return 0, None
+    return start // per_image, y.view(-1).view(torch.uint8)[start:start + nbytes].view(dtype)
+
+
 def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_f32: bool,
                flip: bool = False) -> None:
     """y = depthwise 'same'-style conv of x with w (C, kh, kw) (flipped in both axes if flip) and top/left
@@ -782,7 +803,15 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         if cfg.get("bands"):
             wp, bvec = next_pow2(W), 16 // w.element_size()
             bn = max(bn, wp)   # whole output rows per tile
-            q, e0, phr, lq = plane_band_copies(w, taps, H, W, ph, pw, bn, bk, bvec)
+            rest, scratch = cfg.get("tail"), None
+            if rest is not None:   # no room for the copies beside y: they live in y's last images, which `rest`
+                # (a configuration without copies) computes once this launch has read them
+                rows, _, _, lq = _plane_band_geometry(KW, H, W, ph, pw, bn, bk, bvec)
+                N, scratch = _tail_scratch(y, C * rows * bvec * lq, w.dtype)
+                if N == 0:
+                    launch_fwd(x, w, bias, y, ph, pw, rest, precision, cast_f32, flip)
+                    return
+            q, e0, phr, lq = plane_band_copies(w, taps, H, W, ph, pw, bn, bk, bvec, scratch)
             grid = (C * cdiv(N, bm) * cdiv(H, bn // wp),)
             launch(_dw_plane_bands_kernel, grid, x, q, b_arg, y,
                                          N, C, H, W, KH, ph, pw, phr, e0, q.shape[1], lq // bvec,
@@ -791,6 +820,8 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
                                          BVEC=bvec, PRECISION=precision, CAST_F32=cast_f32,
                                          PREFETCH=cfg.get("prefetch", False), num_warps=cfg.get("num_warps", 4),
                                          num_stages=cfg.get("num_stages", 2))
+            if rest is not None:
+                launch_fwd(x[N:], w, bias, y[N:], ph, pw, rest, precision, cast_f32, flip)
             return
         launch(_dw_plane_kernel, grid, x, w, b_arg, y,
                                N, C, H, W, KH, KW, ph, pw, w_off, swh, sww,

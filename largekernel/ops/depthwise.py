@@ -181,7 +181,8 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
                  dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, prefetch=True),
                  dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32),
                  dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, prefetch=True, bands=True, split=True),
-                 dict(plane=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)][INTERP_VARIANT]]
+                 dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16,
+                      tail=dict(plane=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16))][INTERP_VARIANT]]
     N, _, H, W = x.shape
     if H * W <= PLANE_MAX:   # small planes: the whole-plane GEMM reading the band copies, one row-Toeplitz config
         # (from the H100 tile sweeps, docs/performance.md: bf16 likes 64x128x16 tiles at 14x14, 64x64x16 at 7x7,
@@ -189,9 +190,10 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
         bm = min(64, max(16, 1 << (N - 1).bit_length()))
         tiles = ([(64, 32, 4), (64, 16, 4), (128, 16, 4), (32, 32, 4)] if x.dtype == torch.float32 else
                  [(128, 16, 4), (64, 16, 4), (128, 32, 8), (64, 32, 4), (64, 16, 8)])
+        banded = [dict(plane=True, bands=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, prefetch=True)
+                  for bn, bk, nw in tiles]
         if bands:
-            cands = [dict(plane=True, bands=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, prefetch=True)
-                     for bn, bk, nw in tiles]
+            cands = banded
             if N >= 128:   # inference batches: one B tile serves 128 images
                 cands.append(dict(plane=True, bands=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8,
                                   prefetch=True))
@@ -199,6 +201,9 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
             cands = [dict(plane=True, BLOCK_M=bm, BLOCK_N=128, BLOCK_K=32, num_warps=8),
                      dict(plane=True, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=4, prefetch=True),
                      dict(plane=True, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=16, num_warps=4, prefetch=True)]
+            # and the band-reading GEMM with its copies in the output's last images, which the gathering one then
+            # computes: no temporary (fp32 28x28 input grad: ~0.9 ms gathering, ~0.3 ms reading copies)
+            cands += [dict(c, tail=cands[-1]) for c in banded[:2]]
         if H * W <= 64 and bm > 16:   # 7x7: one tile per channel leaves too few programs in flight (1024 for
             # C1024); fewer images per tile give 2-4x the programs, each gathering the same (L1/L2-resident) kernel
             few = [dict(c, BLOCK_M=m) for m in (bm // 2, bm // 4) if m >= 16 for c in (cands[:2] if bands else
