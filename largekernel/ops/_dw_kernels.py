@@ -820,8 +820,9 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
                                          BVEC=bvec, PRECISION=precision, CAST_F32=cast_f32,
                                          PREFETCH=cfg.get("prefetch", False), num_warps=cfg.get("num_warps", 4),
                                          num_stages=cfg.get("num_stages", 2))
-            if rest is not None:
-                launch_fwd(x[N:], w, bias, y[N:], ph, pw, rest, precision, cast_f32, flip)
+            if rest is not None:   # the last images: tiles no taller than their count (16..rest's BLOCK_M)
+                bm_rest = min(rest.get("BLOCK_M", 64), max(16, next_pow2(x.shape[0] - N)))
+                launch_fwd(x[N:], w, bias, y[N:], ph, pw, dict(rest, BLOCK_M=bm_rest), precision, cast_f32, flip)
             return
         launch(_dw_plane_kernel, grid, x, w, b_arg, y,
                                N, C, H, W, KH, KW, ph, pw, w_off, swh, sww,

@@ -209,7 +209,8 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
             few = [dict(c, BLOCK_M=m) for m in (bm // 2, bm // 4) if m >= 16 for c in (cands[:2] if bands else
                                                                                        cands[-2:])]
             cands += few
-        cands.append(dict(BLOCK_M=128, BLOCK_W=_bw(W), BLOCK_U=32, num_warps=8, num_stages=2, prefetch=True))
+        row = dict(BLOCK_M=128, BLOCK_W=_bw(W), BLOCK_U=32, num_warps=8, num_stages=2, prefetch=True)
+        cands.append(row)
     else:
         bw = _bw(W)
         cands = [dict(BLOCK_M=64, BLOCK_W=min(32, bw), BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True),
@@ -228,7 +229,9 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
                            split=True) for bm, nw in ((64, 4), (128, 4), (128, 8))]
     if x.dtype == torch.float32:   # also the other splits (bf16x6: 2-byte MMA operands, six products)
         # (the first two: the fastest tiles in tf32x3; all three element-wise plane tiles of the input grad)
-        base = [c for c in cands if c.get("plane")] if H * W <= PLANE_MAX and not bands else cands[:2]
+        # (the input grad on small planes: every plane tile and the row kernel in fp32's fastest 56x56 tile)
+        base = ([c for c in cands if c.get("plane")] + [dict(row, BLOCK_M=64, BLOCK_W=min(32, _bw(W)), num_warps=4)]
+                if H * W <= PLANE_MAX and not bands else cands[:2])
         if bands and H * W <= 64 and N > 16:
             base += few
         cands += [dict(c, precision=p) for p in FP32_SPLITS for c in base]
@@ -256,7 +259,8 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
                  ][INTERP_VARIANT]]
     W = x.shape[3]
     bv = _bw(W)
-    cands = [dict(BLOCK_V=min(32, bv), programs=2112, num_warps=4, num_stages=2)]
+    cands = [dict(BLOCK_V=min(32, bv), programs=2112, num_warps=4, num_stages=2),
+             dict(BLOCK_V=min(32, bv), programs=4224, num_warps=4, num_stages=2)]
     if small:   # (bf16 14x14 K27: 0.091 ms on the H100; fp32 since its 0/1 GEMMs use exact bf16 parts, v8)
         cands = [dict(plane=True, BLOCK_N=64, num_warps=4), dict(plane=True, BLOCK_N=32, programs=4224, num_warps=4),
                  dict(plane=True, BLOCK_N=128, num_warps=8), *cands]
