@@ -591,18 +591,21 @@ def _dw_wgrad_batched_kernel(x_ptr, g_ptr, dw_ptr,
 
 @triton.jit
 def _band_copies_kernel(w_ptr, q_ptr, KH, KW, R, RP, E0, LQ, w_off, swh, sww,
-                        BVEC: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """One (channel, row r) of the band copies: q[c, r, s, k] = w[c, r - RP, E0 - k - s] (0 off the kernel),
+                        BLOCK_R: tl.constexpr, BVEC: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """BLOCK_R rows r of one channel's band copies: q[c, r, s, k] = w[c, r - RP, E0 - k - s] (0 off the kernel),
     tap (i, j) read at w_ptr + w_off + c*KH*KW + i*swh + j*sww (flipped / transposed in place)."""
     pid = tl.program_id(0)
-    c = pid // R
-    i = pid - c * R - RP
-    sv = tl.arange(0, BVEC)
-    k = tl.arange(0, BLOCK_Q)
-    j = E0 - k[None, :] - sv[:, None]
-    ok = (i >= 0) & (i < KH) & (j >= 0) & (j < KW)
-    v = tl.load(w_ptr + w_off + c * KH * KW + i * swh + j * sww, mask=ok & (k < LQ)[None, :], other=0.0)
-    tl.store(q_ptr + pid.to(tl.int64) * BVEC * LQ + sv[:, None] * LQ + k[None, :], v, mask=(k < LQ)[None, :])
+    num_r = tl.cdiv(R, BLOCK_R)
+    c = pid // num_r
+    r = (pid - c * num_r) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None, None]
+    i = r - RP
+    sv = tl.arange(0, BVEC)[None, :, None]
+    k = tl.arange(0, BLOCK_Q)[None, None, :]
+    j = E0 - k - sv
+    keep = (r < R) & (k < LQ)
+    ok = keep & (i >= 0) & (i < KH) & (j >= 0) & (j < KW)
+    v = tl.load(w_ptr + w_off + c * KH * KW + i * swh + j * sww, mask=ok, other=0.0)
+    tl.store(q_ptr + ((c.to(tl.int64) * R + r) * BVEC + sv) * LQ + k, v, mask=keep)
 
 
 def _band_copies(w, taps: tuple, rows: int, rp: int, e0: int, lq: int, bvec: int, out=None):
@@ -611,8 +614,11 @@ def _band_copies(w, taps: tuple, rows: int, rp: int, e0: int, lq: int, bvec: int
     kh, kw, w_off, swh, sww = taps
     shape = (w.shape[0], rows, bvec, lq)
     q = w.new_empty(shape) if out is None else out.view(shape)
-    launch(_band_copies_kernel, (w.shape[0] * rows,), w, q, kh, kw, rows, rp, e0, lq, w_off, swh, sww,
-           BVEC=bvec, BLOCK_Q=next_pow2(lq), num_warps=1)
+    # several rows per program: one (row, copy) per 1-warp program was ~19k programs at 7x7 C1024
+    block_q = next_pow2(lq)
+    block_r = max(1, min(next_pow2(rows), 4096 // (bvec * block_q)))
+    launch(_band_copies_kernel, (w.shape[0] * cdiv(rows, block_r),), w, q, kh, kw, rows, rp, e0, lq, w_off, swh, sww,
+           BLOCK_R=block_r, BVEC=bvec, BLOCK_Q=block_q, num_warps=4)
     return q
 
 
