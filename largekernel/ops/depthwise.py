@@ -227,13 +227,18 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
             # of the kernel's high / low parts, not split again at every step
             cands += [dict(BLOCK_M=bm, BLOCK_W=32, BLOCK_U=32, num_warps=nw, num_stages=2, prefetch=True, bands=True,
                            split=True) for bm, nw in ((64, 4), (128, 4), (128, 8))]
-    if x.dtype == torch.float32:   # also the other splits (bf16x6: 2-byte MMA operands, six products)
-        # (the first two: the fastest tiles in tf32x3; all three element-wise plane tiles of the input grad)
-        # (the input grad on small planes: every plane tile and the row kernel in fp32's fastest 56x56 tile)
-        base = ([c for c in cands if c.get("plane")] + [dict(row, BLOCK_M=64, BLOCK_W=min(32, _bw(W)), num_warps=4)]
-                if H * W <= PLANE_MAX and not bands else cands[:2])
+    if x.dtype == torch.float32:   # also the other splits (bf16x6: 2-byte MMA operands, six products) of: the two
+        # fastest tf32x3 tiles; for the small-plane input grad every whole-plane tile and the row kernel in fp32's
+        # fastest 56x56 tile; on large planes also 16-wide row tiles (their Toeplitz MMA work is 48/31 of the useful
+        # work instead of 64/31 for 32-wide ones, and the splits multiply the MMA work; not measured yet)
+        if H * W <= PLANE_MAX and not bands:
+            base = [c for c in cands if c.get("plane")] + [dict(row, BLOCK_M=64, BLOCK_W=min(32, _bw(W)), num_warps=4)]
+        else:
+            base = cands[:2]
         if bands and H * W <= 64 and N > 16:
             base += few
+        if H * W > PLANE_MAX and kh <= kw:
+            base.append(dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=16, num_warps=4, num_stages=2, prefetch=True))
         cands += [dict(c, precision=p) for p in FP32_SPLITS for c in base]
     if kh % 2 and kw % 2:
         cands.append(dict(native=True))
