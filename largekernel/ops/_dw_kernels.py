@@ -13,6 +13,9 @@ Both kernels run on the tensor cores (``tl.dot``) with operands built on the fly
   a (KW x KH) GEMM whose reduction runs over all N*H*W positions; the A operand is a stack of shifted
   windows of one x row, the B operand a stack of shifted rows of grad_out. The reduction is split over
   programs; each writes an fp32 partial that a tiny sum finishes (deterministic, no atomics).
+* small planes: the forward / input grad as one (batch x HW) @ (HW x HW) GEMM per channel (``_dw_plane_kernel``,
+  ``_dw_plane_bands_kernel``), the weight grad from the batch's Gram matrix per channel (``_dw_wgrad_gram_kernel``,
+  7x7 and 8x8) or per output row (``_dw_wgrad_plane_kernel``, up to 16x16).
 
 fp32 inputs use error-compensated splits on the tensor cores, picked per pass by the tuner: ``input_precision=``
 ``'tf32x3'`` / ``'bf16x6'`` (~1e-7 relative) or ``'bf16x3'`` (~5e-6), or our own bf16x3 where an operand can be split
