@@ -637,6 +637,37 @@ def band_copies(w, taps: tuple, e0: int, length: int, bvec: int):
 
 
 @triton.jit
+def _batch_split(N, N_PER_SPLIT, SPLITS):
+    """(split, channel, first image, end image) of this program of a whole-plane weight grad."""
+    pid = tl.program_id(0)
+    s = pid % SPLITS
+    n_start = s * N_PER_SPLIT
+    return s, pid // SPLITS, n_start, tl.minimum(n_start + N_PER_SPLIT, N)
+
+
+@triton.jit
+def _padded_positions(H, W, HP: tl.constexpr, WP: tl.constexpr):
+    """(py, px, inside) of the HP*WP positions p = py * WP + px of a plane padded to HP x WP."""
+    p = tl.arange(0, HP * WP)
+    py = p // WP
+    px = p % WP
+    return py, px, (py < H) & (px < W)
+
+
+@triton.jit
+def _x_block(x_c, n, n_end, py, px, p_ok, sxn, sxh, sxw, CAST_F32: tl.constexpr):
+    """x[images n, padded positions] as a (HP*WP, BLOCK_N) tile (zero off the plane and from n_end on), with the
+    clamped image offsets and their mask for loading grad_out rows of the same images."""
+    n_ok = n < n_end
+    n64 = tl.where(n_ok, n, 0).to(tl.int64)
+    xt = tl.load(x_c + n64[None, :] * sxn + (py * sxh + px * sxw)[:, None], mask=p_ok[:, None] & n_ok[None, :],
+                 other=0.0)
+    if CAST_F32:
+        xt = xt.to(tl.float32)
+    return xt, n64, n_ok
+
+
+@triton.jit
 def _dw_wgrad_plane_kernel(x_ptr, g_ptr, dw_ptr,
                            N, C, H, W, KH, KW, PH, PW, N_PER_SPLIT, SPLITS,
                            sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
@@ -648,16 +679,8 @@ def _dw_wgrad_plane_kernel(x_ptr, g_ptr, dw_ptr,
     with constant 0/1 matrices: ``D = reshape(M, (HP, WP*WP)) @ S`` sums the diagonals px - ox (S[(px, ox), j'] =
     [px - ox + WP - 1 == j']), ``dw += R_oy @ D`` moves input row py to kernel row py - oy + PH. Positions are
     padded to HP x WP (pow2, >= 16); the batch is split over SPLITS programs per channel (fp32 partials)."""
-    pid = tl.program_id(0)
-    s = pid % SPLITS
-    c = pid // SPLITS
-    n_start = s * N_PER_SPLIT
-    n_end = tl.minimum(n_start + N_PER_SPLIT, N)
-
-    p = tl.arange(0, HP * WP)
-    py = p // WP
-    px = p % WP
-    p_ok = (py < H) & (px < W)
+    s, c, n_start, n_end = _batch_split(N, N_PER_SPLIT, SPLITS)
+    py, px, p_ok = _padded_positions(H, W, HP, WP)
     ox = tl.arange(0, WP)
     nn = tl.arange(0, BLOCK_N)
     k = tl.arange(0, WP * WP)
@@ -669,13 +692,7 @@ def _dw_wgrad_plane_kernel(x_ptr, g_ptr, dw_ptr,
     g_c = g_ptr + c.to(tl.int64) * sgc
     acc = tl.zeros((KHP, 2 * WP), dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
-        n = n0 + nn
-        n_ok = n < n_end
-        n64 = tl.where(n_ok, n, 0).to(tl.int64)
-        xt = tl.load(x_c + n64[None, :] * sxn + (py * sxh + px * sxw)[:, None], mask=p_ok[:, None] & n_ok[None, :],
-                     other=0.0)                                                   # (HP*WP, BLOCK_N)
-        if CAST_F32:
-            xt = xt.to(tl.float32)
+        xt, n64, n_ok = _x_block(x_c, n0 + nn, n_end, py, px, p_ok, sxn, sxh, sxw, CAST_F32)   # (HP*WP, BLOCK_N)
         if PRECISION == "bf16x3":   # x split once per batch block, not again for every output row
             xt_hi, xt_lo = _split_bf16(xt)
         else:
@@ -714,30 +731,17 @@ def _dw_wgrad_gram_kernel(x_ptr, g_ptr, dw_ptr,
     px - qx (S[(px, qx), j'] = [px - qx + WP - 1 == j']), ``dw = R @ D`` sums py - qy (R[i, (py, qy)] =
     [py - qy + PH == i]). ~8x fewer MMA steps than ``_dw_wgrad_plane_kernel`` at 7x7, in one dependency chain
     per batch block instead of one per output row."""
-    pid = tl.program_id(0)
-    s = pid % SPLITS
-    c = pid // SPLITS
-    n_start = s * N_PER_SPLIT
-    n_end = tl.minimum(n_start + N_PER_SPLIT, N)
-
-    p = tl.arange(0, HP * WP)
-    py = p // WP
-    px = p % WP
-    p_ok = (py < H) & (px < W)
+    s, c, n_start, n_end = _batch_split(N, N_PER_SPLIT, SPLITS)
+    py, px, p_ok = _padded_positions(H, W, HP, WP)
     nn = tl.arange(0, BLOCK_N)
     x_c = x_ptr + c.to(tl.int64) * sxc
     g_c = g_ptr + c.to(tl.int64) * sgc
     gram = tl.zeros((HP * WP, HP * WP), dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
-        n = n0 + nn
-        n_ok = n < n_end
-        n64 = tl.where(n_ok, n, 0).to(tl.int64)
-        xt = tl.load(x_c + n64[None, :] * sxn + (py * sxh + px * sxw)[:, None], mask=p_ok[:, None] & n_ok[None, :],
-                     other=0.0)                                                   # (HP*WP, BLOCK_N)
+        xt, n64, n_ok = _x_block(x_c, n0 + nn, n_end, py, px, p_ok, sxn, sxh, sxw, CAST_F32)   # (HP*WP, BLOCK_N)
         gt = tl.load(g_c + n64[:, None] * sgn + (py * sgh + px * sgw)[None, :], mask=n_ok[:, None] & p_ok[None, :],
                      other=0.0)                                                   # (BLOCK_N, HP*WP)
         if CAST_F32:
-            xt = xt.to(tl.float32)
             gt = gt.to(tl.float32)
         if PRECISION == "bf16x3":
             x_hi, x_lo = _split_bf16(xt)
@@ -781,6 +785,26 @@ GRAM_MAX = 128   # padded plane positions up to which the Gram weight grad appli
 def gram_dims(H: int, W: int) -> tuple[int, int]:
     """Padded (HP, WP) of the Gram weight grad: powers of two, >= 4 so that its reordered GEMMs are >= 16 wide."""
     return _pow2(H, 4), _pow2(W, 4)
+
+
+def _batch_splits(N: int, C: int, cfg: dict) -> tuple[int, int]:
+    """(splits, images per split) of a whole-plane weight grad: the batch over about cfg['programs'] programs
+    (default: one per channel), in multiples of BLOCK_N images."""
+    bn = cfg.get("BLOCK_N", 64)
+    splits = max(1, min(cdiv(N, bn), cdiv(cfg.get("programs", C), C)))
+    per_split = cdiv(cdiv(N, splits), bn) * bn
+    return cdiv(N, per_split), per_split
+
+
+def _plane_partials(x, splits: int, kh: int, kw: int, pw: int, wp: int, jp: int, poison: bool):
+    """fp32 (splits, C, kh, kw) partials of a whole-plane weight grad, whose kernel writes every kernel row and the
+    columns pw - wp + 1 .. pw - wp + jp: zeros where taps lie beyond the plane's reach, else empty (NaN if poison)."""
+    import torch
+
+    covered = pw - wp + 1 <= 0 and kw - 1 <= pw - wp + jp
+    partial = (torch.empty if covered else torch.zeros)((splits, x.shape[1], kh, kw), device=x.device,
+                                                        dtype=torch.float32)
+    return partial.fill_(float("nan")) if poison and covered else partial
 
 
 def _tail_scratch(y, numel: int, dtype):
@@ -898,20 +922,13 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
         hp, wp = gram_dims(H, W)
         if hp * wp > GRAM_MAX:
             raise ValueError(f"the Gram weight grad takes planes up to {GRAM_MAX} padded positions, got {H}x{W}")
-        bn, jp = cfg.get("BLOCK_N", 64), max(16, 2 * wp)
-        splits = max(1, min(cdiv(N, bn), cdiv(cfg.get("programs", C), C)))
-        per_split = cdiv(cdiv(N, splits), bn) * bn
-        splits = cdiv(N, per_split)
-        # every kernel row gets written; columns only within the plane's reach (j in pw - wp + 1 .. pw - wp + jp)
-        covered = pw - wp + 1 <= 0 and kw - 1 <= pw - wp + jp
-        partial = (torch.empty if covered else torch.zeros)((splits, C, kh, kw), device=x.device,
-                                                            dtype=torch.float32)
-        if poison and covered:
-            partial.fill_(float("nan"))
+        jp = max(16, 2 * wp)
+        splits, per_split = _batch_splits(N, C, cfg)
+        partial = _plane_partials(x, splits, kh, kw, pw, wp, jp, poison)
         launch(_dw_wgrad_gram_kernel, (C * splits,), x, g, partial,
                                              N, C, H, W, kh, kw, ph, pw, per_split, splits,
                                              *x.stride(), *g.stride(),
-                                             HP=hp, WP=wp, KHP=_pow2(kh), JP=jp, BLOCK_N=bn,
+                                             HP=hp, WP=wp, KHP=_pow2(kh), JP=jp, BLOCK_N=cfg.get("BLOCK_N", 64),
                                              PRECISION=precision, CAST_F32=cast_f32,
                                              num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
         return partial.sum(0) if splits > 1 else partial[0]
@@ -919,20 +936,12 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
         if H > 16 or W > 16:
             raise ValueError(f"the whole-plane weight grad takes planes up to 16x16, got {H}x{W}")
         hp, wp = max(16, next_pow2(H)), max(16, next_pow2(W))
-        bn = cfg.get("BLOCK_N", 64)
-        splits = max(1, min(cdiv(N, bn), cdiv(cfg.get("programs", C), C)))
-        per_split = cdiv(cdiv(N, splits), bn) * bn
-        splits = cdiv(N, per_split)
-        # taps farther than the plane reaches (kw > 2 * wp - ...) get no entry: start from zeros there
-        covered = pw - wp + 1 <= 0 and kw - 1 <= pw + wp
-        partial = (torch.empty if covered else torch.zeros)((splits, C, kh, kw), device=x.device,
-                                                            dtype=torch.float32)
-        if poison and covered:
-            partial.fill_(float("nan"))
+        splits, per_split = _batch_splits(N, C, cfg)
+        partial = _plane_partials(x, splits, kh, kw, pw, wp, 2 * wp, poison)
         launch(_dw_wgrad_plane_kernel, (C * splits,), x, g, partial,
                                               N, C, H, W, kh, kw, ph, pw, per_split, splits,
                                               *x.stride(), *g.stride(),
-                                              HP=hp, WP=wp, KHP=_pow2(kh), BLOCK_N=bn,
+                                              HP=hp, WP=wp, KHP=_pow2(kh), BLOCK_N=cfg.get("BLOCK_N", 64),
                                               PRECISION=precision, CAST_F32=cast_f32,
                                               num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
         return partial.sum(0) if splits > 1 else partial[0]
