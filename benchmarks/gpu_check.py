@@ -1,6 +1,6 @@
 """One GPU call: correctness at full shapes, peak memory, tile-config sweep, then the benchmark table.
 
-    PYTHONPATH=. python3 benchmarks/gpu_check.py [--no-sweep] [--no-bench]
+    PYTHONPATH=. python3 benchmarks/gpu_check.py [--sweep] [--no-bench] [--no-memory] [--variants v2,gram,...]
 
 Correctness: our op (outputs NaN-poisoned before every launch) vs float64 ``F.conv2d`` on fresh random
 inputs at the full C/H/K of the benchmark shapes (batch 2, plus one batch-64 case), fp32 (1e-5) and bf16
