@@ -452,7 +452,7 @@ def _dw_plane_bands_kernel(x_ptr, q_ptr, b_ptr, y_ptr,
                            CAST_F32: tl.constexpr, PREFETCH: tl.constexpr):
     """Whole-plane GEMM (see _dw_plane_kernel) on positions padded to WP = pow2(W) columns, so that along the
     output columns the B operand is a run of one reversed kernel row: it is read as aligned vectors from the
-    band copies ``q`` (``plane_band_copies``: per kernel row, BVEC copies shifted by 0..BVEC-1, zero rows above
+    band copies ``q`` (``plane_band_geometry``: per kernel row, BVEC copies shifted by 0..BVEC-1, zero rows above
     and below) instead of element by element. An output tile is BLOCK_N // WP whole output rows."""
     pid = tl.program_id(0)
     NR: tl.constexpr = BLOCK_N // WP
@@ -506,8 +506,12 @@ def _taps(w, flip: bool, transpose: bool) -> tuple[int, int, int, int, int]:
     return (kw, kh, w_off, sww, swh) if transpose else (kh, kw, w_off, swh, sww)
 
 
-def _plane_band_geometry(kw: int, H: int, W: int, ph: int, pw: int, block_n: int, block_k: int, bvec: int):
-    """(rows, RP, E0, LQ) of plane_band_copies."""
+def plane_band_geometry(kw: int, H: int, W: int, ph: int, pw: int, block_n: int, block_k: int, bvec: int):
+    """(rows, RP, E0, LQ) of the band copies for _dw_plane_bands_kernel (built by ``_band_copies``): Q[c, r, s, k] =
+    P_r[k + s] with P_r[e] = w[r - RP, E0 - e] (zero off the kernel; w flipped if flip), rows r covering every
+    kernel-row offset py - oy + ph the kernel can form (output rows up to the last tile's, input rows up to one
+    prefetched chunk past the plane). C * rows * bvec * LQ elements (~2x(H + 4) rows of ~2*pow2(W) columns, times
+    bvec): weights-sized, not batch-sized (8 MB at C512 14x14 bf16)."""
     wp = next_pow2(W)
     nr = block_n // wp
     oy_max = cdiv(H, nr) * nr - 1
@@ -515,18 +519,6 @@ def _plane_band_geometry(kw: int, H: int, W: int, ph: int, pw: int, block_n: int
     rp = max(0, oy_max - ph)
     e0 = max(kw - 1, pw + wp - 1)
     return rp + py_max + ph + 1, rp, e0, cdiv(e0 - pw + wp, bvec) * bvec
-
-
-def plane_band_copies(w, taps: tuple, H: int, W: int, ph: int, pw: int, block_n: int, block_k: int, bvec: int,
-                      out=None):
-    """Band copies for _dw_plane_bands_kernel: Q[c, r, s, k] = P_r[k + s] with P_r[e] = w[r - RP, E0 - e] (zero
-    off the kernel; w flipped if flip), rows r covering every kernel-row offset py - oy + ph the kernel can form
-    (output rows up to the last tile's, input rows up to one prefetched chunk past the plane); ``taps`` from
-    ``_taps``; ``out``: a buffer of that many elements to build them in (else allocated). Returns
-    (Q, E0, PH + RP, LQ). C * R * bvec * LQ elements (~2x(H + 4) rows of ~2*pow2(W) columns, times bvec):
-    weights-sized, not batch-sized (8 MB at C512 14x14 bf16)."""
-    rows, rp, e0, lq = _plane_band_geometry(taps[1], H, W, ph, pw, block_n, block_k, bvec)
-    return _band_copies(w, taps, rows, rp, e0, lq, bvec, out), e0, ph + rp, lq
 
 
 @triton.jit
@@ -787,6 +779,12 @@ def gram_dims(H: int, W: int) -> tuple[int, int]:
     return _pow2(H, 4), _pow2(W, 4)
 
 
+def gram_fits(H: int, W: int) -> bool:
+    """Whether the Gram weight grad takes an H x W plane."""
+    hp, wp = gram_dims(H, W)
+    return hp * wp <= GRAM_MAX
+
+
 def _batch_splits(N: int, C: int, cfg: dict) -> tuple[int, int]:
     """(splits, images per split) of a whole-plane weight grad: the batch over about cfg['programs'] programs
     (default: one per channel), in multiples of BLOCK_N images."""
@@ -807,14 +805,13 @@ def _plane_partials(x, splits: int, kh: int, kw: int, pw: int, wp: int, jp: int,
     return partial.fill_(float("nan")) if poison and covered else partial
 
 
-def _tail_scratch(y, numel: int, dtype):
-    """(n, buf): a buffer of ``numel`` elements of ``dtype`` in the storage of y's images n.. (16-byte aligned), n
-    the images before it; (0, None) where y is not contiguous or the buffer would reach into image 0."""
+def _tail_scratch(y, nbytes: int, dtype):
+    """(n, buf): a buffer of ``nbytes`` bytes, viewed as ``dtype``, in the storage of y's images n.. (16-byte
+    aligned), n the images before it; (0, None) where y is not contiguous or the buffer would reach into image 0."""
     import torch
 
     if y.numel() == 0:
         return 0, None
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
     per_image = y[0].numel() * y.element_size()
     start = (y.numel() * y.element_size() - nbytes) // 16 * 16
     if not y.is_contiguous() or y.data_ptr() % 16 or start < per_image:
@@ -836,18 +833,18 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         if cfg.get("bands"):
             wp, bvec = next_pow2(W), 16 // w.element_size()
             bn = max(bn, wp)   # whole output rows per tile
+            rows, rp, e0, lq = plane_band_geometry(KW, H, W, ph, pw, bn, bk, bvec)
             rest, scratch = cfg.get("tail"), None
             if rest is not None:   # no room for the copies beside y: they live in y's last images, which `rest`
                 # (a configuration without copies) computes once this launch has read them
-                rows, _, _, lq = _plane_band_geometry(KW, H, W, ph, pw, bn, bk, bvec)
-                N, scratch = _tail_scratch(y, C * rows * bvec * lq, w.dtype)
+                N, scratch = _tail_scratch(y, C * rows * bvec * lq * w.element_size(), w.dtype)
                 if N == 0:
                     launch_fwd(x, w, bias, y, ph, pw, rest, precision, cast_f32, flip)
                     return
-            q, e0, phr, lq = plane_band_copies(w, taps, H, W, ph, pw, bn, bk, bvec, scratch)
+            q = _band_copies(w, taps, rows, rp, e0, lq, bvec, scratch)
             grid = (C * cdiv(N, bm) * cdiv(H, bn // wp),)
             launch(_dw_plane_bands_kernel, grid, x, q, b_arg, y,
-                                         N, C, H, W, KH, ph, pw, phr, e0, q.shape[1], lq // bvec,
+                                         N, C, H, W, KH, ph, pw, ph + rp, e0, rows, lq // bvec,
                                          *x.stride(), *y.stride(),
                                          HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WP=wp,
                                          BVEC=bvec, PRECISION=precision, CAST_F32=cast_f32,
@@ -919,9 +916,9 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
         return dw.transpose(1, 2)
     N, C, H, W = x.shape
     if cfg.get("gram"):   # Gram matrix over the batch, then to taps
-        hp, wp = gram_dims(H, W)
-        if hp * wp > GRAM_MAX:
+        if not gram_fits(H, W):
             raise ValueError(f"the Gram weight grad takes planes up to {GRAM_MAX} padded positions, got {H}x{W}")
+        hp, wp = gram_dims(H, W)
         jp = max(16, 2 * wp)
         splits, per_split = _batch_splits(N, C, cfg)
         partial = _plane_partials(x, splits, kh, kw, pw, wp, jp, poison)

@@ -184,6 +184,7 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
                  dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16,
                       tail=dict(plane=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16))][INTERP_VARIANT]]
     N, _, H, W = x.shape
+    few = []   # 7x7: the same plane tiles with fewer images each
     if H * W <= PLANE_MAX:   # small planes: the whole-plane GEMM reading the band copies, one row-Toeplitz config
         # (from the H100 tile sweeps, docs/performance.md: bf16 likes 64x128x16 tiles at 14x14, 64x64x16 at 7x7,
         # fp32 narrower output tiles)
@@ -206,8 +207,8 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
             cands += [dict(c, tail=cands[-1]) for c in banded[:2]]
         if H * W <= 64 and bm > 16:   # 7x7: one tile per channel leaves too few programs in flight (1024 for
             # C1024); fewer images per tile give 2-4x the programs, each gathering the same (L1/L2-resident) kernel
-            few = [dict(c, BLOCK_M=m) for m in (bm // 2, bm // 4) if m >= 16 for c in (cands[:2] if bands else
-                                                                                       cands[-2:])]
+            few += [dict(c, BLOCK_M=m) for m in (bm // 2, bm // 4) if m >= 16 for c in (cands[:2] if bands else
+                                                                                        cands[-2:])]
             cands += few
         row = dict(BLOCK_M=128, BLOCK_W=_bw(W), BLOCK_U=32, num_warps=8, num_stages=2, prefetch=True)
         cands.append(row)
@@ -235,7 +236,7 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
             base = [c for c in cands if c.get("plane")] + [dict(row, BLOCK_M=64, BLOCK_W=min(32, _bw(W)), num_warps=4)]
         else:
             base = cands[:2]
-        if bands and H * W <= 64 and N > 16:
+        if bands:   # (without band copies, ``few`` are whole-plane tiles and already in base)
             base += few
         if H * W > PLANE_MAX and kh <= kw:
             base.append(dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=16, num_warps=4, num_stages=2, prefetch=True))
@@ -251,8 +252,7 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
     from largekernel.ops import _dw_kernels as K
 
     small = x.shape[2] <= 16 and x.shape[3] <= 16   # the gather-free whole-plane weight grad applies
-    hp, wp = K.gram_dims(x.shape[2], x.shape[3])
-    gram = hp * wp <= K.GRAM_MAX                     # and the Gram-matrix one (7x7, 8x8)
+    gram = K.gram_fits(x.shape[2], x.shape[3])       # and the Gram-matrix one (7x7, 8x8)
     if x.device.type == "cpu":
         plane = [dict(plane=True, BLOCK_N=16, programs=8), dict(plane=True, BLOCK_N=16)]
         split = dict(plane=True, BLOCK_N=16, precision="bf16x3") if small else dict(BLOCK_V=16, programs=8)
