@@ -138,9 +138,22 @@ def _main() -> None:
         dw.INTERP_VARIANT = variant
         for case in CASES:
             results[f"{case[0]}/v{variant}"] = _run_case(case, torch, F, depthwise_conv2d, depthwise_path)
+    from largekernel.ops import _dw_kernels as K
+
+    tail_scratch, split_at = K._tail_scratch, []
+
+    def recorded(*args):   # how many images read the copies kept in the output's tail, per launch
+        n, buf = tail_scratch(*args)
+        split_at.append(n)
+        return n, buf
+
+    K._tail_scratch = recorded
     for variant, case in VARIANT_CASES:
         dw.INTERP_VARIANT = variant
-        results[f"{case[0]}/v{variant}"] = _run_case(case, torch, F, depthwise_conv2d, depthwise_path)
+        split_at.clear()
+        results[f"{case[0]}/v{variant}"] = dict(_run_case(case, torch, F, depthwise_conv2d, depthwise_path),
+                                                tail_images=list(split_at))
+    K._tail_scratch = tail_scratch
     results["band_copies"] = _band_copies_match(torch)
     results["layout_copies"] = _layout_copies_match(torch)
     print(json.dumps(results))
@@ -166,6 +179,12 @@ def test_triton_matches_float64_reference(results, case, variant):
             assert r[key] <= tol, f"{key}: rel err {r[key]} > {tol} (seed {results['seed']})"
     assert r["y_layout_kept"]
     assert ("dx" in r) == ("x" in case[10]) and ("dw" in r) == ("w" in case[10])
+
+
+def test_tail_copies_case_reads_them(results):
+    """The tail case really runs both kernels, forward and input grad: some images read the copies, the rest not."""
+    n = results["copies_in_tail_fp32/v9"]["tail_images"]
+    assert len(n) == 2 and all(0 < k < 40 for k in n), n
 
 
 def test_band_copies_match_independent_layout(results):
