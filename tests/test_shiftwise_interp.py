@@ -109,22 +109,27 @@ def _layer_case(torch):
 def _main() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
+    from conftest import shard_of
 
     from largekernel.ops.dispatch import set_backend
 
     seed = torch.seed()
     set_backend("triton")
-    results = {"seed": seed, "layer": _layer_case(torch)}
-    for case in OP_CASES:
-        results[case[0]] = _op_case(case, torch)
     import largekernel.ops._triton_shiftadd as kernels
 
     assert kernels.N_CANDIDATES == N_CANDIDATES, kernels.N_CANDIDATES
-    for index in range(N_CANDIDATES):
-        kernels.FORCE = index
-        for case in CAND_CASES:
+    jobs = [(None, "layer")] + [(None, case) for case in OP_CASES] + [
+        (index, case) for index in range(N_CANDIDATES) for case in CAND_CASES]
+    results = {"seed": seed}
+    for index, case in shard_of(jobs):
+        if case == "layer":
+            results["layer"] = _layer_case(torch)
+        elif index is None:
+            results[case[0]] = _op_case(case, torch)
+        else:
+            kernels.FORCE = index
             results[f"cand{index}_{case[0]}"] = _op_case(case, torch, with_eval=True)
-    kernels.FORCE = None
+            kernels.FORCE = None
     print(json.dumps(results))
 
 
@@ -132,7 +137,7 @@ def _main() -> None:
 def results():
     from conftest import run_interpreted
 
-    return run_interpreted(__file__)
+    return run_interpreted(__file__, shards=2)   # two processes at once: CI has two cores
 
 
 @pytest.mark.parametrize("case", OP_CASES, ids=[c[0] for c in OP_CASES])
