@@ -27,7 +27,8 @@ CHECKS = [  # (N, C, H, W, kh, kw, channels_last)
     (2, 128, 56, 56, 31, 31, False), (2, 256, 28, 28, 29, 29, True), (2, 512, 14, 14, 27, 27, False),
     (64, 1024, 7, 7, 13, 13, False), (2, 128, 56, 56, 51, 51, False), (2, 128, 56, 56, 51, 5, True),
     (2, 128, 56, 56, 5, 51, False), (1, 96, 30, 45, 4, 6, False), (3, 77, 33, 19, 63, 63, False),
-    (2, 128, 56, 56, 3, 3, True), (32, 256, 28, 28, 29, 29, False),   # the last: band copies fit in dx's tail
+    (2, 128, 56, 56, 3, 3, True), (32, 256, 28, 28, 29, 29, False),   # the last two: band copies fit in dx's tail
+    (16, 128, 56, 56, 31, 31, False),
 ]
 
 
@@ -72,6 +73,13 @@ VARIANTS.append(("bf16x3-bands", lambda w: dict(BLOCK_M=128, BLOCK_W=32, BLOCK_U
                                                 bands=True, split=True),
                  lambda w: dict(BLOCK_V=min(32, dwmod._bw(w)), programs=2112, num_warps=4, precision="bf16x3")))
 
+# 16-wide output tiles in fp32 (Toeplitz MMA work 48/31 of the useful work instead of 64/31): bf16 band copies of the
+# kernel's parts, and Triton's bf16x3
+VARIANTS += [("w16-split", lambda w: dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=16, num_warps=4, prefetch=True, bands=True,
+                                          split=True), VARIANTS[0][2]),
+             ("w16-bf16x3", lambda w: dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=16, num_warps=4, prefetch=True,
+                                           precision="bf16x3"), VARIANTS[0][2])]
+
 # the Gram-matrix weight grad (planes of <= 128 padded positions: 7x7), the v2 weight grad elsewhere
 VARIANTS += [(name, VARIANTS[0][1], lambda w, p=prec: (dict(gram=True, BLOCK_N=64, **p) if w <= 8 else
                                                       VARIANTS[0][2](w)))
@@ -82,6 +90,14 @@ _TAIL = dict(plane=True, bands=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_war
              tail=dict(plane=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, prefetch=True))
 VARIANTS += [(name, lambda w, p=prec: dict(_TAIL, **p) if w <= 28 else VARIANTS[0][1](w), VARIANTS[0][2])
              for name, prec in (("tail", {}), ("tail-bf16x3", dict(precision="bf16x3")))]
+# the whole-plane GEMM reading copies of an fp32 kernel's bf16 parts (one output row per tile on large planes)
+VARIANTS.append(("plane-split", lambda w: dict(plane=True, bands=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4,
+                                               prefetch=True, split=True), VARIANTS[0][2]))
+# the same on any plane with a row tile computing the last images (the large-plane input grad)
+_TAIL_ROW = dict(_TAIL, tail=dict(BLOCK_M=64, BLOCK_W=32, BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True))
+VARIANTS += [(name, lambda w, p=prec: dict(_TAIL_ROW, **p), VARIANTS[0][2])
+             for name, prec in (("tail-row", {}), ("tail-row-bf16x3", dict(precision="bf16x3")),
+                                ("tail-row-split", dict(split=True)))]
 
 
 def check_correctness(variants=VARIANTS) -> list[dict]:
@@ -182,6 +198,21 @@ def _sweep_fwd(h: int, kw: int) -> list[dict]:
     return (plane if h * h <= 1024 else [c for c in plane if c.get("bands")]) + rows
 
 
+def _sweep_fwd_fp32(h: int) -> list[dict]:
+    """fp32 forward / input-grad tiles on large planes: Triton's bf16x3 split of both operands, or (``split``) the
+    kernel as bf16 high / low band copies and x split once per step; 16-, 32- and 64-wide output tiles."""
+    bw = dwmod._bw(h)
+    rows = [dict(BLOCK_M=bm, BLOCK_W=w, BLOCK_U=u, num_warps=nw, num_stages=2, prefetch=True, precision="bf16x3")
+            for bm, w, u, nw in ((64, 32, 32, 4), (128, bw, 32, 8), (128, 16, 16, 4), (256, 16, 16, 8))]
+    rows += [dict(BLOCK_M=bm, BLOCK_W=w, BLOCK_U=u, num_warps=nw, num_stages=2, prefetch=True, bands=True, split=True)
+             for bm, w, u, nw in ((64, 32, 32, 4), (128, 32, 32, 4), (128, 32, 32, 8), (256, 32, 32, 8),
+                                  (64, 16, 16, 4), (128, 16, 16, 4), (256, 16, 16, 4), (256, 16, 16, 8),
+                                  (128, bw, 32, 8))]
+    rows += [dict(plane=True, bands=True, BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, prefetch=True,
+                  precision="bf16x3") for bn, bk, nw in ((64, 32, 4), (128, 32, 8), (256, 32, 8))]
+    return rows
+
+
 def _sweep_wgrad(h: int) -> list[dict]:
     bv = dwmod._bw(h)
     narrow = 1 << (h - 1).bit_length()
@@ -228,14 +259,15 @@ def _sweep_shape(rows: list, dt, shape, kinds=("fwd", "dgrad", "wgrad")) -> None
                   wgrad=lambda: torch.nn.grad.conv2d_weight(x, w.shape, g, padding=(ph, pw), groups=c))
     for kind in kinds:
         _sweep_one(rows, kind, dt, shape, dict(native=True), native[kind])
-    for cfg in _sweep_fwd(h, kw):
+    for cfg in _sweep_fwd_fp32(h) if dt == torch.float32 and h * h > 1024 else _sweep_fwd(h, kw):
         if "fwd" in kinds:
             _sweep_one(rows, "fwd", dt, shape, cfg, lambda cfg=cfg: dwmod._conv_pass(cfg, x, w, b, out, ph, pw))
         if "dgrad" in kinds:
             _sweep_one(rows, "dgrad", dt, shape, cfg,
                        lambda cfg=cfg: dwmod._conv_pass(cfg, g, w, None, out, kh - 1 - ph, kw - 1 - pw, flip=True))
     if "wgrad" in kinds:
-        for cfg in _sweep_wgrad(h):
+        for cfg in _sweep_wgrad(h) + ([dict(c, precision="bf16x3") for c in _sweep_wgrad(h)[:2]]
+                                      if dt == torch.float32 else []):
             _sweep_one(rows, "wgrad", dt, shape, cfg, lambda cfg=cfg: dwmod._wgrad_pass(cfg, x, g, w))
 
 
@@ -258,11 +290,11 @@ def launch_overhead() -> dict:
     errs = []
     for n, c, h, k, dt in ((2, 64, 14, 27, torch.bfloat16), (2, 32, 56, 31, torch.bfloat16),
                            (4, 96, 7, 13, torch.float32), (2, 48, 28, 29, torch.float32)):
-        x, w, b = dwconv.make_inputs(n, c, h, k, k, dt)
+        xc, wc, bc = dwconv.make_inputs(n, c, h, k, k, dt)
         g = torch.randn(n, c, h, h, device="cuda", dtype=dt)
         for _ in range(3):
-            got = (dwconv._ours(x, w, b), *torch.autograd.grad(dwconv._ours(x, w, b), (x, w, b), g))
-        xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+            got = (dwconv._ours(xc, wc, bc), *torch.autograd.grad(dwconv._ours(xc, wc, bc), (xc, wc, bc), g))
+        xd, wd, bd = (t.detach().double().requires_grad_() for t in (xc, wc, bc))
         yd = F.conv2d(xd, wd, bd, padding="same", groups=c)
         ref = (yd, *torch.autograd.grad(yd, (xd, wd, bd), g.double()))
         errs.append(max(rel(a, r) for a, r in zip(got, ref)))

@@ -44,8 +44,9 @@ def _variant_applies(variant: int, case: tuple) -> bool:
 
 # cases that exercise one variant only: (variant, case)
 VARIANT_CASES = [
-    # the band copies fit in the output's last 35 images; the first 5 read them, the gathering kernel does the rest
-    (9, ("copies_in_tail_fp32", 40, 1, 6, 5, 7, 7, "float32", "nchw", True, "xwb")),
+    # the band copies (of the kernel's two bf16 parts) fit in the output's last 60 images; the first 20 read them, the
+    # gathering kernel does the rest
+    (9, ("copies_in_tail_fp32", 80, 1, 6, 5, 7, 7, "float32", "nchw", True, "xwb")),
 ]
 _ALL_CASES = [(v, c) for c in CASES for v in VARIANTS if _variant_applies(v, c)] + VARIANT_CASES
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 5e-3}
@@ -112,6 +113,39 @@ def _band_copies_match(torch) -> dict:
     return out
 
 
+def _plane_band_reads_in_copies(torch, F) -> dict:
+    """The whole-plane GEMM reads only the band copies' rows (``plane_band_geometry``): the copies are placed in the
+    middle of a NaN-filled buffer, so a read before or after them turns the output NaN. Tall planes (the rows
+    bound by the kernel, not the plane), several output rows per tile, chunks wider than a row, the flipped kernel."""
+    from largekernel.ops import _dw_kernels as K
+
+    build = K._band_copies
+
+    def guarded(w, taps, rows, rp, e0, lq, bvec, out=None):
+        n = w.shape[0] * rows * bvec * lq
+        return build(w, taps, rows, rp, e0, lq, bvec, out=torch.full((3 * n,), float("nan"), dtype=w.dtype)[n:2 * n])
+
+    K._band_copies = guarded
+    out = {}
+    try:
+        for (n, c, h, w_, kh, kw), bn, bk, flip in (((2, 2, 20, 9, 5, 5), 16, 16, False),
+                                                   ((1, 1, 40, 10, 31, 31), 32, 16, True),
+                                                   ((1, 2, 12, 6, 6, 4), 16, 32, False)):
+            x, w = torch.randn(n, c, h, w_), torch.randn(c, kh, kw)
+            ph, pw = (kh - 1) // 2, (kw - 1) // 2
+            if flip:
+                ph, pw = kh - 1 - ph, kw - 1 - pw
+            y = torch.full_like(x, float("nan"))
+            K.launch_fwd(x, w, None, y, ph, pw, dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
+                                                     prefetch=True), "ieee", True, flip)
+            wf = w.flip(-2, -1) if flip else w
+            ref = F.conv2d(F.pad(x.double(), (pw, kw - 1 - pw, ph, kh - 1 - ph)), wf.double()[:, None], groups=c)
+            out[f"{h}x{w_}/K{kh}x{kw}/N{bn}/K{bk}/flip={flip}"] = float((y.double() - ref).norm() / ref.norm())
+    finally:
+        K._band_copies = build
+    return out
+
+
 def _layout_copies_match(torch) -> dict:
     """The Triton NCHW <-> channels_last transpose against PyTorch's own copy, bit for bit (odd sizes, partial
     tiles, one-pixel planes, three dtypes)."""
@@ -148,7 +182,7 @@ def _main() -> None:
     set_backend("triton")
     dw.POISON = True
     results = {"seed": seed}
-    mine = shard_of(_ALL_CASES + [(None, "band_copies"), (None, "layout_copies")])
+    mine = shard_of(_ALL_CASES + [(None, "band_copies"), (None, "plane_band_reads"), (None, "layout_copies")])
     for variant, case in mine:
         if variant is None or (variant, case) in VARIANT_CASES:
             continue
@@ -174,6 +208,8 @@ def _main() -> None:
     K._tail_scratch = tail_scratch
     if (None, "band_copies") in mine:
         results["band_copies"] = _band_copies_match(torch)
+    if (None, "plane_band_reads") in mine:
+        results["plane_band_reads"] = _plane_band_reads_in_copies(torch, F)
     if (None, "layout_copies") in mine:
         results["layout_copies"] = _layout_copies_match(torch)
     print(json.dumps(results))
@@ -201,11 +237,16 @@ def test_triton_matches_float64_reference(results, case, variant):
 def test_tail_copies_case_reads_them(results):
     """The tail case really runs both kernels, forward and input grad: some images read the copies, the rest not."""
     n = results["copies_in_tail_fp32/v9"]["tail_images"]
-    assert len(n) == 2 and all(0 < k < 40 for k in n), n
+    assert len(n) == 2 and all(0 < k < 80 for k in n), n
 
 
 def test_band_copies_match_independent_layout(results):
     assert results["band_copies"] and all(results["band_copies"].values()), results["band_copies"]
+
+
+def test_whole_plane_gemm_reads_only_its_band_copies(results):
+    r = results["plane_band_reads"]
+    assert len(r) == 3 and all(v <= 1e-5 for v in r.values()), r   # NaN (a read outside the copies) fails too
 
 
 def test_layout_copies_match_torch(results):

@@ -428,32 +428,48 @@ def _dw_plane_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
 
 
 @triton.jit
-def _plane_band_tiles(p0, x_rows, dk, W, py_hi, sxh, sxw, q_c, ocol, E0, PW, PHR, LQ_V,
-                      WP: tl.constexpr, BVEC: tl.constexpr):
+def _plane_band_tiles(p0, x_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, ocol, E0, PW, PHR, LQ_V,
+                      WP: tl.constexpr, BVEC: tl.constexpr, SPLIT: tl.constexpr):
     """A = x[batch rows, p'] over padded positions p' = py * WP + px (zero for px >= W or py >= py_hi) and
-    B[p', o'] = w[py - oy + PH, px - ox + PW] read as aligned BVEC-wide runs along ox from the band copies."""
+    B[p', o'] = w[py - oy + PH, px - ox + PW] read as aligned BVEC-wide runs along ox from the band copies.
+    Returns (A, B, B2): with SPLIT, B / B2 from the copies of the kernel's high / low bf16 parts, else B2 = B."""
     p = p0 + dk
     py = p // WP
     px = p % WP
     a = tl.load(x_rows[:, None] + (py * sxh + px * sxw)[None, :], mask=((px < W) & (py < py_hi))[None, :],
                 other=0.0)
     e = E0 - PW - px
-    row = (((py + PHR) * BVEC + e % BVEC) * LQ_V + e // BVEC) * BVEC
-    b = tl.load(q_c + row[:, None] + ocol[None, :])
-    return a, b
+    offs = ((((py + PHR) * BVEC + e % BVEC) * LQ_V + e // BVEC) * BVEC)[:, None] + ocol[None, :]
+    b = tl.load(q_c + offs)
+    if SPLIT:
+        b2 = tl.load(q2_c + offs)
+    else:
+        b2 = b
+    return a, b, b2
 
 
 @triton.jit
-def _dw_plane_bands_kernel(x_ptr, q_ptr, b_ptr, y_ptr,
+def _plane_band_mma(a, b, b2, acc, PRECISION: tl.constexpr, CAST_F32: tl.constexpr, SPLIT: tl.constexpr):
+    if SPLIT:   # B comes as its bf16 parts: split only A (fp32), three bf16 MMAs
+        a_hi, a_lo = _split_bf16(a)
+        acc = _dot3(a_hi, a_lo, b, b2, acc, CAST_F32)
+    else:
+        acc = _mma(a, b, acc, PRECISION, CAST_F32)
+    return acc
+
+
+@triton.jit
+def _dw_plane_bands_kernel(x_ptr, q_ptr, q2_ptr, b_ptr, y_ptr,
                            N, C, H, W, KH, PH, PW, PHR, E0, QR, LQ_V,
                            sxn, sxc, sxh, sxw, syn, syc, syh, syw,
                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, WP: tl.constexpr, BVEC: tl.constexpr, PRECISION: tl.constexpr,
-                           CAST_F32: tl.constexpr, PREFETCH: tl.constexpr):
+                           CAST_F32: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr):
     """Whole-plane GEMM (see _dw_plane_kernel) on positions padded to WP = pow2(W) columns, so that along the
     output columns the B operand is a run of one reversed kernel row: it is read as aligned vectors from the
     band copies ``q`` (``plane_band_geometry``: per kernel row, BVEC copies shifted by 0..BVEC-1, zero rows above
-    and below) instead of element by element. An output tile is BLOCK_N // WP whole output rows."""
+    and below) instead of element by element. An output tile is BLOCK_N // WP whole output rows.
+    SPLIT (fp32 x): ``q`` / ``q2`` are the copies of the kernel's high / low bf16 parts (``_dot3``)."""
     pid = tl.program_id(0)
     NR: tl.constexpr = BLOCK_N // WP
     num_o = tl.cdiv(H, NR)
@@ -469,7 +485,9 @@ def _dw_plane_bands_kernel(x_ptr, q_ptr, b_ptr, y_ptr,
     m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < N
     x_rows = x_ptr + c.to(tl.int64) * sxc + tl.where(m_ok, m, 0).to(tl.int64) * sxn
-    q_c = q_ptr + (c.to(tl.int64) * QR * LQ_V) * BVEC * BVEC
+    q_off = (c.to(tl.int64) * QR * LQ_V) * BVEC * BVEC
+    q_c = q_ptr + q_off
+    q2_c = q2_ptr + q_off
     py_lo = tl.maximum(ob * NR - PH, 0)
     py_hi = tl.minimum(ob * NR + NR + KH - 1 - PH, H)
     p_lo = (py_lo * WP // BLOCK_K) * BLOCK_K
@@ -478,18 +496,20 @@ def _dw_plane_bands_kernel(x_ptr, q_ptr, b_ptr, y_ptr,
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if PREFETCH:
-        a, b = _plane_band_tiles(p_lo, x_rows, dk, W, py_hi, sxh, sxw, q_c, ocol, E0, PW, PHR, LQ_V, WP, BVEC)
+        a, b, b2 = _plane_band_tiles(p_lo, x_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, ocol, E0, PW, PHR, LQ_V, WP,
+                                     BVEC, SPLIT)
         for t in range(0, T):
             a_cur = a
             b_cur = b
-            a, b = _plane_band_tiles(p_lo + (t + 1) * BLOCK_K, x_rows, dk, W, py_hi, sxh, sxw, q_c, ocol, E0, PW,
-                                     PHR, LQ_V, WP, BVEC)
-            acc = _mma(a_cur, b_cur, acc, PRECISION, CAST_F32)
+            b2_cur = b2
+            a, b, b2 = _plane_band_tiles(p_lo + (t + 1) * BLOCK_K, x_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, ocol,
+                                         E0, PW, PHR, LQ_V, WP, BVEC, SPLIT)
+            acc = _plane_band_mma(a_cur, b_cur, b2_cur, acc, PRECISION, CAST_F32, SPLIT)
     else:
         for t in range(0, T):
-            a, b = _plane_band_tiles(p_lo + t * BLOCK_K, x_rows, dk, W, py_hi, sxh, sxw, q_c, ocol, E0, PW, PHR,
-                                     LQ_V, WP, BVEC)
-            acc = _mma(a, b, acc, PRECISION, CAST_F32)
+            a, b, b2 = _plane_band_tiles(p_lo + t * BLOCK_K, x_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, ocol, E0,
+                                         PW, PHR, LQ_V, WP, BVEC, SPLIT)
+            acc = _plane_band_mma(a, b, b2, acc, PRECISION, CAST_F32, SPLIT)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
@@ -506,19 +526,22 @@ def _taps(w, flip: bool, transpose: bool) -> tuple[int, int, int, int, int]:
     return (kw, kh, w_off, sww, swh) if transpose else (kh, kw, w_off, swh, sww)
 
 
-def plane_band_geometry(kw: int, H: int, W: int, ph: int, pw: int, block_n: int, block_k: int, bvec: int):
+def plane_band_geometry(kh: int, kw: int, H: int, W: int, ph: int, pw: int, block_n: int, block_k: int, bvec: int):
     """(rows, RP, E0, LQ) of the band copies for _dw_plane_bands_kernel (built by ``_band_copies``): Q[c, r, s, k] =
-    P_r[k + s] with P_r[e] = w[r - RP, E0 - e] (zero off the kernel; w flipped if flip), rows r covering every
-    kernel-row offset py - oy + ph the kernel can form (output rows up to the last tile's, input rows up to one
-    prefetched chunk past the plane). C * rows * bvec * LQ elements (~2x(H + 4) rows of ~2*pow2(W) columns, times
-    bvec): weights-sized, not batch-sized (8 MB at C512 14x14 bf16)."""
+    P_r[k + s] with P_r[e] = w[r - RP, E0 - e] (zero off the kernel; w flipped if flip). A tile of NR output rows
+    reads kernel-row offsets py - oy + ph from -(RP) (its first chunk may start below its first input row, and its
+    last output row sees its first input rows at negative offsets) up to rows - RP - 1 (its last input row in reach,
+    plus one chunk and the prefetched one past it): ~kh + 2 rows of ~2*pow2(W) columns, times bvec, per channel
+    (C128 56x56 K31 fp32: 7.5 MB), whatever the plane's height."""
     wp = next_pow2(W)
     nr = block_n // wp
     oy_max = cdiv(H, nr) * nr - 1
-    py_max = H + 2 * cdiv(block_k, wp)
-    rp = max(0, oy_max - ph)
+    reach = cdiv(2 * block_k, wp)    # input rows a chunk and its prefetched successor run past the last one in reach
+    under = cdiv(block_k, wp) - 1    # input rows a tile's first chunk can start below its first
+    rp = max(0, min(under + nr - 1, oy_max - ph))
+    top = min(nr + kh - 2 + reach, H - 1 + reach + ph)   # the highest kernel-row index read
     e0 = max(kw - 1, pw + wp - 1)
-    return rp + py_max + ph + 1, rp, e0, cdiv(e0 - pw + wp, bvec) * bvec
+    return rp + top + 1, rp, e0, cdiv(e0 - pw + wp, bvec) * bvec
 
 
 @triton.jit
@@ -831,28 +854,38 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         grid = (C * cdiv(N, bm) * cdiv(H * W, bn),)
         if cfg.get("bands"):
-            wp, bvec = next_pow2(W), 16 // w.element_size()
+            parts = [w]
+            if cfg.get("split") and w.element_size() == 4:   # fp32: copies of the kernel's bf16 high / low parts
+                import torch
+
+                w_hi = w.to(torch.bfloat16)   # same shape and strides as w, so the same taps read the parts
+                parts = [w_hi, (w - w_hi.float()).to(torch.bfloat16)]
+            wp, bvec = next_pow2(W), 16 // parts[0].element_size()
             bn = max(bn, wp)   # whole output rows per tile
-            rows, rp, e0, lq = plane_band_geometry(KW, H, W, ph, pw, bn, bk, bvec)
+            rows, rp, e0, lq = plane_band_geometry(KH, KW, H, W, ph, pw, bn, bk, bvec)
+            size = C * rows * bvec * lq
             rest, scratch = cfg.get("tail"), None
             if rest is not None:   # no room for the copies beside y: they live in y's last images, which `rest`
                 # (a configuration without copies) computes once this launch has read them
-                N, scratch = _tail_scratch(y, C * rows * bvec * lq * w.element_size(), w.dtype)
+                N, scratch = _tail_scratch(y, len(parts) * size * parts[0].element_size(), parts[0].dtype)
                 if N == 0:
                     launch_fwd(x, w, bias, y, ph, pw, rest, precision, cast_f32, flip)
                     return
-            q = _band_copies(w, taps, rows, rp, e0, lq, bvec, scratch)
+            qs = [_band_copies(part, taps, rows, rp, e0, lq, bvec,
+                               None if scratch is None else scratch[i * size:(i + 1) * size])
+                  for i, part in enumerate(parts)]
             grid = (C * cdiv(N, bm) * cdiv(H, bn // wp),)
-            launch(_dw_plane_bands_kernel, grid, x, q, b_arg, y,
+            launch(_dw_plane_bands_kernel, grid, x, qs[0], qs[-1], b_arg, y,
                                          N, C, H, W, KH, ph, pw, ph + rp, e0, rows, lq // bvec,
                                          *x.stride(), *y.stride(),
                                          HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WP=wp,
                                          BVEC=bvec, PRECISION=precision, CAST_F32=cast_f32,
-                                         PREFETCH=cfg.get("prefetch", False), num_warps=cfg.get("num_warps", 4),
-                                         num_stages=cfg.get("num_stages", 2))
-            if rest is not None:   # the last images: tiles no taller than their count (16..rest's BLOCK_M)
-                bm_rest = min(rest.get("BLOCK_M", 64), max(16, next_pow2(x.shape[0] - N)))
-                launch_fwd(x[N:], w, bias, y[N:], ph, pw, dict(rest, BLOCK_M=bm_rest), precision, cast_f32, flip)
+                                         PREFETCH=cfg.get("prefetch", False), SPLIT=len(parts) == 2,
+                                         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+            if rest is not None:   # the last images; whole-plane tiles no taller than their count (16..BLOCK_M)
+                if rest.get("plane"):
+                    rest = dict(rest, BLOCK_M=min(rest["BLOCK_M"], max(16, next_pow2(x.shape[0] - N))))
+                launch_fwd(x[N:], w, bias, y[N:], ph, pw, rest, precision, cast_f32, flip)
             return
         launch(_dw_plane_kernel, grid, x, w, b_arg, y,
                                N, C, H, W, KH, KW, ph, pw, w_off, swh, sww,

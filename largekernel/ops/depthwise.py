@@ -19,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from largekernel.ops._launch import on_device
+from largekernel.ops._launch import next_pow2, on_device
 from largekernel.ops.dispatch import get_backend, triton_interpreting
 from largekernel.ops.layout import memory_format_of, rowmajor, to_memory_format
 
@@ -154,7 +154,8 @@ POISON = False   # tests: fill kernel outputs with NaN before the launch so unwr
 # batched-rows weight grad, 3 = the row kernels on the transposed problem, 4 / 5 = the row kernel /
 # its transposed problem reading the shifted band copies, 6 / 7 = the whole-plane GEMM reading them, 8 = the row kernel
 # reading bf16 high / low band copies of an fp32 kernel (and the bf16x3 whole-plane weight grad), 9 = the Gram-matrix
-# weight grad on planes of <= GRAM_MAX padded positions (bf16x3; the plane weight grad on larger ones)
+# weight grad on planes of <= GRAM_MAX padded positions (bf16x3; the plane weight grad on larger ones) and the
+# whole-plane GEMM with its band copies in the output's last images (fp32: copies of the kernel's bf16 parts)
 INTERP_VARIANT = 0
 PLANE_MAX = 1024   # planes up to this many pixels also try the whole-plane GEMM (28x28 and below)
 _TUNED: dict = {}
@@ -181,10 +182,11 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
                  dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, prefetch=True),
                  dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32),
                  dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, prefetch=True, bands=True, split=True),
-                 dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16,
+                 dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, split=True,
                       tail=dict(plane=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16))][INTERP_VARIANT]]
     N, _, H, W = x.shape
     few = []   # 7x7: the same plane tiles with fewer images each
+    plane_rows = []   # large planes: the whole-plane GEMM over one output row per tile
     if H * W <= PLANE_MAX:   # small planes: the whole-plane GEMM reading the band copies, one row-Toeplitz config
         # (from the H100 tile sweeps, docs/performance.md: bf16 likes 64x128x16 tiles at 14x14, 64x64x16 at 7x7,
         # fp32 narrower output tiles)
@@ -228,19 +230,29 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
             # of the kernel's high / low parts, not split again at every step
             cands += [dict(BLOCK_M=bm, BLOCK_W=32, BLOCK_U=32, num_warps=nw, num_stages=2, prefetch=True, bands=True,
                            split=True) for bm, nw in ((64, 4), (128, 4), (128, 8))]
+        if kh <= kw and next_pow2(W) <= 64:   # the whole-plane GEMM over one output row per tile (the batch as its
+            # rows, one B tile for 64 images: fp32 56x56 K31 1.39 ms against the row kernel's 2.20, H200); in the input
+            # grad (no room for copies beside an NCHW dx) with the copies in dx's last images, which a row tile computes
+            plane_rows = [dict(plane=True, bands=True, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=bk, num_warps=nw, prefetch=True)
+                          for bm, bk, nw in ((64, 32, 4), (64, 64, 4), (32, 32, 4), (128, 32, 8))]
+            if not bands:
+                plane_rows = [dict(c, tail=cands[0]) for c in plane_rows[:2]]
+            if x.dtype != torch.float32:   # (fp32: with its splits only, below)
+                cands += plane_rows
     if x.dtype == torch.float32:   # also the other splits (bf16x6: 2-byte MMA operands, six products) of: the two
         # fastest tf32x3 tiles; for the small-plane input grad every whole-plane tile and the row kernel in fp32's
-        # fastest 56x56 tile; on large planes also 16-wide row tiles (their Toeplitz MMA work is 48/31 of the useful
-        # work instead of 64/31 for 32-wide ones, and the splits multiply the MMA work; not measured yet)
+        # fastest 56x56 tile; on large planes the whole-plane GEMM over one output row per tile. (16-wide row tiles,
+        # whose Toeplitz MMA work is 48/31 of the useful work instead of 64/31, were slower: 2.41 against 2.21 ms.)
         if H * W <= PLANE_MAX and not bands:
             base = [c for c in cands if c.get("plane")] + [dict(row, BLOCK_M=64, BLOCK_W=min(32, _bw(W)), num_warps=4)]
         else:
             base = cands[:2]
         if bands:   # (without band copies, ``few`` are whole-plane tiles and already in base)
             base += few
-        if H * W > PLANE_MAX and kh <= kw:
-            base.append(dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=16, num_warps=4, num_stages=2, prefetch=True))
+        base += plane_rows
         cands += [dict(c, precision=p) for p in FP32_SPLITS for c in base]
+        if "bf16x3" in FP32_SPLITS:   # and the whole-plane GEMM reading copies of the kernel's bf16 parts (bf16x3)
+            cands += [dict(c, split=True) for c in plane_rows]
     if kh % 2 and kw % 2:
         cands.append(dict(native=True))
     return cands
