@@ -138,7 +138,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def sweep_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.dtype, device: torch.device,
-                deadline: float) -> dict:
+                deadline: float, cands: list | None = None) -> dict:
     """Every candidate of the forward, backward and eval kernels on one stage, timed and checked."""
     layer = ShiftwiseConv2d(c, big, small, ghost_ratio=0.23, n_path=2, n_rep=4)
     r, nk, e = layer.rep_channels, layer.nk, layer.extra_pad
@@ -171,7 +171,7 @@ def sweep_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.
     row = {"C": c, "H": hw, "K": big, "R": r, "nk": nk, "dtype": str(dtype).split(".")[-1], "batch": batch,
            "copy_ms": copy_ms, "copy_GBs": copy_gbs, "cands": [], "tuned": {}}
     fwd_cands, bwd_cands = kernels.candidates(hw, hw, e), kernels.candidates(hw + 2 * e, hw + 2 * e)
-    for index in list(range(kernels.N_CANDIDATES)) + [None]:
+    for index in list(cands if cands is not None else range(kernels.N_CANDIDATES)) + [None]:
         entry = {"index": index}
         if index is not None:
             entry["fwd_name"] = kernels.candidate_name(fwd_cands[index])
@@ -238,7 +238,8 @@ def run_sweep(args, device: torch.device, batch: int, dtypes: list) -> None:
               "batch": batch, "rows": []}
     for dtype in dtypes:
         for c, hw, big, small in SHAPES:
-            result["rows"].append(sweep_shape(c, hw, big, small, batch, dtype, device, deadline))
+            result["rows"].append(sweep_shape(c, hw, big, small, batch, dtype, device, deadline,
+                                              [int(i) for i in args.cands.split(",")] if args.cands else None))
             print(".", end="", flush=True)
             torch.cuda.empty_cache()
     result["seconds"] = time.time() - start
@@ -267,6 +268,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="batch 16, float32 only")
     parser.add_argument("--sweep", action="store_true", help="time every tuner candidate of the shift-add kernels")
     parser.add_argument("--time-limit", type=float, default=200.0, help="--sweep: skip what is left after this (s)")
+    parser.add_argument("--cands", default=None, help="--sweep: comma-separated candidate indices (default: all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/shiftadd.py needs a CUDA device")

@@ -489,6 +489,135 @@ def _bwd_dot(gout_ptr, pad_ptr, ident_ptr, gy_ptr, R, term_stride,
     tl.store(gy, acc.to(gy_ptr.dtype.element_ty), mask=inside)
 
 
+# "dotb": the "dot" kernels with NB images of one channel per program, as batched [NB, P, P] products: the count
+# matrices depend on the channel and the small kernel only, so each is built once for NB images (at P = 64 building
+# them costs more instructions than the loads and the products together).
+
+
+@triton.jit
+def _count_matrix(diff, tab, G: tl.constexpr, SIGN: tl.constexpr):
+    """[P, P] int32: m[u, w] = #{g < G: diff[u, w] == SIGN * tab[g]}."""
+    m = diff * 0
+    for g in tl.static_range(G):
+        m += (diff == SIGN * tl.load(tab + g)).to(tl.int32)
+    return m
+
+
+@triton.jit
+def _batched(m, NB: tl.constexpr, P: tl.constexpr):
+    return tl.broadcast_to(m.to(tl.float32)[None, :, :], (NB, P, P))
+
+
+@triton.jit
+def _gather_dotb(y_ptr, pad_ptr, ident_ptr, b, b_ok, c, R, r, q,
+                 NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                 NB: tl.constexpr, P: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
+    """_gather_dot for the NB images b [NB, 1, 1] of channel c (r: rows [1, P, 1], q: columns [1, 1, P])."""
+    HP: tl.constexpr = H + 2 * E
+    WP: tl.constexpr = W + 2 * E
+    PLANE: tl.constexpr = HP * WP
+    y_c = y_ptr + (b * R + c).to(tl.int64) * (NK * PLANE)
+    p_h = y_c + ((r + E) * WP + q)
+    m_h = b_ok & (r < H) & (q < WP)
+    p_v = y_c + (r * WP + (q + E))
+    m_v = b_ok & (r < HP) & (q < W)
+    acc0 = tl.zeros((NB, P, P), dtype=tl.float64 if F64 else tl.float32)
+    acc1 = acc0
+    tab = pad_ptr + c * (NK * 2 * G)
+    diff = tl.arange(0, P)[None, :] - tl.arange(0, P)[:, None]   # [P, P]: w - v (columns minus rows)
+    for j in range(NK):
+        yh = tl.load(p_h + j * PLANE, mask=m_h, other=0.0)
+        yv = tl.load(p_v + j * PLANE, mask=m_v, other=0.0)
+        mh = _batched(_count_matrix(diff, tab + j * (2 * G), G, 1), NB, P)
+        mv = _batched(_count_matrix(diff, tab + j * (2 * G) + G, G, -1), NB, P)
+        acc0 = _dot_data(yh, mh, acc0, True, F64, SPLIT, EMULATE)
+        acc1 = _dot_data(yv, mv, acc1, False, F64, SPLIT, EMULATE)
+    inside = b_ok & (r < H) & (q < W)
+    y_b = y_ptr + (b * R).to(tl.int64) * (NK * PLANE)
+    acc2 = tl.zeros((NB, P, P), dtype=acc0.dtype)
+    for g in tl.static_range(G):
+        k = tl.load(ident_ptr + c * G + g)
+        acc2 += tl.load(y_b + k.to(tl.int64) * PLANE + ((r + E) * WP + (q + E)), mask=inside, other=0.0).to(acc2.dtype)
+    return acc0, acc1, acc2, inside
+
+
+@triton.jit
+def _dotb_coords(B, R, NB: tl.constexpr, P: tl.constexpr):
+    """Program -> channel c, its NB images b [NB, 1, 1] (clamped) and their mask, rows r [1, P, 1], columns
+    q [1, 1, P]."""
+    pid = tl.program_id(0)
+    c = pid % R
+    b = (pid // R) * NB + tl.arange(0, NB)[:, None, None]
+    b_ok = b < B
+    return c, tl.minimum(b, B - 1), b_ok, tl.arange(0, P)[None, :, None], tl.arange(0, P)[None, None, :]
+
+
+@triton.jit
+def _fwd_dotb(y_ptr, pad_ptr, ident_ptr, out_ptr, R, term_stride, B,
+              NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+              P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
+    c, b, b_ok, r, q = _dotb_coords(B, R, NB, P)
+    acc0, acc1, acc2, inside = _gather_dotb(y_ptr, pad_ptr, ident_ptr, b, b_ok, c, R, r, q, NK, G, E, H, W, NB, P,
+                                            F64, SPLIT, EMULATE)
+    out = out_ptr + (b * R + c).to(tl.int64) * (H * W) + (tl.minimum(r, H - 1) * W + tl.minimum(q, W - 1))
+    _store_terms(out, term_stride, acc0, acc1, acc2, inside)
+
+
+@triton.jit
+def _eval_dotb(y_ptr, pad_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, R, C, B,
+               NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+               P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
+    c, b, b_ok, r, q = _dotb_coords(B, R, NB, P)
+    acc0, acc1, acc2, inside = _gather_dotb(y_ptr, pad_ptr, ident_ptr, b, b_ok, c, R, r, q, NK, G, E, H, W, NB, P,
+                                            F64, SPLIT, EMULATE)
+    _eval_epilogue(acc0, acc1, acc2, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, b * R + c, R, C,
+                   tl.minimum(r, H - 1), tl.minimum(q, W - 1), inside, H, W)
+
+
+@triton.jit
+def _bwd_dotb(gout_ptr, pad_ptr, ident_ptr, gy_ptr, R, term_stride, B,
+              NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+              P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
+    """_bwd_dot for plane j of channel c in NB images: the programs of one image group and channel are adjacent
+    (j fastest), so they share its gout planes in L2."""
+    HP: tl.constexpr = H + 2 * E
+    WP: tl.constexpr = W + 2 * E
+    pid = tl.program_id(0)
+    j = pid % NK
+    c = (pid // NK) % R
+    b = (pid // (NK * R)) * NB + tl.arange(0, NB)[:, None, None]
+    b_ok = b < B
+    b = tl.minimum(b, B - 1)
+    r = tl.arange(0, P)[None, :, None]
+    q = tl.arange(0, P)[None, None, :]
+    g_c = gout_ptr + (b * R + c).to(tl.int64) * (H * W)
+    r0 = r - E
+    c1 = q - E
+    r0_ok = b_ok & (r0 >= 0) & (r0 < H)
+    c1_ok = b_ok & (c1 >= 0) & (c1 < W)
+    g0 = tl.load(g_c + (tl.minimum(tl.maximum(r0, 0), H - 1) * W + tl.minimum(q, W - 1)), mask=r0_ok & (q < W),
+                 other=0.0)
+    g1 = tl.load(g_c + term_stride + (tl.minimum(r, H - 1) * W + tl.minimum(tl.maximum(c1, 0), W - 1)),
+                 mask=b_ok & (r < H) & c1_ok, other=0.0)
+    diff = tl.arange(0, P)[:, None] - tl.arange(0, P)[None, :]   # [P, P]: rows minus columns
+    tab = pad_ptr + (c * NK + j) * (2 * G)
+    bh = _batched(_count_matrix(diff, tab, G, 1), NB, P)
+    bv = _batched(_count_matrix(diff, tab + G, G, -1), NB, P)
+    hits = 0
+    for g in tl.static_range(G):
+        hits += (tl.load(ident_ptr + c * G + g) == c * NK + j).to(tl.int32)
+    acc = tl.zeros((NB, P, P), dtype=tl.float64 if F64 else tl.float32)
+    acc = _dot_data(g0, bh, acc, True, F64, SPLIT, EMULATE)
+    acc = _dot_data(g1, bv, acc, False, F64, SPLIT, EMULATE)
+    off2 = tl.minimum(tl.maximum(r0, 0), H - 1) * W + tl.minimum(tl.maximum(c1, 0), W - 1)
+    v = tl.load(g_c + 2 * term_stride + off2, mask=r0_ok & c1_ok & (hits > 0), other=0.0)
+    acc += hits.to(acc.dtype) * v.to(acc.dtype)
+    inside = b_ok & (r < HP) & (q < WP)
+    gy = gy_ptr + ((b * R + c) * NK + j).to(tl.int64) * (HP * WP) + (tl.minimum(r, HP - 1) * WP
+                                                                     + tl.minimum(q, WP - 1))
+    tl.store(gy, acc.to(gy_ptr.dtype.element_ty), mask=inside)
+
+
 # Tuner candidates (kind, a, b, num_warps) for planes of h x w; the first is the default. kind "plane": the
 # runtime-shape kernels above with a [a=BLOCK_H, b=BLOCK_W] tile; "tile": the constexpr-shape kernels with that
 # tile; "flat": a = NPL planes of b = BLOCK flattened positions per program. A whole plane per program (up to
@@ -504,7 +633,7 @@ FORCE: int | None = None
 TUNE_ALL = os.environ.get("LARGEKERNEL_SHIFTADD_CANDIDATES", "all") == "all"
 GPU_VERIFIED = 1
 _TUNED: dict = {}
-N_CANDIDATES = 10
+N_CANDIDATES = 12
 
 
 def _warps(n: int, per_thread: int) -> int:
@@ -546,9 +675,11 @@ def candidates(h: int, w: int, pad: int = 0) -> list[tuple[str, int, int, int]]:
     ]
     p = max(16, next_pow2(max(h, w) + 2 * pad))
     if p <= 64:  # shifts as tensor-core products with count matrices; [P, P] tiles, so small planes only
-        cands += [("dot", p, p, 1 if p == 16 else 4), ("dot", p, p, 2 if p == 16 else 8)]
+        cands += [("dot", p, p, 1 if p == 16 else 4), ("dot", p, p, 2 if p == 16 else 8),
+                  ("dotb", p, 2 if p == 64 else 4, 8 if p == 64 else 4), ("dotb", p, 4 if p == 64 else 8, 8)]
     else:
-        cands += [("tile+pf", strip, bw, _warps(strip * bw, 8)), ("flat+pf", 1, chunk, _warps(chunk, 8))]
+        cands += [("tile+pf", strip, bw, _warps(strip * bw, 8)), ("flat+pf", 1, chunk, _warps(chunk, 8)),
+                  ("tile", strip, bw, _warps(strip * bw, 8)), ("flat", 1, chunk, _warps(chunk, 8))]
     assert len(cands) == N_CANDIDATES
     return cands
 
@@ -597,12 +728,17 @@ def _launch(key: tuple, h: int, w: int, run, device: torch.device, pad: int = 0)
 
 
 def _run_candidate(cand: tuple, kernels: tuple, lead: tuple, plane_args: tuple, extra: tuple, planes: int,
-                   grid_h: int, grid_w: int, h: int, w: int, consts: dict, dtype: torch.dtype) -> None:
-    """Launch one candidate of a shift-add pass. kernels = its (plane, tile, dot, flat) kernels; every launch
+                   grid_h: int, grid_w: int, h: int, w: int, consts: dict, dtype: torch.dtype, batch: int) -> None:
+    """Launch one candidate of a shift-add pass. kernels = its (plane, tile, dot, flat, dotb) kernels; every launch
     takes ``lead`` first, the "plane" kernel then ``plane_args`` and its tile counts, the others ``extra`` then
-    their own counts; tiles cover grid_h x grid_w per plane (the output plane of that pass)."""
+    their own counts; tiles cover grid_h x grid_w per plane (the output plane of that pass), ``planes`` of them,
+    ``planes // batch`` per image."""
     kind, a, bb, warps = cand
-    k_plane, k_tile, k_dot, k_flat = kernels
+    k_plane, k_tile, k_dot, k_flat, k_dotb = kernels
+    if kind == "dotb":   # a = P, bb = NB images per program
+        launch(k_dotb, (cdiv(batch, bb) * (planes // batch),), *lead, *extra, batch, H=h, W=w, P=a, NB=bb,
+               num_warps=warps, **consts, **_dot_consts(dtype))
+        return
     pf = {} if kind in ("plane", "dot") else dict(PF=kind.endswith("+pf"))
     if kind == "plane":
         n_th, n_tw = cdiv(grid_h, a), cdiv(grid_w, bb)
@@ -632,8 +768,9 @@ def shift_add_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch
     planes, ts = b * r, b * r * h * w
 
     def run(cand):
-        _run_candidate(cand, (_shift_add_fwd, _fwd_tile, _fwd_dot, _fwd_flat), (y, pad_hv, idx_identity, out, r),
-                       (h, w, hp, wp, ts), (ts,), planes, h, w, h, w, consts, y.dtype)
+        _run_candidate(cand, (_shift_add_fwd, _fwd_tile, _fwd_dot, _fwd_flat, _fwd_dotb),
+                       (y, pad_hv, idx_identity, out, r), (h, w, hp, wp, ts), (ts,), planes, h, w, h, w, consts,
+                       y.dtype, b)
 
     _launch(("fwd", b, r, h, w, nk, g, extra_pad, y.dtype), h, w, run, y.device, extra_pad)
     return out
@@ -651,8 +788,9 @@ def shift_add_backward(gout: torch.Tensor, pad_hv: torch.Tensor, idx_identity: t
     planes, ts = b * r * nk, b * r * h * w
 
     def run(cand):
-        _run_candidate(cand, (_shift_add_bwd, _bwd_tile, _bwd_dot, _bwd_flat), (gout, pad_hv, idx_identity, gy, r),
-                       (h, w, hp, wp, ts), (ts,), planes, hp, wp, h, w, consts, gout.dtype)
+        _run_candidate(cand, (_shift_add_bwd, _bwd_tile, _bwd_dot, _bwd_flat, _bwd_dotb),
+                       (gout, pad_hv, idx_identity, gy, r), (h, w, hp, wp, ts), (ts,), planes, hp, wp, h, w, consts,
+                       gout.dtype, b)
 
     _launch(("bwd", b, r, h, w, nk, g, extra_pad, gout.dtype), hp, wp, run, gout.device)
     return gy
@@ -676,8 +814,8 @@ def shift_add_eval_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: 
     planes = b * r
 
     def run(cand):
-        _run_candidate(cand, (_shift_add_eval, _eval_tile, _eval_dot, _eval_flat), (*tabs, r, c), (h, w, hp, wp), (),
-                       planes, h, w, h, w, consts, y.dtype)
+        _run_candidate(cand, (_shift_add_eval, _eval_tile, _eval_dot, _eval_flat, _eval_dotb), (*tabs, r, c),
+                       (h, w, hp, wp), (), planes, h, w, h, w, consts, y.dtype, b)
 
     _launch(("eval", b, r, c, h, w, nk, g, extra_pad, y.dtype, x.dtype), h, w, run, y.device, extra_pad)
     if ghost_idx.numel():
