@@ -80,6 +80,11 @@ VARIANTS += [("w16-split", lambda w: dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=16, n
              ("w16-bf16x3", lambda w: dict(BLOCK_M=128, BLOCK_W=16, BLOCK_U=16, num_warps=4, prefetch=True,
                                            precision="bf16x3"), VARIANTS[0][2])]
 
+# the column-Gram weight grad (planes up to 64 wide; else the v2 one)
+VARIANTS += [(name, VARIANTS[0][1], lambda w, p=prec: (dict(cols=True, NI=2, BLOCK_R=32, programs=4224, **p)
+                                                      if w <= 64 else VARIANTS[0][2](w)))
+             for name, prec in (("cols", {}), ("cols-bf16x3", dict(precision="bf16x3")))]
+
 # the Gram-matrix weight grad (planes of <= 128 padded positions: 7x7), the v2 weight grad elsewhere
 VARIANTS += [(name, VARIANTS[0][1], lambda w, p=prec: (dict(gram=True, BLOCK_N=64, **p) if w <= 8 else
                                                       VARIANTS[0][2](w)))
@@ -447,6 +452,8 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true", help="skip the correctness and memory checks")
     ap.add_argument("--overhead", action="store_true", help="only the per-call CPU overhead and its profile")
     ap.add_argument("--memory", action="store_true", help="only the peak-memory comparison")
+    ap.add_argument("--memory-h", type=lambda v: [int(h) for h in v.split(",")], default=None,
+                    help="--memory: only these plane sizes (e.g. 56,28)")
     ap.add_argument("--layers", action="store_true", help="only the layout-copy and cross-layer checks")
     ap.add_argument("--shapes", default="all", help="'quick' = the 4 stage shapes")
     ap.add_argument("--sweep-shapes", default="512/14/27,1024/7/13,256/28/29", help="C/H/K list for --sweep")
@@ -466,8 +473,9 @@ def main() -> None:
     if args.overhead:
         launch_overhead()
         return
-    if args.memory:
-        _dump(dict(memory=peak_memory()))
+    if args.memory:   # (with the tuner's timings of every candidate tried during the warm-up calls)
+        cases = [m for m in MEMORY_CASES if args.memory_h is None or m[1] in args.memory_h]
+        _dump(dict(memory=peak_memory(cases), tuning_log=dwconv.tuning_log()))
         return
     if args.layers:
         rows = check_layers()

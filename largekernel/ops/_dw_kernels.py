@@ -356,6 +356,62 @@ def _dw_wgrad2_kernel(x_ptr, g_ptr, dw_ptr,
 
 
 @triton.jit
+def _dw_wgrad_cols_kernel(x_ptr, g_ptr, dw_ptr,
+                          N, C, H, W_V, KH, KW, PH, PW, ROWS_PER_SPLIT, SPLITS,
+                          sxn_v, sxc_v, sxh_v, sxw, sgn_v, sgc_v, sgh_v, sgw,
+                          NI: tl.constexpr, WP: tl.constexpr, BLOCK_R: tl.constexpr,
+                          PRECISION: tl.constexpr, CAST_F32: tl.constexpr, VEC: tl.constexpr):
+    """Weight grad of NI kernel rows i0.. of channel c from column Gram matrices: with the flattened (n, oy) rows
+    as the reduction, P[ox, (ii, px)] = sum_(n, oy) g[n, oy, ox] * x[n, oy + i0 + ii - PH, px] is one GEMM of
+    contiguous rows (no gathers: A = grad_out rows, transposed; B = the NI row-shifted x rows side by side, NI*WP
+    wide), and dw[i0 + ii, j] = sum_ox P[ox, (ii, ox + j - PW)], a diagonal sum taken once at the end. The MMA
+    work is WP*WP / (W*KW) times the useful work (56x56 K31: 2.4x), the operands load as vectors. The rows are
+    split over SPLITS programs per (channel, row block) writing fp32 partials. W and the strides but sxw / sgw
+    come as multiples of VEC (see _dw_fwd2_kernel)."""
+    W = W_V * VEC
+    sxn = sxn_v * VEC
+    sxc = sxc_v * VEC
+    sxh = sxh_v * VEC
+    sgn = sgn_v * VEC
+    sgc = sgc_v * VEC
+    sgh = sgh_v * VEC
+    pid = tl.program_id(0)
+    s = pid % SPLITS
+    ib = (pid // SPLITS) % tl.cdiv(KH, NI)
+    c = pid // (SPLITS * tl.cdiv(KH, NI))
+    i0 = ib * NI
+    k_start = s * ROWS_PER_SPLIT
+    k_end = tl.minimum(k_start + ROWS_PER_SPLIT, N * H)
+    x_c = x_ptr + c.to(tl.int64) * sxc
+    g_c = g_ptr + c.to(tl.int64) * sgc
+    dk = tl.arange(0, BLOCK_R)
+    ox = tl.arange(0, WP)
+    col = tl.arange(0, NI * WP)
+    ii = col // WP
+    px = col % WP
+    dy = i0 + ii - PH   # x row offset of each B column
+    acc = tl.zeros((WP, NI * WP), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_R):
+        k = k0 + dk
+        k_ok = k < k_end
+        n = (k // H).to(tl.int64)
+        oy = k % H
+        a = tl.load(g_c + (n * sgn + oy * sgh)[:, None] + (ox * sgw)[None, :],
+                    mask=k_ok[:, None] & (ox < W)[None, :], other=0.0)
+        py = oy[:, None] + dy[None, :]
+        b = tl.load(x_c + (n * sxn)[:, None] + py * sxh + (px * sxw)[None, :],
+                    mask=k_ok[:, None] & (py >= 0) & (py < H) & ((px < W) & (i0 + ii < KH))[None, :], other=0.0)
+        acc = _mma(tl.trans(a), b, acc, PRECISION, CAST_F32)
+    out = dw_ptr + ((s.to(tl.int64) * C + c) * KH + i0) * KW
+    rows = tl.arange(0, NI)
+    diag = px[None, :] - ox[:, None]
+    for j in range(0, KW):
+        v = tl.sum(tl.where(diag == j - PW, acc, 0.0), axis=0)   # [NI * WP]: sum over ox of each column
+        v = tl.sum(tl.reshape(v, (NI, WP)), axis=1)
+        tl.store(out + rows * KW + j, v, mask=i0 + rows < KH)
+
+
+@triton.jit
 def _plane_tiles(p0, live, x_rows, oy, ox, dk, H, W, KH, KW, PH, PW, p_hi, sxh, sxw, w_tap, swh, sww):
     """A = x[batch rows, positions p0 + dk] and B[p, o] = w[py - oy + PH, px - ox + PW] (0 off the kernel)."""
     p = p0 + dk
@@ -991,6 +1047,27 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
                                                 PRECISION=precision, CAST_F32=cast_f32,
                                                 PREFETCH=cfg.get("prefetch", True),
                                                 num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+        return partial.sum(0) if splits > 1 else partial[0]
+    if cfg.get("cols"):   # column Gram matrices per kernel row, over all rows of the batch
+        wp, ni = _pow2(W), cfg.get("NI", 2)
+        rows = N * H
+        blocks = C * cdiv(kh, ni)
+        br = cfg["BLOCK_R"]
+        splits = max(1, min(cdiv(rows, br), cdiv(cfg.get("programs", 1024), blocks)))
+        rows_per_split = cdiv(cdiv(rows, splits), br) * br
+        splits = cdiv(rows, rows_per_split)
+        partial = torch.empty((splits, C, kh, kw), device=x.device, dtype=torch.float32)
+        if poison:
+            partial.fill_(float("nan"))
+        vec = min(_vec(x, cfg), _vec(g, cfg))
+        xn, xc, xh, xw = x.stride()
+        gn, gc, gh, gw = g.stride()
+        launch(_dw_wgrad_cols_kernel, (blocks * splits,), x, g, partial,
+                                              N, C, H, W // vec, kh, kw, ph, pw, rows_per_split, splits,
+                                              xn // vec, xc // vec, xh // vec, xw, gn // vec, gc // vec, gh // vec, gw,
+                                              NI=ni, WP=wp, BLOCK_R=br, PRECISION=precision,
+                                              CAST_F32=cast_f32, VEC=vec,
+                                              num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
         return partial.sum(0) if splits > 1 else partial[0]
     if "BLOCK_V" in cfg:   # row-walking kernel
         rows = N * H

@@ -152,7 +152,8 @@ FP32_SPLITS = [p for p in os.environ.get("LARGEKERNEL_FP32_SPLITS", _DEFAULT_SPL
 POISON = False   # tests: fill kernel outputs with NaN before the launch so unwritten elements show
 # interpreter tests: 0 = first-generation kernels, 1 = prefetching / row-walking ones, 2 = whole-plane forward and
 # batched-rows weight grad, 3 = the row kernels on the transposed problem, 4 / 5 = the row kernel /
-# its transposed problem reading the shifted band copies, 6 / 7 = the whole-plane GEMM reading them, 8 = the row kernel
+# its transposed problem reading the shifted band copies (and the column-Gram weight grad / on the transposed
+# problem), 6 / 7 = the whole-plane GEMM reading them, 8 = the row kernel
 # reading bf16 high / low band copies of an fp32 kernel (and the bf16x3 whole-plane weight grad), 9 = the Gram-matrix
 # weight grad on planes of <= GRAM_MAX padded positions (bf16x3; the plane weight grad on larger ones) and the
 # whole-plane GEMM with its band copies in the output's last images (fp32: copies of the kernel's bf16 parts)
@@ -270,7 +271,8 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
         split = dict(plane=True, BLOCK_N=16, precision="bf16x3") if small else dict(BLOCK_V=16, programs=8)
         return [[dict(BLOCK_K=32, programs=8), dict(BLOCK_V=16, programs=8), dict(NB=2, programs=8),
                  dict(BLOCK_V=16, programs=8, transpose=True),
-                 dict(BLOCK_V=16, programs=8), dict(BLOCK_V=16, programs=8, transpose=True),
+                 dict(cols=True, NI=2, BLOCK_R=16, programs=8), dict(cols=True, NI=4, BLOCK_R=16, programs=8,
+                                                                     transpose=True),
                  *(plane if small else [dict(NB=2, programs=8), dict(BLOCK_K=32, programs=8)]), split,
                  dict(gram=True, BLOCK_N=16, programs=8, precision="bf16x3") if gram else split
                  ][INTERP_VARIANT]]
@@ -284,6 +286,11 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
     if gram:
         cands = [dict(gram=True, BLOCK_N=64, num_warps=4), dict(gram=True, BLOCK_N=32, programs=1056, num_warps=4),
                  dict(gram=True, BLOCK_N=64, num_warps=8), *cands]
+    if next_pow2(W) <= 64:   # column Gram matrices per kernel row (vector loads, no gathers; MMA work
+        # (pow2(W) / W) * (pow2(W) / kw) times the useful work)
+        wide = next_pow2(W) == 64
+        cands += [dict(cols=True, NI=ni, BLOCK_R=br, programs=4224, num_warps=nw)
+                  for ni, br, nw in (((2, 32, 4), (2, 64, 8), (4, 32, 8)) if wide else ((4, 32, 4), (8, 32, 8)))]
     if W <= 32:   # narrow planes: the same row of several images per reduction step
         narrow = 1 << (W - 1).bit_length()
         cands += [dict(NB=max(1, 64 // narrow), programs=4224, num_warps=4, prefetch=False),
