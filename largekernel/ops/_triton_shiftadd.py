@@ -675,11 +675,13 @@ def candidates(h: int, w: int, pad: int = 0) -> list[tuple[str, int, int, int]]:
     ]
     p = max(16, next_pow2(max(h, w) + 2 * pad))
     if p <= 64:  # shifts as tensor-core products with count matrices; [P, P] tiles, so small planes only
-        cands += [("dot", p, p, 1 if p == 16 else 4), ("dot", p, p, 2 if p == 16 else 8),
-                  ("dotb", p, 2 if p == 64 else 4, 8 if p == 64 else 4), ("dotb", p, 4 if p == 64 else 8, 8)]
+        cands += [("dot", p, p, 1 if p == 16 else 4), ("dot", p, p, 2 if p == 16 else 8)]
     else:
-        cands += [("tile+pf", strip, bw, _warps(strip * bw, 8)), ("flat+pf", 1, chunk, _warps(chunk, 8)),
-                  ("tile", strip, bw, _warps(strip * bw, 8)), ("flat", 1, chunk, _warps(chunk, 8))]
+        cands += [("tile+pf", strip, bw, _warps(strip * bw, 8)), ("flat+pf", 1, chunk, _warps(chunk, 8))]
+    if p <= 32:  # several images per program (at P = 64 the [NB, 64, 64] products spill: 22-37 ms, H200)
+        cands += [("dotb", p, 4, 4), ("dotb", p, 8, 8)]
+    else:
+        cands += [("tile", strip, bw, _warps(strip * bw, 8)), ("flat", 1, chunk, _warps(chunk, 8))]
     assert len(cands) == N_CANDIDATES
     return cands
 
