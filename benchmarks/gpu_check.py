@@ -156,9 +156,9 @@ MEMORY_CASES = [(c, h, k, cl) for c, h, k in ((128, 56, 31), (256, 28, 29), (512
                 for cl in (False, True)]
 
 
-def peak_memory(cases=MEMORY_CASES) -> list[dict]:
+def peak_memory(cases=MEMORY_CASES, dtypes=(torch.bfloat16, torch.float32)) -> list[dict]:
     rows = []
-    for dt in (torch.bfloat16, torch.float32):
+    for dt in dtypes:
         for c, h, k, cl in cases:
             res = {}
             for name, fn in (("native", dwconv._native), ("ours", dwconv._ours)):
@@ -454,6 +454,7 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="only the peak-memory comparison")
     ap.add_argument("--memory-h", type=lambda v: [int(h) for h in v.split(",")], default=None,
                     help="--memory: only these plane sizes (e.g. 56,28)")
+    ap.add_argument("--memory-dtypes", default="bfloat16,float32", help="--memory: these dtypes")
     ap.add_argument("--layers", action="store_true", help="only the layout-copy and cross-layer checks")
     ap.add_argument("--shapes", default="all", help="'quick' = the 4 stage shapes")
     ap.add_argument("--sweep-shapes", default="512/14/27,1024/7/13,256/28/29", help="C/H/K list for --sweep")
@@ -475,7 +476,8 @@ def main() -> None:
         return
     if args.memory:   # (with the tuner's timings of every candidate tried during the warm-up calls)
         cases = [m for m in MEMORY_CASES if args.memory_h is None or m[1] in args.memory_h]
-        _dump(dict(memory=peak_memory(cases), tuning_log=dwconv.tuning_log()))
+        dtypes = [getattr(torch, d) for d in args.memory_dtypes.split(",")]
+        _dump(dict(memory=peak_memory(cases, dtypes), tuning_log=dwconv.tuning_log()))
         return
     if args.layers:
         rows = check_layers()
