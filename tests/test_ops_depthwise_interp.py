@@ -47,7 +47,12 @@ VARIANT_CASES = [
     # the band copies (of the kernel's two bf16 parts) fit in the output's last 60 images; the first 20 read them, the
     # gathering kernel does the rest
     (9, ("copies_in_tail_fp32", 80, 1, 6, 5, 7, 7, "float32", "nchw", True, "xwb")),
+    # the large-plane form: fp32 copies in the last 9 images, a row tile computes those (forward and input grad)
+    (9, ("copies_in_tail_row_rest_fp32", 24, 1, 9, 12, 5, 5, "float32", "nchw", True, "xwb")),
 ]
+# forward / input-grad configuration forced for a case (else the variant's)
+FORCED_FWD = {"copies_in_tail_row_rest_fp32": dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16,
+                                                   tail=dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, prefetch=True))}
 _ALL_CASES = [(v, c) for c in CASES for v in VARIANTS if _variant_applies(v, c)] + VARIANT_CASES
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 5e-3}
 
@@ -202,9 +207,11 @@ def _main() -> None:
         if (variant, case) not in mine:
             continue
         dw.INTERP_VARIANT = variant
+        dw.FWD_CFG = FORCED_FWD.get(case[0], {})
         split_at.clear()
         results[f"{case[0]}/v{variant}"] = dict(_run_case(case, torch, F, depthwise_conv2d, depthwise_path),
                                                 tail_images=list(split_at))
+        dw.FWD_CFG = {}
     K._tail_scratch = tail_scratch
     if (None, "band_copies") in mine:
         results["band_copies"] = _band_copies_match(torch)
@@ -234,10 +241,11 @@ def test_triton_matches_float64_reference(results, case, variant):
     assert ("dx" in r) == ("x" in case[10]) and ("dw" in r) == ("w" in case[10])
 
 
-def test_tail_copies_case_reads_them(results):
-    """The tail case really runs both kernels, forward and input grad: some images read the copies, the rest not."""
-    n = results["copies_in_tail_fp32/v9"]["tail_images"]
-    assert len(n) == 2 and all(0 < k < 80 for k in n), n
+@pytest.mark.parametrize("case", [c for _, c in VARIANT_CASES], ids=[c[0] for _, c in VARIANT_CASES])
+def test_tail_copies_case_reads_them(results, case):
+    """The tail cases really run both kernels, forward and input grad: some images read the copies, the rest not."""
+    n = results[f"{case[0]}/v9"]["tail_images"]
+    assert len(n) == 2 and all(0 < k < case[1] for k in n), n
 
 
 def test_band_copies_match_independent_layout(results):
