@@ -109,9 +109,9 @@ def run(batch: int = 64, dtypes=("float32", "bfloat16"), shapes=SHAPES, ours_cl:
                 oc = time_impl(_ours, xc, w, b)
                 row.update(ours_cl_fwd=oc[0], ours_cl_fwdbwd=oc[1])
             rows.append(row)
-            if os.environ.get("OUT"):   # survives a timeout
+            if os.environ.get("OUT"):   # survives a timeout, with the tuner's picks and timings so far
                 with open(os.path.join(os.environ["OUT"], "dwconv_partial.json"), "w") as f:
-                    json.dump(rows, f, indent=1)
+                    json.dump(dict(rows=rows, tuned=tuned(), tuning_log=tuning_log()), f, indent=1)
             del x, w, b, xc
             torch.cuda.empty_cache()
             print(format_row(row), flush=True)
