@@ -227,6 +227,9 @@ def _sweep_wgrad(h: int) -> list[dict]:
     if h <= 16:
         cands += [dict(plane=True, BLOCK_N=bn, programs=progs, num_warps=nw)
                   for bn, progs, nw in ((64, 0, 4), (64, 0, 8), (32, 4224, 4), (32, 4224, 8), (16, 8448, 4))]
+    if h <= 64:   # the column-Gram weight grad
+        cands += [dict(cols=True, NI=ni, BLOCK_R=br, programs=4224, num_warps=nw)
+                  for ni, br, nw in ((1, 32, 4), (2, 32, 4), (2, 64, 8), (4, 32, 8), (8, 32, 8))]
     if h <= 32:
         for red, progs, nw, pf in ((64, 2112, 4, True), (64, 2112, 4, False), (128, 1056, 8, True),
                                    (128, 2112, 4, False), (256, 1056, 8, False), (64, 4224, 4, False)):
@@ -271,8 +274,8 @@ def _sweep_shape(rows: list, dt, shape, kinds=("fwd", "dgrad", "wgrad")) -> None
             _sweep_one(rows, "dgrad", dt, shape, cfg,
                        lambda cfg=cfg: dwmod._conv_pass(cfg, g, w, None, out, kh - 1 - ph, kw - 1 - pw, flip=True))
     if "wgrad" in kinds:
-        for cfg in _sweep_wgrad(h) + ([dict(c, precision="bf16x3") for c in _sweep_wgrad(h)[:2]]
-                                      if dt == torch.float32 else []):
+        for cfg in _sweep_wgrad(h) + ([dict(c, precision="bf16x3") for c in _sweep_wgrad(h)
+                                       if "BLOCK_V" in c or c.get("cols")] if dt == torch.float32 else []):
             _sweep_one(rows, "wgrad", dt, shape, cfg, lambda cfg=cfg: dwmod._wgrad_pass(cfg, x, g, w))
 
 
