@@ -898,6 +898,17 @@ def _tail_scratch(y, nbytes: int, dtype):
     return start // per_image, y.view(-1).view(torch.uint8)[start:start + nbytes].view(dtype)
 
 
+def _kernel_parts(w, split: bool) -> list:
+    """[w], or with split (fp32 w) its bf16 high / low parts, whose band copies the split kernels read (``_dot3``).
+    The parts have w's shape and strides, so the same taps (``_taps``) read them."""
+    if not split:
+        return [w]
+    import torch
+
+    w_hi = w.to(torch.bfloat16)
+    return [w_hi, (w - w_hi.float()).to(torch.bfloat16)]
+
+
 def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_f32: bool,
                flip: bool = False) -> None:
     """y = depthwise 'same'-style conv of x with w (C, kh, kw) (flipped in both axes if flip) and top/left
@@ -910,12 +921,7 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         grid = (C * cdiv(N, bm) * cdiv(H * W, bn),)
         if cfg.get("bands"):
-            parts = [w]
-            if cfg.get("split") and w.element_size() == 4:   # fp32: copies of the kernel's bf16 high / low parts
-                import torch
-
-                w_hi = w.to(torch.bfloat16)   # same shape and strides as w, so the same taps read the parts
-                parts = [w_hi, (w - w_hi.float()).to(torch.bfloat16)]
+            parts = _kernel_parts(w, bool(cfg.get("split")) and w.element_size() == 4)
             wp, bvec = next_pow2(W), 16 // parts[0].element_size()
             bn = max(bn, wp)   # whole output rows per tile
             rows, rp, e0, lq = plane_band_geometry(KH, KW, H, W, ph, pw, bn, bk, bvec)
@@ -968,13 +974,7 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         bvec = 8 if split else 16 // w.element_size() if bands else 1
         q, q2, lq, e0 = w, w, 1, num_u * bu - 1
         if bands:
-            parts = [w]
-            if split:   # the kernel's bf16 parts; same shape and strides as w, so the same taps read them
-                import torch
-
-                w_hi = w.to(torch.bfloat16)
-                parts = [w_hi, (w - w_hi.float()).to(torch.bfloat16)]
-            copies = [band_copies(p, taps, e0, e0 + pwa - pw + bw, bvec) for p in parts]
+            copies = [band_copies(p, taps, e0, e0 + pwa - pw + bw, bvec) for p in _kernel_parts(w, split)]
             (q, lq), (q2, _) = copies[0], copies[-1]
         launch(_dw_fwd2_kernel, grid, x, w, b_arg, y,
                               N, C, H, W // vec, KH, KW, ph, pw, pwa // vec, w_off, swh, sww,

@@ -381,6 +381,15 @@ def _dot_data(d, m, acc, DATA_LEFT: tl.constexpr, F64: tl.constexpr, SPLIT: tl.c
 
 
 @triton.jit
+def _count_matrix(diff, tab, G: tl.constexpr, SIGN: tl.constexpr):
+    """[P, P] int32: m[u, w] = #{g < G: diff[u, w] == SIGN * tab[g]}."""
+    m = diff * 0
+    for g in tl.static_range(G):
+        m += (diff == SIGN * tl.load(tab + g)).to(tl.int32)
+    return m
+
+
+@triton.jit
 def _gather_dot(y_ptr, pad_ptr, ident_ptr, bc, c, r, q,
                 NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                 F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
@@ -403,11 +412,8 @@ def _gather_dot(y_ptr, pad_ptr, ident_ptr, bc, c, r, q,
     for j in range(NK):
         yh = tl.load(p_h + j * PLANE, mask=m_h, other=0.0)
         yv = tl.load(p_v + j * PLANE, mask=m_v, other=0.0)
-        mh = diff * 0
-        mv = mh
-        for g in tl.static_range(G):
-            mh += (diff == tl.load(tab + j * (2 * G) + g)).to(tl.int32)
-            mv += (diff == -tl.load(tab + j * (2 * G) + G + g)).to(tl.int32)
+        mh = _count_matrix(diff, tab + j * (2 * G), G, 1)
+        mv = _count_matrix(diff, tab + j * (2 * G) + G, G, -1)
         acc0 = _dot_data(yh, mh.to(tl.float32), acc0, True, F64, SPLIT, EMULATE)
         acc1 = _dot_data(yv, mv.to(tl.float32), acc1, False, F64, SPLIT, EMULATE)
     inside = (r < H) & (q < W)
@@ -470,13 +476,11 @@ def _bwd_dot(gout_ptr, pad_ptr, ident_ptr, gy_ptr, R, term_stride,
     g1 = tl.load(g_c + term_stride + (tl.minimum(r, H - 1) * W + tl.minimum(tl.maximum(c1, 0), W - 1)),
                  mask=(r < H) & c1_ok, other=0.0)
     diff = r - q  # Bh[w, v] counts s_h == w - v; Bv[u, t] counts s_v == t - u
-    bh = diff * 0
-    bv = bh
     tab = pad_ptr + (c * NK + j) * (2 * G)
+    bh = _count_matrix(diff, tab, G, 1)
+    bv = _count_matrix(diff, tab + G, G, -1)
     hits = 0
     for g in tl.static_range(G):
-        bh += (diff == tl.load(tab + g)).to(tl.int32)
-        bv += (diff == -tl.load(tab + G + g)).to(tl.int32)
         hits += (tl.load(ident_ptr + c * G + g) == c * NK + j).to(tl.int32)
     acc = tl.zeros((r + q).shape, dtype=tl.float64 if F64 else tl.float32)
     acc = _dot_data(g0, bh.to(tl.float32), acc, True, F64, SPLIT, EMULATE)
@@ -492,15 +496,6 @@ def _bwd_dot(gout_ptr, pad_ptr, ident_ptr, gy_ptr, R, term_stride,
 # "dotb": the "dot" kernels with NB images of one channel per program, as batched [NB, P, P] products: the count
 # matrices depend on the channel and the small kernel only, so each is built once for NB images (at P = 64 building
 # them costs more instructions than the loads and the products together).
-
-
-@triton.jit
-def _count_matrix(diff, tab, G: tl.constexpr, SIGN: tl.constexpr):
-    """[P, P] int32: m[u, w] = #{g < G: diff[u, w] == SIGN * tab[g]}."""
-    m = diff * 0
-    for g in tl.static_range(G):
-        m += (diff == SIGN * tl.load(tab + g)).to(tl.int32)
-    return m
 
 
 @triton.jit
