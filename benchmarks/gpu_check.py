@@ -204,17 +204,23 @@ def _sweep_fwd(h: int, kw: int) -> list[dict]:
 
 
 def _sweep_fwd_fp32(h: int) -> list[dict]:
-    """fp32 forward / input-grad tiles on large planes: Triton's bf16x3 split of both operands, or (``split``) the
-    kernel as bf16 high / low band copies and x split once per step; 16-, 32- and 64-wide output tiles."""
-    bw = dwmod._bw(h)
-    rows = [dict(BLOCK_M=bm, BLOCK_W=w, BLOCK_U=u, num_warps=nw, num_stages=2, prefetch=True, precision="bf16x3")
-            for bm, w, u, nw in ((64, 32, 32, 4), (128, bw, 32, 8), (128, 16, 16, 4), (256, 16, 16, 8))]
-    rows += [dict(BLOCK_M=bm, BLOCK_W=w, BLOCK_U=u, num_warps=nw, num_stages=2, prefetch=True, bands=True, split=True)
-             for bm, w, u, nw in ((64, 32, 32, 4), (128, 32, 32, 4), (128, 32, 32, 8), (256, 32, 32, 8),
-                                  (64, 16, 16, 4), (128, 16, 16, 4), (256, 16, 16, 4), (256, 16, 16, 8),
-                                  (128, bw, 32, 8))]
-    rows += [dict(plane=True, bands=True, BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, prefetch=True,
-                  precision="bf16x3") for bn, bk, nw in ((64, 32, 4), (128, 32, 8), (256, 32, 8))]
+    """fp32 forward / input-grad tiles on large planes: the row kernel in its fastest tile (the reference), and the
+    whole-plane GEMM over whole output rows in many tiles: the kernel as copies of its bf16 high / low parts
+    (``split``) or Triton's bf16x3 / bf16x6 splits of both operands; tile sizes, warps, pipeline stages, prefetch."""
+    rows = [dict(BLOCK_M=64, BLOCK_W=32, BLOCK_U=32, num_warps=4, num_stages=2, prefetch=True, bands=True, split=True)]
+    plane = dict(plane=True, bands=True, BLOCK_N=1 << (h - 1).bit_length())
+    rows += [dict(plane, BLOCK_M=bm, BLOCK_K=bk, num_warps=nw, num_stages=ns, prefetch=pf, split=True)
+             for bm, bk, nw, ns, pf in ((64, 32, 4, 2, True), (64, 32, 4, 2, False), (64, 32, 4, 1, True),
+                                        (64, 32, 4, 3, True), (64, 32, 4, 3, False), (64, 32, 4, 4, False),
+                                        (64, 16, 4, 2, True), (64, 16, 4, 3, False), (64, 64, 4, 2, True),
+                                        (64, 64, 4, 2, False), (64, 32, 8, 2, True), (64, 64, 8, 2, True),
+                                        (64, 16, 8, 3, False), (128, 32, 8, 2, True), (128, 32, 8, 3, False),
+                                        (128, 16, 8, 2, True), (128, 64, 8, 2, True), (32, 32, 4, 2, True),
+                                        (32, 64, 4, 2, True), (32, 16, 2, 2, True))]
+    rows += [dict(plane, BLOCK_M=bm, BLOCK_K=bk, num_warps=nw, num_stages=ns, prefetch=pf, precision=p)
+             for p in ("bf16x3", "bf16x6")
+             for bm, bk, nw, ns, pf in ((64, 32, 4, 2, True), (64, 32, 4, 3, False), (64, 64, 4, 2, True),
+                                        (128, 32, 8, 2, True))]
     return rows
 
 
@@ -228,8 +234,12 @@ def _sweep_wgrad(h: int) -> list[dict]:
         cands += [dict(plane=True, BLOCK_N=bn, programs=progs, num_warps=nw)
                   for bn, progs, nw in ((64, 0, 4), (64, 0, 8), (32, 4224, 4), (32, 4224, 8), (16, 8448, 4))]
     if h <= 64:   # the column-Gram weight grad
-        cands += [dict(cols=True, NI=ni, BLOCK_R=br, programs=4224, num_warps=nw)
-                  for ni, br, nw in ((1, 32, 4), (2, 32, 4), (2, 64, 8), (4, 32, 8), (8, 32, 8))]
+        cands += [dict(cols=True, NI=ni, BLOCK_R=br, programs=progs, num_warps=nw, num_stages=ns)
+                  for ni, br, nw, progs, ns in ((1, 32, 4, 4224, 2), (2, 32, 4, 4224, 2), (2, 64, 8, 4224, 2),
+                                                (4, 32, 8, 4224, 2), (8, 32, 8, 4224, 2), (2, 32, 4, 2112, 2),
+                                                (2, 32, 4, 8448, 2), (2, 16, 4, 4224, 2), (2, 32, 4, 4224, 3),
+                                                (2, 64, 4, 4224, 2), (4, 16, 8, 4224, 2), (4, 32, 8, 8448, 3),
+                                                (1, 64, 4, 4224, 2), (1, 32, 2, 4224, 3))]
     if h <= 32:
         for red, progs, nw, pf in ((64, 2112, 4, True), (64, 2112, 4, False), (128, 1056, 8, True),
                                    (128, 2112, 4, False), (256, 1056, 8, False), (64, 4224, 4, False)):
