@@ -484,16 +484,22 @@ def _dw_plane_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
 
 
 @triton.jit
-def _plane_band_tiles(p0, x_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, ocol, E0, PW, PHR, LQ_V,
-                      WP: tl.constexpr, BVEC: tl.constexpr, SPLIT: tl.constexpr):
+def _plane_band_tiles(p0, x_rows, x2_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, ocol, E0, PW, PHR, LQ_V,
+                      WP: tl.constexpr, BVEC: tl.constexpr, SPLIT: tl.constexpr, XSPLIT: tl.constexpr):
     """A = x[batch rows, p'] over padded positions p' = py * WP + px (zero for px >= W or py >= py_hi) and
     B[p', o'] = w[py - oy + PH, px - ox + PW] read as aligned BVEC-wide runs along ox from the band copies.
-    Returns (A, B, B2): with SPLIT, B / B2 from the copies of the kernel's high / low bf16 parts, else B2 = B."""
+    Returns (A, A2, B, B2): with SPLIT, B / B2 from the copies of the kernel's high / low bf16 parts, else B2 = B;
+    with XSPLIT, A / A2 from x's high / low bf16 parts (``x2_rows``), else A2 = A."""
     p = p0 + dk
     py = p // WP
     px = p % WP
-    a = tl.load(x_rows[:, None] + (py * sxh + px * sxw)[None, :], mask=((px < W) & (py < py_hi))[None, :],
-                other=0.0)
+    x_offs = (py * sxh + px * sxw)[None, :]
+    x_mask = ((px < W) & (py < py_hi))[None, :]
+    a = tl.load(x_rows[:, None] + x_offs, mask=x_mask, other=0.0)
+    if XSPLIT:
+        a2 = tl.load(x2_rows[:, None] + x_offs, mask=x_mask, other=0.0)
+    else:
+        a2 = a
     e = E0 - PW - px
     offs = ((((py + PHR) * BVEC + e % BVEC) * LQ_V + e // BVEC) * BVEC)[:, None] + ocol[None, :]
     b = tl.load(q_c + offs)
@@ -501,12 +507,15 @@ def _plane_band_tiles(p0, x_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, ocol, E0, P
         b2 = tl.load(q2_c + offs)
     else:
         b2 = b
-    return a, b, b2
+    return a, a2, b, b2
 
 
 @triton.jit
-def _plane_band_mma(a, b, b2, acc, PRECISION: tl.constexpr, CAST_F32: tl.constexpr, SPLIT: tl.constexpr):
-    if SPLIT:   # B comes as its bf16 parts: split only A (fp32), three bf16 MMAs
+def _plane_band_mma(a, a2, b, b2, acc, PRECISION: tl.constexpr, CAST_F32: tl.constexpr, SPLIT: tl.constexpr,
+                    XSPLIT: tl.constexpr):
+    if XSPLIT:   # both operands come as their bf16 parts: three bf16 MMAs
+        acc = _dot3(a, a2, b, b2, acc, CAST_F32)
+    elif SPLIT:   # B comes as its bf16 parts: split only A (fp32), three bf16 MMAs
         a_hi, a_lo = _split_bf16(a)
         acc = _dot3(a_hi, a_lo, b, b2, acc, CAST_F32)
     else:
@@ -515,17 +524,19 @@ def _plane_band_mma(a, b, b2, acc, PRECISION: tl.constexpr, CAST_F32: tl.constex
 
 
 @triton.jit
-def _dw_plane_bands_kernel(x_ptr, q_ptr, q2_ptr, b_ptr, y_ptr,
+def _dw_plane_bands_kernel(x_ptr, x2_ptr, q_ptr, q2_ptr, b_ptr, y_ptr,
                            N, C, H, W, KH, PH, PW, PHR, E0, QR, LQ_V,
                            sxn, sxc, sxh, sxw, syn, syc, syh, syw,
                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, WP: tl.constexpr, BVEC: tl.constexpr, PRECISION: tl.constexpr,
-                           CAST_F32: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr):
+                           CAST_F32: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
+                           XSPLIT: tl.constexpr):
     """Whole-plane GEMM (see _dw_plane_kernel) on positions padded to WP = pow2(W) columns, so that along the
     output columns the B operand is a run of one reversed kernel row: it is read as aligned vectors from the
     band copies ``q`` (``plane_band_geometry``: per kernel row, BVEC copies shifted by 0..BVEC-1, zero rows above
     and below) instead of element by element. An output tile is BLOCK_N // WP whole output rows.
-    SPLIT (fp32 x): ``q`` / ``q2`` are the copies of the kernel's high / low bf16 parts (``_dot3``)."""
+    SPLIT (fp32 x): ``q`` / ``q2`` are the copies of the kernel's high / low bf16 parts (``_dot3``); XSPLIT too:
+    ``x_ptr`` / ``x2_ptr`` are x's high / low bf16 parts (split once, not in every tile that reads them)."""
     pid = tl.program_id(0)
     NR: tl.constexpr = BLOCK_N // WP
     num_o = tl.cdiv(H, NR)
@@ -540,7 +551,9 @@ def _dw_plane_bands_kernel(x_ptr, q_ptr, q2_ptr, b_ptr, y_ptr,
     ocol = ox - (oy * BVEC * LQ_V) * BVEC
     m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < N
-    x_rows = x_ptr + c.to(tl.int64) * sxc + tl.where(m_ok, m, 0).to(tl.int64) * sxn
+    x_row_offs = c.to(tl.int64) * sxc + tl.where(m_ok, m, 0).to(tl.int64) * sxn
+    x_rows = x_ptr + x_row_offs
+    x2_rows = x2_ptr + x_row_offs
     q_off = (c.to(tl.int64) * QR * LQ_V) * BVEC * BVEC
     q_c = q_ptr + q_off
     q2_c = q2_ptr + q_off
@@ -552,20 +565,21 @@ def _dw_plane_bands_kernel(x_ptr, q_ptr, q2_ptr, b_ptr, y_ptr,
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if PREFETCH:
-        a, b, b2 = _plane_band_tiles(p_lo, x_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, ocol, E0, PW, PHR, LQ_V, WP,
-                                     BVEC, SPLIT)
+        a, a2, b, b2 = _plane_band_tiles(p_lo, x_rows, x2_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, ocol, E0, PW,
+                                         PHR, LQ_V, WP, BVEC, SPLIT, XSPLIT)
         for t in range(0, T):
             a_cur = a
+            a2_cur = a2
             b_cur = b
             b2_cur = b2
-            a, b, b2 = _plane_band_tiles(p_lo + (t + 1) * BLOCK_K, x_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, ocol,
-                                         E0, PW, PHR, LQ_V, WP, BVEC, SPLIT)
-            acc = _plane_band_mma(a_cur, b_cur, b2_cur, acc, PRECISION, CAST_F32, SPLIT)
+            a, a2, b, b2 = _plane_band_tiles(p_lo + (t + 1) * BLOCK_K, x_rows, x2_rows, dk, W, py_hi, sxh, sxw, q_c,
+                                             q2_c, ocol, E0, PW, PHR, LQ_V, WP, BVEC, SPLIT, XSPLIT)
+            acc = _plane_band_mma(a_cur, a2_cur, b_cur, b2_cur, acc, PRECISION, CAST_F32, SPLIT, XSPLIT)
     else:
         for t in range(0, T):
-            a, b, b2 = _plane_band_tiles(p_lo + t * BLOCK_K, x_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, ocol, E0,
-                                         PW, PHR, LQ_V, WP, BVEC, SPLIT)
-            acc = _plane_band_mma(a, b, b2, acc, PRECISION, CAST_F32, SPLIT)
+            a, a2, b, b2 = _plane_band_tiles(p_lo + t * BLOCK_K, x_rows, x2_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c,
+                                             ocol, E0, PW, PHR, LQ_V, WP, BVEC, SPLIT, XSPLIT)
+            acc = _plane_band_mma(a, a2, b, b2, acc, PRECISION, CAST_F32, SPLIT, XSPLIT)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
@@ -898,6 +912,32 @@ def _tail_scratch(y, nbytes: int, dtype):
     return start // per_image, y.view(-1).view(torch.uint8)[start:start + nbytes].view(dtype)
 
 
+@triton.jit
+def _split_channels_kernel(x_ptr, hi_ptr, lo_ptr, G, H, W, sxn, sxc, sxh, sxw, TOTAL, BLOCK: tl.constexpr):
+    """hi / lo (N, G, H, W), contiguous = the bf16 parts (``_split_bf16``) of x's channels c0.. (x_ptr at c0)."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < TOTAL
+    hw = e % (H * W)
+    nc = e // (H * W)
+    v = tl.load(x_ptr + (nc // G) * sxn + (nc % G) * sxc + (hw // W) * sxh + (hw % W) * sxw, mask=ok, other=0.0)
+    hi, lo = _split_bf16(v.to(tl.float32))
+    tl.store(hi_ptr + e, hi, mask=ok)
+    tl.store(lo_ptr + e, lo, mask=ok)
+
+
+def _split_channels(x, c0: int, g: int):
+    """(hi, lo): the bf16 parts of x[:, c0:c0 + g] as two contiguous (N, g, H, W) tensors."""
+    import torch
+
+    N, _, H, W = x.shape
+    hi = torch.empty((N, g, H, W), device=x.device, dtype=torch.bfloat16)
+    lo = torch.empty_like(hi)
+    total = hi.numel()
+    launch(_split_channels_kernel, (cdiv(total, 1024),), x[:, c0:], hi, lo, g, H, W, *x.stride(), total,
+           BLOCK=1024, num_warps=4)
+    return hi, lo
+
+
 def _kernel_parts(w, split: bool) -> list:
     """[w], or with split (fp32 w) its bf16 high / low parts, whose band copies the split kernels read (``_dot3``).
     The parts have w's shape and strides, so the same taps (``_taps``) read them."""
@@ -936,14 +976,24 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
             qs = [_band_copies(part, taps, rows, rp, e0, lq, bvec,
                                None if scratch is None else scratch[i * size:(i + 1) * size])
                   for i, part in enumerate(parts)]
-            grid = (C * cdiv(N, bm) * cdiv(H, bn // wp),)
-            launch(_dw_plane_bands_kernel, grid, x, qs[0], qs[-1], b_arg, y,
-                                         N, C, H, W, KH, ph, pw, ph + rp, e0, rows, lq // bvec,
-                                         *x.stride(), *y.stride(),
-                                         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WP=wp,
-                                         BVEC=bvec, PRECISION=precision, CAST_F32=cast_f32,
-                                         PREFETCH=cfg.get("prefetch", False), SPLIT=len(parts) == 2,
-                                         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+            # xsplit (fp32 with split, not with tail): x's bf16 parts written once per group of that many channels
+            # (a temporary of the group's size), so that the tiles read them instead of splitting x in every tile
+            group = cfg.get("xsplit") if len(parts) == 2 and rest is None else None
+            for c0 in range(0, C, group or C):
+                g = min(C - c0, group or C)
+                xa = xb = x
+                if group:
+                    xa, xb = _split_channels(x, c0, g)
+                grid = (g * cdiv(N, bm) * cdiv(H, bn // wp),)
+                launch(_dw_plane_bands_kernel, grid, xa, xb, qs[0][c0:c0 + g], qs[-1][c0:c0 + g],
+                                             b_arg[c0:c0 + g], y[:, c0:c0 + g],
+                                             N, g, H, W, KH, ph, pw, ph + rp, e0, rows, lq // bvec,
+                                             *xa.stride(), *y.stride(),
+                                             HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WP=wp,
+                                             BVEC=bvec, PRECISION=precision, CAST_F32=cast_f32,
+                                             PREFETCH=cfg.get("prefetch", False), SPLIT=len(parts) == 2,
+                                             XSPLIT=bool(group), num_warps=cfg.get("num_warps", 4),
+                                             num_stages=cfg.get("num_stages", 2))
             if rest is not None:   # the last images; whole-plane tiles no taller than their count (16..BLOCK_M)
                 if rest.get("plane"):
                     rest = dict(rest, BLOCK_M=min(rest["BLOCK_M"], max(16, next_pow2(x.shape[0] - N))))
