@@ -291,8 +291,13 @@ def _sweep_shape(rows: list, dt, shape, kinds=("fwd", "dgrad", "wgrad")) -> None
             _sweep_one(rows, "dgrad", dt, shape, cfg,
                        lambda cfg=cfg: dwmod._conv_pass(cfg, g, w, None, out, kh - 1 - ph, kw - 1 - pw, flip=True))
     if "wgrad" in kinds:
+        presplit = [dict(cols=True, NI=ni, BLOCK_R=br, programs=progs, num_warps=4, num_stages=ns, presplit=ps,
+                         group=grp)
+                    for ps in ("g", "x", "gx") for ni, br, progs, ns, grp in
+                    ((2, 32, 2112, 2, 32), (2, 64, 4224, 2, 32), (2, 32, 2112, 3, 32), (1, 64, 4224, 3, 32),
+                     (2, 32, 2112, 2, 128))] if h > 32 else []
         for cfg in _sweep_wgrad(h) + ([dict(c, precision="bf16x3") for c in _sweep_wgrad(h)
-                                       if "BLOCK_V" in c or c.get("cols")] if dt == torch.float32 else []):
+                                       if "BLOCK_V" in c or c.get("cols")] + presplit if dt == torch.float32 else []):
             _sweep_one(rows, "wgrad", dt, shape, cfg, lambda cfg=cfg: dwmod._wgrad_pass(cfg, x, g, w))
 
 

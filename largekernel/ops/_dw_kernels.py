@@ -356,18 +356,21 @@ def _dw_wgrad2_kernel(x_ptr, g_ptr, dw_ptr,
 
 
 @triton.jit
-def _dw_wgrad_cols_kernel(x_ptr, g_ptr, dw_ptr,
+def _dw_wgrad_cols_kernel(x_ptr, x2_ptr, g_ptr, g2_ptr, dw_ptr,
                           N, C, H, W_V, KH, KW, PH, PW, ROWS_PER_SPLIT, SPLITS,
                           sxn_v, sxc_v, sxh_v, sxw, sgn_v, sgc_v, sgh_v, sgw,
                           NI: tl.constexpr, WP: tl.constexpr, BLOCK_R: tl.constexpr,
-                          PRECISION: tl.constexpr, CAST_F32: tl.constexpr, VEC: tl.constexpr):
+                          PRECISION: tl.constexpr, CAST_F32: tl.constexpr, VEC: tl.constexpr,
+                          SPLIT_G: tl.constexpr, SPLIT_X: tl.constexpr):
     """Weight grad of NI kernel rows i0.. of channel c from column Gram matrices: with the flattened (n, oy) rows
     as the reduction, P[ox, (ii, px)] = sum_(n, oy) g[n, oy, ox] * x[n, oy + i0 + ii - PH, px] is one GEMM of
     contiguous rows (no gathers: A = grad_out rows, transposed; B = the NI row-shifted x rows side by side, NI*WP
     wide), and dw[i0 + ii, j] = sum_ox P[ox, (ii, ox + j - PW)], a diagonal sum taken once at the end. The MMA
     work is WP*WP / (W*KW) times the useful work (56x56 K31: 2.4x), the operands load as vectors. The rows are
     split over SPLITS programs per (channel, row block) writing fp32 partials. W and the strides but sxw / sgw
-    come as multiples of VEC (see _dw_fwd2_kernel)."""
+    come as multiples of VEC (see _dw_fwd2_kernel). SPLIT_G / SPLIT_X: grad_out / x come as their bf16 high / low
+    parts (``g_ptr`` / ``g2_ptr``, ``x_ptr`` / ``x2_ptr``, split once beforehand), the other operand is split here;
+    three bf16 MMAs per step (``_dot3``)."""
     W = W_V * VEC
     sxn = sxn_v * VEC
     sxc = sxc_v * VEC
@@ -384,6 +387,8 @@ def _dw_wgrad_cols_kernel(x_ptr, g_ptr, dw_ptr,
     k_end = tl.minimum(k_start + ROWS_PER_SPLIT, N * H)
     x_c = x_ptr + c.to(tl.int64) * sxc
     g_c = g_ptr + c.to(tl.int64) * sgc
+    x2_c = x2_ptr + c.to(tl.int64) * sxc
+    g2_c = g2_ptr + c.to(tl.int64) * sgc
     dk = tl.arange(0, BLOCK_R)
     ox = tl.arange(0, WP)
     col = tl.arange(0, NI * WP)
@@ -396,12 +401,27 @@ def _dw_wgrad_cols_kernel(x_ptr, g_ptr, dw_ptr,
         k_ok = k < k_end
         n = (k // H).to(tl.int64)
         oy = k % H
-        a = tl.load(g_c + (n * sgn + oy * sgh)[:, None] + (ox * sgw)[None, :],
-                    mask=k_ok[:, None] & (ox < W)[None, :], other=0.0)
+        a_offs = (n * sgn + oy * sgh)[:, None] + (ox * sgw)[None, :]
+        a_mask = k_ok[:, None] & (ox < W)[None, :]
+        a = tl.load(g_c + a_offs, mask=a_mask, other=0.0)
         py = oy[:, None] + dy[None, :]
-        b = tl.load(x_c + (n * sxn)[:, None] + py * sxh + (px * sxw)[None, :],
-                    mask=k_ok[:, None] & (py >= 0) & (py < H) & ((px < W) & (i0 + ii < KH))[None, :], other=0.0)
-        acc = _mma(tl.trans(a), b, acc, PRECISION, CAST_F32)
+        b_offs = (n * sxn)[:, None] + py * sxh + (px * sxw)[None, :]
+        b_mask = k_ok[:, None] & (py >= 0) & (py < H) & ((px < W) & (i0 + ii < KH))[None, :]
+        b = tl.load(x_c + b_offs, mask=b_mask, other=0.0)
+        if SPLIT_G or SPLIT_X:
+            if SPLIT_G:
+                a_hi = a
+                a_lo = tl.load(g2_c + a_offs, mask=a_mask, other=0.0)
+            else:
+                a_hi, a_lo = _split_bf16(a)
+            if SPLIT_X:
+                b_hi = b
+                b_lo = tl.load(x2_c + b_offs, mask=b_mask, other=0.0)
+            else:
+                b_hi, b_lo = _split_bf16(b)
+            acc = _dot3(tl.trans(a_hi), tl.trans(a_lo), b_hi, b_lo, acc, CAST_F32)
+        else:
+            acc = _mma(tl.trans(a), b, acc, PRECISION, CAST_F32)
     out = dw_ptr + ((s.to(tl.int64) * C + c) * KH + i0) * KW
     rows = tl.arange(0, NI)
     diag = px[None, :] - ox[:, None]
@@ -484,22 +504,16 @@ def _dw_plane_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
 
 
 @triton.jit
-def _plane_band_tiles(p0, x_rows, x2_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, ocol, E0, PW, PHR, LQ_V,
-                      WP: tl.constexpr, BVEC: tl.constexpr, SPLIT: tl.constexpr, XSPLIT: tl.constexpr):
+def _plane_band_tiles(p0, x_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, ocol, E0, PW, PHR, LQ_V,
+                      WP: tl.constexpr, BVEC: tl.constexpr, SPLIT: tl.constexpr):
     """A = x[batch rows, p'] over padded positions p' = py * WP + px (zero for px >= W or py >= py_hi) and
     B[p', o'] = w[py - oy + PH, px - ox + PW] read as aligned BVEC-wide runs along ox from the band copies.
-    Returns (A, A2, B, B2): with SPLIT, B / B2 from the copies of the kernel's high / low bf16 parts, else B2 = B;
-    with XSPLIT, A / A2 from x's high / low bf16 parts (``x2_rows``), else A2 = A."""
+    Returns (A, B, B2): with SPLIT, B / B2 from the copies of the kernel's high / low bf16 parts, else B2 = B."""
     p = p0 + dk
     py = p // WP
     px = p % WP
-    x_offs = (py * sxh + px * sxw)[None, :]
-    x_mask = ((px < W) & (py < py_hi))[None, :]
-    a = tl.load(x_rows[:, None] + x_offs, mask=x_mask, other=0.0)
-    if XSPLIT:
-        a2 = tl.load(x2_rows[:, None] + x_offs, mask=x_mask, other=0.0)
-    else:
-        a2 = a
+    a = tl.load(x_rows[:, None] + (py * sxh + px * sxw)[None, :], mask=((px < W) & (py < py_hi))[None, :],
+                other=0.0)
     e = E0 - PW - px
     offs = ((((py + PHR) * BVEC + e % BVEC) * LQ_V + e // BVEC) * BVEC)[:, None] + ocol[None, :]
     b = tl.load(q_c + offs)
@@ -507,15 +521,12 @@ def _plane_band_tiles(p0, x_rows, x2_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, oc
         b2 = tl.load(q2_c + offs)
     else:
         b2 = b
-    return a, a2, b, b2
+    return a, b, b2
 
 
 @triton.jit
-def _plane_band_mma(a, a2, b, b2, acc, PRECISION: tl.constexpr, CAST_F32: tl.constexpr, SPLIT: tl.constexpr,
-                    XSPLIT: tl.constexpr):
-    if XSPLIT:   # both operands come as their bf16 parts: three bf16 MMAs
-        acc = _dot3(a, a2, b, b2, acc, CAST_F32)
-    elif SPLIT:   # B comes as its bf16 parts: split only A (fp32), three bf16 MMAs
+def _plane_band_mma(a, b, b2, acc, PRECISION: tl.constexpr, CAST_F32: tl.constexpr, SPLIT: tl.constexpr):
+    if SPLIT:   # B comes as its bf16 parts: split only A (fp32), three bf16 MMAs
         a_hi, a_lo = _split_bf16(a)
         acc = _dot3(a_hi, a_lo, b, b2, acc, CAST_F32)
     else:
@@ -524,19 +535,17 @@ def _plane_band_mma(a, a2, b, b2, acc, PRECISION: tl.constexpr, CAST_F32: tl.con
 
 
 @triton.jit
-def _dw_plane_bands_kernel(x_ptr, x2_ptr, q_ptr, q2_ptr, b_ptr, y_ptr,
+def _dw_plane_bands_kernel(x_ptr, q_ptr, q2_ptr, b_ptr, y_ptr,
                            N, C, H, W, KH, PH, PW, PHR, E0, QR, LQ_V,
                            sxn, sxc, sxh, sxw, syn, syc, syh, syw,
                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, WP: tl.constexpr, BVEC: tl.constexpr, PRECISION: tl.constexpr,
-                           CAST_F32: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
-                           XSPLIT: tl.constexpr):
+                           CAST_F32: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr):
     """Whole-plane GEMM (see _dw_plane_kernel) on positions padded to WP = pow2(W) columns, so that along the
     output columns the B operand is a run of one reversed kernel row: it is read as aligned vectors from the
     band copies ``q`` (``plane_band_geometry``: per kernel row, BVEC copies shifted by 0..BVEC-1, zero rows above
     and below) instead of element by element. An output tile is BLOCK_N // WP whole output rows.
-    SPLIT (fp32 x): ``q`` / ``q2`` are the copies of the kernel's high / low bf16 parts (``_dot3``); XSPLIT too:
-    ``x_ptr`` / ``x2_ptr`` are x's high / low bf16 parts (split once, not in every tile that reads them)."""
+    SPLIT (fp32 x): ``q`` / ``q2`` are the copies of the kernel's high / low bf16 parts (``_dot3``)."""
     pid = tl.program_id(0)
     NR: tl.constexpr = BLOCK_N // WP
     num_o = tl.cdiv(H, NR)
@@ -551,9 +560,7 @@ def _dw_plane_bands_kernel(x_ptr, x2_ptr, q_ptr, q2_ptr, b_ptr, y_ptr,
     ocol = ox - (oy * BVEC * LQ_V) * BVEC
     m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < N
-    x_row_offs = c.to(tl.int64) * sxc + tl.where(m_ok, m, 0).to(tl.int64) * sxn
-    x_rows = x_ptr + x_row_offs
-    x2_rows = x2_ptr + x_row_offs
+    x_rows = x_ptr + c.to(tl.int64) * sxc + tl.where(m_ok, m, 0).to(tl.int64) * sxn
     q_off = (c.to(tl.int64) * QR * LQ_V) * BVEC * BVEC
     q_c = q_ptr + q_off
     q2_c = q2_ptr + q_off
@@ -565,21 +572,20 @@ def _dw_plane_bands_kernel(x_ptr, x2_ptr, q_ptr, q2_ptr, b_ptr, y_ptr,
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if PREFETCH:
-        a, a2, b, b2 = _plane_band_tiles(p_lo, x_rows, x2_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, ocol, E0, PW,
-                                         PHR, LQ_V, WP, BVEC, SPLIT, XSPLIT)
+        a, b, b2 = _plane_band_tiles(p_lo, x_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, ocol, E0, PW, PHR, LQ_V, WP,
+                                     BVEC, SPLIT)
         for t in range(0, T):
             a_cur = a
-            a2_cur = a2
             b_cur = b
             b2_cur = b2
-            a, a2, b, b2 = _plane_band_tiles(p_lo + (t + 1) * BLOCK_K, x_rows, x2_rows, dk, W, py_hi, sxh, sxw, q_c,
-                                             q2_c, ocol, E0, PW, PHR, LQ_V, WP, BVEC, SPLIT, XSPLIT)
-            acc = _plane_band_mma(a_cur, a2_cur, b_cur, b2_cur, acc, PRECISION, CAST_F32, SPLIT, XSPLIT)
+            a, b, b2 = _plane_band_tiles(p_lo + (t + 1) * BLOCK_K, x_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, ocol,
+                                         E0, PW, PHR, LQ_V, WP, BVEC, SPLIT)
+            acc = _plane_band_mma(a_cur, b_cur, b2_cur, acc, PRECISION, CAST_F32, SPLIT)
     else:
         for t in range(0, T):
-            a, a2, b, b2 = _plane_band_tiles(p_lo + t * BLOCK_K, x_rows, x2_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c,
-                                             ocol, E0, PW, PHR, LQ_V, WP, BVEC, SPLIT, XSPLIT)
-            acc = _plane_band_mma(a, a2, b, b2, acc, PRECISION, CAST_F32, SPLIT, XSPLIT)
+            a, b, b2 = _plane_band_tiles(p_lo + t * BLOCK_K, x_rows, dk, W, py_hi, sxh, sxw, q_c, q2_c, ocol, E0,
+                                         PW, PHR, LQ_V, WP, BVEC, SPLIT)
+            acc = _plane_band_mma(a, b, b2, acc, PRECISION, CAST_F32, SPLIT)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
@@ -976,24 +982,14 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
             qs = [_band_copies(part, taps, rows, rp, e0, lq, bvec,
                                None if scratch is None else scratch[i * size:(i + 1) * size])
                   for i, part in enumerate(parts)]
-            # xsplit (fp32 with split, not with tail): x's bf16 parts written once per group of that many channels
-            # (a temporary of the group's size), so that the tiles read them instead of splitting x in every tile
-            group = cfg.get("xsplit") if len(parts) == 2 and rest is None else None
-            for c0 in range(0, C, group or C):
-                g = min(C - c0, group or C)
-                xa = xb = x
-                if group:
-                    xa, xb = _split_channels(x, c0, g)
-                grid = (g * cdiv(N, bm) * cdiv(H, bn // wp),)
-                launch(_dw_plane_bands_kernel, grid, xa, xb, qs[0][c0:c0 + g], qs[-1][c0:c0 + g],
-                                             b_arg[c0:c0 + g], y[:, c0:c0 + g],
-                                             N, g, H, W, KH, ph, pw, ph + rp, e0, rows, lq // bvec,
-                                             *xa.stride(), *y.stride(),
-                                             HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WP=wp,
-                                             BVEC=bvec, PRECISION=precision, CAST_F32=cast_f32,
-                                             PREFETCH=cfg.get("prefetch", False), SPLIT=len(parts) == 2,
-                                             XSPLIT=bool(group), num_warps=cfg.get("num_warps", 4),
-                                             num_stages=cfg.get("num_stages", 2))
+            grid = (C * cdiv(N, bm) * cdiv(H, bn // wp),)
+            launch(_dw_plane_bands_kernel, grid, x, qs[0], qs[-1], b_arg, y,
+                                         N, C, H, W, KH, ph, pw, ph + rp, e0, rows, lq // bvec,
+                                         *x.stride(), *y.stride(),
+                                         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WP=wp,
+                                         BVEC=bvec, PRECISION=precision, CAST_F32=cast_f32,
+                                         PREFETCH=cfg.get("prefetch", False), SPLIT=len(parts) == 2,
+                                         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
             if rest is not None:   # the last images; whole-plane tiles no taller than their count (16..BLOCK_M)
                 if rest.get("plane"):
                     rest = dict(rest, BLOCK_M=min(rest["BLOCK_M"], max(16, next_pow2(x.shape[0] - N))))
@@ -1099,26 +1095,35 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
                                                 num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
         return partial.sum(0) if splits > 1 else partial[0]
     if cfg.get("cols"):   # column Gram matrices per kernel row, over all rows of the batch
-        wp, ni = _pow2(W), cfg.get("NI", 2)
+        # presplit ("g", "x" or "gx", fp32): those operands as bf16 parts split once per group of channels
+        presplit = cfg.get("presplit", "") if x.element_size() == 4 else ""
+        group = cfg.get("group", C) if presplit else C
+        wp, ni, br = _pow2(W), cfg.get("NI", 2), cfg["BLOCK_R"]
         rows = N * H
-        blocks = C * cdiv(kh, ni)
-        br = cfg["BLOCK_R"]
+        blocks = group * cdiv(kh, ni)
         splits = max(1, min(cdiv(rows, br), cdiv(cfg.get("programs", 1024), blocks)))
         rows_per_split = cdiv(cdiv(rows, splits), br) * br
         splits = cdiv(rows, rows_per_split)
-        partial = torch.empty((splits, C, kh, kw), device=x.device, dtype=torch.float32)
-        if poison:
-            partial.fill_(float("nan"))
-        vec = min(_vec(x, cfg), _vec(g, cfg))
-        xn, xc, xh, xw = x.stride()
-        gn, gc, gh, gw = g.stride()
-        launch(_dw_wgrad_cols_kernel, (blocks * splits,), x, g, partial,
-                                              N, C, H, W // vec, kh, kw, ph, pw, rows_per_split, splits,
-                                              xn // vec, xc // vec, xh // vec, xw, gn // vec, gc // vec, gh // vec, gw,
-                                              NI=ni, WP=wp, BLOCK_R=br, PRECISION=precision,
-                                              CAST_F32=cast_f32, VEC=vec,
-                                              num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
-        return partial.sum(0) if splits > 1 else partial[0]
+        dw = torch.empty((C, kh, kw), device=x.device, dtype=torch.float32)
+        for c0 in range(0, C, group):
+            gc = min(group, C - c0)
+            xa, xb = _split_channels(x, c0, gc) if "x" in presplit else (x[:, c0:c0 + gc],) * 2
+            ga, gb = _split_channels(g, c0, gc) if "g" in presplit else (g[:, c0:c0 + gc],) * 2
+            partial = torch.empty((splits, gc, kh, kw), device=x.device, dtype=torch.float32)
+            if poison:
+                partial.fill_(float("nan"))
+            vec = min(_vec(xa, cfg), _vec(ga, cfg))
+            xn, xc, xh, xw = xa.stride()
+            gn, gcs, gh, gw = ga.stride()
+            launch(_dw_wgrad_cols_kernel, (gc * cdiv(kh, ni) * splits,), xa, xb, ga, gb, partial,
+                                                  N, gc, H, W // vec, kh, kw, ph, pw, rows_per_split, splits,
+                                                  xn // vec, xc // vec, xh // vec, xw, gn // vec, gcs // vec, gh // vec,
+                                                  gw, NI=ni, WP=wp, BLOCK_R=br, PRECISION=precision,
+                                                  CAST_F32=cast_f32, VEC=vec, SPLIT_G="g" in presplit,
+                                                  SPLIT_X="x" in presplit, num_warps=cfg.get("num_warps", 4),
+                                                  num_stages=cfg.get("num_stages", 2))
+            torch.sum(partial, 0, out=dw[c0:c0 + gc])
+        return dw
     if "BLOCK_V" in cfg:   # row-walking kernel
         rows = N * H
         splits = max(1, min(rows, cdiv(cfg.get("programs", 1024), C)))
