@@ -50,13 +50,15 @@ VARIANT_CASES = [
     # the large-plane form: fp32 copies in the last 9 images, a row tile computes those (forward and input grad)
     (9, ("copies_in_tail_row_rest_fp32", 24, 1, 9, 12, 5, 5, "float32", "nchw", True, "xwb")),
     # the whole-plane GEMM reading x's bf16 parts, split once per group of 2 channels (groups of 2, 2, 1)
-    (9, ("x_parts_in_channel_groups_fp32", 6, 5, 7, 9, 5, 5, "float32", "nchw", True, "xwb")),
+    # the column-Gram weight grad reading grad_out's and x's bf16 parts, split once per group of 2 channels
+    (9, ("parts_in_channel_groups_wgrad_fp32", 3, 5, 7, 9, 5, 5, "float32", "nchw", True, "wb")),
 ]
 # forward / input-grad configuration forced for a case (else the variant's)
 FORCED_FWD = {"copies_in_tail_row_rest_fp32": dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16,
-                                                   tail=dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, prefetch=True)),
-              "x_parts_in_channel_groups_fp32": dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16,
-                                                     split=True, xsplit=2, prefetch=True)}
+                                                   tail=dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, prefetch=True))}
+# weight-grad configuration forced for a case
+FORCED_WGRAD = {"parts_in_channel_groups_wgrad_fp32": dict(cols=True, NI=2, BLOCK_R=16, programs=8, presplit="gx",
+                                                           group=2)}
 TAIL_CASES = [c for _, c in VARIANT_CASES if "tail" in c[0]]
 _ALL_CASES = [(v, c) for c in CASES for v in VARIANTS if _variant_applies(v, c)] + VARIANT_CASES
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 5e-3}
@@ -220,11 +222,12 @@ def _main() -> None:
             continue
         dw.INTERP_VARIANT = variant
         dw.FWD_CFG = FORCED_FWD.get(case[0], {})
+        dw.WGRAD_CFG = FORCED_WGRAD.get(case[0], {})
         split_at.clear()
         x_splits.clear()
         results[f"{case[0]}/v{variant}"] = dict(_run_case(case, torch, F, depthwise_conv2d, depthwise_path),
                                                 tail_images=list(split_at), x_splits=list(x_splits))
-        dw.FWD_CFG = {}
+        dw.FWD_CFG, dw.WGRAD_CFG = {}, {}
     K._tail_scratch, K._split_channels = tail_scratch, split_channels
     if (None, "band_copies") in mine:
         results["band_copies"] = _band_copies_match(torch)
@@ -261,9 +264,10 @@ def test_tail_copies_case_reads_them(results, case):
     assert len(n) == 2 and all(0 < k < case[1] for k in n), n
 
 
-def test_x_parts_case_splits_every_channel_group(results):
-    """Forward and input grad each split x (grad_out) in the channel groups (0, 2), (2, 2), (4, 1)."""
-    assert results["x_parts_in_channel_groups_fp32/v9"]["x_splits"] == [[0, 2], [2, 2], [4, 1]] * 2
+def test_parts_case_splits_every_channel_group(results):
+    """The weight grad splits x and grad_out in the channel groups (0, 2), (2, 2), (4, 1)."""
+    assert results["parts_in_channel_groups_wgrad_fp32/v9"]["x_splits"] == [[0, 2], [0, 2], [2, 2], [2, 2], [4, 1],
+                                                                            [4, 1]]
 
 
 def test_band_copies_match_independent_layout(results):
