@@ -103,6 +103,13 @@ _TAIL_ROW = dict(_TAIL, tail=dict(BLOCK_M=64, BLOCK_W=32, BLOCK_U=32, num_warps=
 VARIANTS += [(name, lambda w, p=prec: dict(_TAIL_ROW, **p), VARIANTS[0][2])
              for name, prec in (("tail-row", {}), ("tail-row-bf16x3", dict(precision="bf16x3")),
                                 ("tail-row-split", dict(split=True)))]
+# v11: the large-plane whole-plane GEMM pipelined by Triton (3 stages, no register prefetch), the input grad with its
+# copies in dx's tail and a bf16x3 row tile for those; the column-Gram weight grad on grad_out's and x's bf16 parts
+# split once into dx's storage (fp32; other dtypes ignore presplit)
+_PLANE_NS3 = dict(_TAIL_ROW, num_stages=3, prefetch=False, split=True, precision="bf16x3")
+VARIANTS += [("plane-ns3-split", lambda w: _PLANE_NS3 if w > 32 else VARIANTS[0][1](w), VARIANTS[0][2]),
+             ("cols-presplit", VARIANTS[0][1], lambda w: dict(cols=True, NI=2, BLOCK_R=32, programs=0, num_warps=4,
+                                                              presplit="gx") if w > 16 else VARIANTS[0][2](w))]
 
 
 def check_correctness(variants=VARIANTS) -> list[dict]:

@@ -50,8 +50,9 @@ VARIANT_CASES = [
     # the large-plane form: fp32 copies in the last 9 images, a row tile computes those (forward and input grad)
     (9, ("copies_in_tail_row_rest_fp32", 24, 1, 9, 12, 5, 5, "float32", "nchw", True, "xwb")),
     # the whole-plane GEMM reading x's bf16 parts, split once per group of 2 channels (groups of 2, 2, 1)
-    # the column-Gram weight grad reading grad_out's and x's bf16 parts, split once per group of 2 channels
-    (9, ("parts_in_channel_groups_wgrad_fp32", 3, 5, 7, 9, 5, 5, "float32", "nchw", True, "wb")),
+    # the column-Gram weight grad reading grad_out's and x's bf16 parts, split once per group of C // 2 = 2 channels
+    # into dx's storage before the input grad
+    (9, ("parts_in_channel_groups_wgrad_fp32", 3, 5, 7, 9, 5, 5, "float32", "nchw", True, "xwb")),
 ]
 # forward / input-grad configuration forced for a case (else the variant's)
 FORCED_FWD = {"copies_in_tail_row_rest_fp32": dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16,
@@ -212,9 +213,9 @@ def _main() -> None:
     K._tail_scratch = recorded
     split_channels, x_splits = K._split_channels, []
 
-    def recorded_split(x, c0, g):   # which channel groups had x split into bf16 parts
+    def recorded_split(x, c0, g, buffers=None):   # which channel groups had x split into bf16 parts
         x_splits.append((c0, g))
-        return split_channels(x, c0, g)
+        return split_channels(x, c0, g, buffers)
 
     K._split_channels = recorded_split
     for variant, case in VARIANT_CASES:

@@ -685,9 +685,10 @@ def _dw_wgrad_batched_kernel(x_ptr, g_ptr, dw_ptr,
 
 @triton.jit
 def _band_copies_kernel(w_ptr, q_ptr, KH, KW, R, RP, E0, LQ, w_off, swh, sww,
-                        BLOCK_R: tl.constexpr, BVEC: tl.constexpr, BLOCK_Q: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BVEC: tl.constexpr, BLOCK_Q: tl.constexpr, PART: tl.constexpr):
     """BLOCK_R rows r of one channel's band copies: q[c, r, s, k] = w[c, r - RP, E0 - k - s] (0 off the kernel),
-    tap (i, j) read at w_ptr + w_off + c*KH*KW + i*swh + j*sww (flipped / transposed in place)."""
+    tap (i, j) read at w_ptr + w_off + c*KH*KW + i*swh + j*sww (flipped / transposed in place). PART 1 / 2: the
+    bf16 high / low part of each (fp32) tap instead (``_split_bf16``)."""
     pid = tl.program_id(0)
     num_r = tl.cdiv(R, BLOCK_R)
     c = pid // num_r
@@ -699,24 +700,31 @@ def _band_copies_kernel(w_ptr, q_ptr, KH, KW, R, RP, E0, LQ, w_off, swh, sww,
     keep = (r < R) & (k < LQ)
     ok = keep & (i >= 0) & (i < KH) & (j >= 0) & (j < KW)
     v = tl.load(w_ptr + w_off + c * KH * KW + i * swh + j * sww, mask=ok, other=0.0)
-    tl.store(q_ptr + ((c.to(tl.int64) * R + r) * BVEC + sv) * LQ + k, v, mask=keep)
+    if PART != 0:
+        hi, lo = _split_bf16(v.to(tl.float32))
+        v = hi if PART == 1 else lo
+    tl.store(q_ptr + ((c.to(tl.int64) * R + r) * BVEC + sv) * LQ + k, v.to(q_ptr.dtype.element_ty), mask=keep)
 
 
-def _band_copies(w, taps: tuple, rows: int, rp: int, e0: int, lq: int, bvec: int, out=None):
+def _band_copies(w, taps: tuple, rows: int, rp: int, e0: int, lq: int, bvec: int, out=None, part: int = 0):
     """(C, rows, bvec, lq) band copies of w (C, kh, kw) read through ``taps`` (``_taps``), one launch; see
-    _band_copies_kernel. ``out``: a contiguous buffer of exactly that many elements of w's dtype to use."""
+    _band_copies_kernel. ``out``: a contiguous buffer of exactly that many elements of the copies' dtype (w's, or
+    bf16 for a ``part`` 1 / 2 of fp32 w) to use."""
+    import torch
+
     kh, kw, w_off, swh, sww = taps
     shape = (w.shape[0], rows, bvec, lq)
-    q = w.new_empty(shape) if out is None else out.view(shape)
+    dtype = torch.bfloat16 if part else w.dtype
+    q = w.new_empty(shape, dtype=dtype) if out is None else out.view(shape)
     # several rows per program: one (row, copy) per 1-warp program was ~19k programs at 7x7 C1024
     block_q = next_pow2(lq)
     block_r = max(1, min(next_pow2(rows), 4096 // (bvec * block_q)))
     launch(_band_copies_kernel, (w.shape[0] * cdiv(rows, block_r),), w, q, kh, kw, rows, rp, e0, lq, w_off, swh, sww,
-           BLOCK_R=block_r, BVEC=bvec, BLOCK_Q=block_q, num_warps=4)
+           BLOCK_R=block_r, BVEC=bvec, BLOCK_Q=block_q, PART=part, num_warps=4)
     return q
 
 
-def band_copies(w, taps: tuple, e0: int, length: int, bvec: int):
+def band_copies(w, taps: tuple, e0: int, length: int, bvec: int, part: int = 0):
     """Per kernel row i of w (C, kh, kw) read through ``taps`` (``_taps``: flipped / transposed in place): the
     reversed row zero-padded to ``length``,
     ``P_i[e0 - j] = w[i, j]`` (e0 >= kw - 1), stored as ``bvec`` copies shifted by 0..bvec-1: Q[c, i, s, k] =
@@ -724,7 +732,7 @@ def band_copies(w, taps: tuple, e0: int, length: int, bvec: int):
     e % bvec. Returns (Q, LQ). C * kh * bvec * LQ elements: weights-sized (~6 MB at C128 K31 bf16), no
     activation-sized copy."""
     lq = cdiv(length, bvec) * bvec
-    return _band_copies(w, taps, taps[0], 0, e0, lq, bvec), lq
+    return _band_copies(w, taps, taps[0], 0, e0, lq, bvec, part=part), lq
 
 
 @triton.jit
@@ -931,28 +939,28 @@ def _split_channels_kernel(x_ptr, hi_ptr, lo_ptr, G, H, W, sxn, sxc, sxh, sxw, T
     tl.store(lo_ptr + e, lo, mask=ok)
 
 
-def _split_channels(x, c0: int, g: int):
-    """(hi, lo): the bf16 parts of x[:, c0:c0 + g] as two contiguous (N, g, H, W) tensors."""
+def _split_channels(x, c0: int, g: int, buffers=None):
+    """(hi, lo): the bf16 parts of x[:, c0:c0 + g] as two contiguous (N, g, H, W) tensors, the next two of
+    ``buffers`` (an iterator of such tensors) where given."""
     import torch
 
     N, _, H, W = x.shape
-    hi = torch.empty((N, g, H, W), device=x.device, dtype=torch.bfloat16)
-    lo = torch.empty_like(hi)
+    if buffers is not None:
+        hi, lo = next(buffers), next(buffers)
+    else:
+        hi = torch.empty((N, g, H, W), device=x.device, dtype=torch.bfloat16)
+        lo = torch.empty_like(hi)
     total = hi.numel()
     launch(_split_channels_kernel, (cdiv(total, 1024),), x[:, c0:], hi, lo, g, H, W, *x.stride(), total,
            BLOCK=1024, num_warps=4)
     return hi, lo
 
 
-def _kernel_parts(w, split: bool) -> list:
-    """[w], or with split (fp32 w) its bf16 high / low parts, whose band copies the split kernels read (``_dot3``).
-    The parts have w's shape and strides, so the same taps (``_taps``) read them."""
-    if not split:
-        return [w]
-    import torch
-
-    w_hi = w.to(torch.bfloat16)
-    return [w_hi, (w - w_hi.float()).to(torch.bfloat16)]
+def _kernel_parts(split: bool) -> list:
+    """The parts of the kernel whose band copies a launch reads (``_band_copies``' ``part``): [0] = w itself, or
+    with split (fp32 w) [1, 2] = its bf16 high / low parts (``_dot3``), split while the copies are written (no
+    weights-sized temporaries: they were above native's backward peak, beside dx)."""
+    return [1, 2] if split else [0]
 
 
 def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_f32: bool,
@@ -967,20 +975,23 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         grid = (C * cdiv(N, bm) * cdiv(H * W, bn),)
         if cfg.get("bands"):
-            parts = _kernel_parts(w, bool(cfg.get("split")) and w.element_size() == 4)
-            wp, bvec = next_pow2(W), 16 // parts[0].element_size()
+            parts = _kernel_parts(bool(cfg.get("split")) and w.element_size() == 4)
+            part_size = 2 if parts[0] else w.element_size()
+            wp, bvec = next_pow2(W), 16 // part_size
             bn = max(bn, wp)   # whole output rows per tile
             rows, rp, e0, lq = plane_band_geometry(KH, KW, H, W, ph, pw, bn, bk, bvec)
             size = C * rows * bvec * lq
             rest, scratch = cfg.get("tail"), None
             if rest is not None:   # no room for the copies beside y: they live in y's last images, which `rest`
                 # (a configuration without copies) computes once this launch has read them
-                N, scratch = _tail_scratch(y, len(parts) * size * parts[0].element_size(), parts[0].dtype)
+                import torch
+
+                N, scratch = _tail_scratch(y, len(parts) * size * part_size, torch.bfloat16 if parts[0] else w.dtype)
                 if N == 0:
                     launch_fwd(x, w, bias, y, ph, pw, rest, precision, cast_f32, flip)
                     return
-            qs = [_band_copies(part, taps, rows, rp, e0, lq, bvec,
-                               None if scratch is None else scratch[i * size:(i + 1) * size])
+            qs = [_band_copies(w, taps, rows, rp, e0, lq, bvec,
+                               None if scratch is None else scratch[i * size:(i + 1) * size], part)
                   for i, part in enumerate(parts)]
             grid = (C * cdiv(N, bm) * cdiv(H, bn // wp),)
             launch(_dw_plane_bands_kernel, grid, x, qs[0], qs[-1], b_arg, y,
@@ -1020,7 +1031,7 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         bvec = 8 if split else 16 // w.element_size() if bands else 1
         q, q2, lq, e0 = w, w, 1, num_u * bu - 1
         if bands:
-            copies = [band_copies(p, taps, e0, e0 + pwa - pw + bw, bvec) for p in _kernel_parts(w, split)]
+            copies = [band_copies(w, taps, e0, e0 + pwa - pw + bw, bvec, p) for p in _kernel_parts(split)]
             (q, lq), (q2, _) = copies[0], copies[-1]
         launch(_dw_fwd2_kernel, grid, x, w, b_arg, y,
                               N, C, H, W // vec, KH, KW, ph, pw, pwa // vec, w_off, swh, sww,
@@ -1041,8 +1052,9 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
 
 
 def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision: str, cast_f32: bool,
-                 poison: bool = False):
-    """Returns the fp32 weight grad (C, kh, kw)."""
+                 poison: bool = False, scratch=None):
+    """Returns the fp32 weight grad (C, kh, kw). ``scratch``: a buffer (dx, not yet written) that the
+    column-Gram kernel may keep the operands' bf16 parts in."""
     import torch
 
     if cfg.get("transpose"):   # tall kernels: the transposed problem, its (kw x kh) grad transposed back
@@ -1095,34 +1107,43 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
                                                 num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
         return partial.sum(0) if splits > 1 else partial[0]
     if cfg.get("cols"):   # column Gram matrices per kernel row, over all rows of the batch
-        # presplit ("g", "x" or "gx", fp32): those operands as bf16 parts split once per group of channels
+        # presplit ("g", "x" or "gx", fp32): those operands as bf16 parts, split once per group of channels into
+        # ``scratch`` (dx's storage, before the input grad overwrites it: groups of C // 2 channels) or, without
+        # it, into temporaries of the group's size
         presplit = cfg.get("presplit", "") if x.element_size() == 4 else ""
-        group = cfg.get("group", C) if presplit else C
+        in_scratch = bool(presplit) and scratch is not None and scratch.is_contiguous() and \
+            scratch.numel() * scratch.element_size() >= 2 * x.numel() * x.element_size() * len(presplit) // 4
+        group = max(1, C // 2) if in_scratch else cfg.get("group", C) if presplit else C
         wp, ni, br = _pow2(W), cfg.get("NI", 2), cfg["BLOCK_R"]
         rows = N * H
-        blocks = group * cdiv(kh, ni)
-        splits = max(1, min(cdiv(rows, br), cdiv(cfg.get("programs", 1024), blocks)))
+        # programs counts those of all channels; 0: one program per (channel, row block), writing dw directly
+        splits = max(1, min(cdiv(rows, br), cdiv(cfg.get("programs", 1024), C * cdiv(kh, ni))))
         rows_per_split = cdiv(cdiv(rows, splits), br) * br
         splits = cdiv(rows, rows_per_split)
         dw = torch.empty((C, kh, kw), device=x.device, dtype=torch.float32)
         for c0 in range(0, C, group):
             gc = min(group, C - c0)
-            xa, xb = _split_channels(x, c0, gc) if "x" in presplit else (x[:, c0:c0 + gc],) * 2
-            ga, gb = _split_channels(g, c0, gc) if "g" in presplit else (g[:, c0:c0 + gc],) * 2
-            partial = torch.empty((splits, gc, kh, kw), device=x.device, dtype=torch.float32)
+            n_parts = 2 * len(presplit)
+            parts = iter(scratch.view(-1).view(torch.bfloat16)[:n_parts * N * gc * H * W].view(n_parts, N, gc, H, W)) \
+                if in_scratch else None
+            xa, xb = _split_channels(x, c0, gc, parts) if "x" in presplit else (x[:, c0:c0 + gc],) * 2
+            ga, gb = _split_channels(g, c0, gc, parts) if "g" in presplit else (g[:, c0:c0 + gc],) * 2
+            out = dw[c0:c0 + gc] if splits == 1 else torch.empty((splits, gc, kh, kw), device=x.device,
+                                                                 dtype=torch.float32)
             if poison:
-                partial.fill_(float("nan"))
+                out.fill_(float("nan"))
             vec = min(_vec(xa, cfg), _vec(ga, cfg))
             xn, xc, xh, xw = xa.stride()
             gn, gcs, gh, gw = ga.stride()
-            launch(_dw_wgrad_cols_kernel, (gc * cdiv(kh, ni) * splits,), xa, xb, ga, gb, partial,
+            launch(_dw_wgrad_cols_kernel, (gc * cdiv(kh, ni) * splits,), xa, xb, ga, gb, out,
                                                   N, gc, H, W // vec, kh, kw, ph, pw, rows_per_split, splits,
                                                   xn // vec, xc // vec, xh // vec, xw, gn // vec, gcs // vec, gh // vec,
                                                   gw, NI=ni, WP=wp, BLOCK_R=br, PRECISION=precision,
                                                   CAST_F32=cast_f32, VEC=vec, SPLIT_G="g" in presplit,
                                                   SPLIT_X="x" in presplit, num_warps=cfg.get("num_warps", 4),
                                                   num_stages=cfg.get("num_stages", 2))
-            torch.sum(partial, 0, out=dw[c0:c0 + gc])
+            if splits > 1:
+                torch.sum(out, 0, out=dw[c0:c0 + gc])
         return dw
     if "BLOCK_V" in cfg:   # row-walking kernel
         rows = N * H

@@ -255,13 +255,16 @@ def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> li
         base += plane_rows
         cands += [dict(c, precision=p) for p in FP32_SPLITS for c in base]
         if "bf16x3" in FP32_SPLITS:   # and the whole-plane GEMM reading copies of the kernel's bf16 parts (bf16x3)
-            cands += [dict(c, split=True) for c in plane_rows]
+            # (precision: that of the tail's row tile, if any; the split whole-plane kernel does its own)
+            cands += [dict(c, split=True, precision="bf16x3") for c in plane_rows]
     if kh % 2 and kw % 2:
         cands.append(dict(native=True))
     return cands
 
 
-def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
+def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int, in_dx: bool = False) -> list[dict]:
+    """Weight-grad configurations. in_dx: dx is computed too, so that its storage can hold the operands' bf16
+    parts beforehand (the fp32 column-Gram kernel's presplit: no temporary beyond native's peak)."""
     if WGRAD_CFG:
         return [WGRAD_CFG]
     from largekernel.ops import _dw_kernels as K
@@ -293,6 +296,10 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int) -> list[dict]:
         wide = next_pow2(W) == 64
         cands += [dict(cols=True, NI=ni, BLOCK_R=br, programs=4224, num_warps=nw)
                   for ni, br, nw in (((2, 32, 4), (2, 64, 8), (4, 32, 8)) if wide else ((4, 32, 4), (8, 32, 8)))]
+        if x.dtype == torch.float32 and in_dx and not small:   # fp32: both operands split into bf16 parts once
+            # (in dx's storage), not at every step: 1.56 against 3.18 ms at 56x56 K31 (H200 sweep, temporaries)
+            cands += [dict(cols=True, NI=ni, BLOCK_R=br, programs=0, num_warps=4, num_stages=ns, presplit="gx")
+                      for ni, br, ns in ((2, 32, 2), (2, 32, 3), (1, 32, 2), (2, 64, 2))]
     if W <= 32:   # narrow planes: the same row of several images per reduction step
         narrow = 1 << (W - 1).bit_length()
         cands += [dict(NB=max(1, 64 // narrow), programs=4224, num_warps=4, prefetch=False),
@@ -394,7 +401,8 @@ def _conv_pass(cand: dict, src: torch.Tensor, w: torch.Tensor, bias, out: torch.
                  _precision(src.dtype, cand), src.device.type == "cpu", flip)
 
 
-def _wgrad_pass(cand: dict, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _wgrad_pass(cand: dict, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor,
+                scratch: torch.Tensor | None = None) -> torch.Tensor:
     from largekernel.ops import _dw_kernels as K
 
     C, _, kh, kw = weight.shape
@@ -402,7 +410,7 @@ def _wgrad_pass(cand: dict, x: torch.Tensor, g: torch.Tensor, weight: torch.Tens
     if cand.get("native"):
         return torch.nn.grad.conv2d_weight(x, weight.shape, g, padding=(ph, pw), groups=C)
     dw = K.launch_wgrad(rowmajor(x), rowmajor(g), kh, kw, ph, pw, cand, _precision(x.dtype, cand),
-                        x.device.type == "cpu", POISON)
+                        x.device.type == "cpu", POISON, scratch)
     return dw.reshape(C, 1, kh, kw).to(weight.dtype)
 
 
@@ -429,13 +437,20 @@ def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     # one row-major copy of grad_out (and of x, for the weight grad) where they are channels_last: see _triton_forward
     gr = rowmajor(grad) if need_w or need_x else grad
+    dx_buf = None
     if need_w:   # first, so that its fp32 partial sums are freed before dx is allocated (peak memory)
         xr = rowmajor(x)
-        cand = _pick("wgrad", x, kh, kw, lambda: _wgrad_candidates(x, kh, kw), lambda c: _wgrad_pass(c, xr, gr, weight))
-        dw = _wgrad_pass(cand, xr, gr, weight)
+        cand = _pick("wgrad", x, kh, kw, lambda: _wgrad_candidates(x, kh, kw, in_dx=need_x),
+                     lambda c: _wgrad_pass(c, xr, gr, weight, torch.empty_like(xr) if c.get("presplit") else None))
+        if cand.get("presplit") and need_x:   # (it keeps the operands' bf16 parts in dx until the input grad)
+            dx_buf = _alloc_like(x if x.stride(-1) == 1 else gr)
+        dw = _wgrad_pass(cand, xr, gr, weight, dx_buf)
+        if dx_buf is not None and POISON:
+            dx_buf.fill_(float("nan"))
         del xr   # a channels_last x's row-major copy: freed before dx is allocated (peak memory)
     if need_x:
-        dx = _alloc_like(x if x.stride(-1) == 1 else gr)   # row-major, converted to x's layout below
+        dx = dx_buf if dx_buf is not None else _alloc_like(x if x.stride(-1) == 1 else gr)   # row-major, converted
+        # to x's layout below
         # band copies (a weights-sized temporary) only where PyTorch's own backward peaks far higher: channels_last
         # inputs in 2-byte types (NCHW, and fp32 at 7x7, peak at or below native's only without them: the memory
         # table in docs/performance.md)
