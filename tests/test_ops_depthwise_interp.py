@@ -134,9 +134,9 @@ def _plane_band_reads_in_copies(torch, F) -> dict:
 
     build = K._band_copies
 
-    def guarded(w, taps, rows, rp, e0, lq, bvec, out=None):
+    def guarded(w, taps, rows, rp, e0, lq, bvec, out=None, part=0):
         n = w.shape[0] * rows * bvec * lq
-        return build(w, taps, rows, rp, e0, lq, bvec, out=torch.full((3 * n,), float("nan"), dtype=w.dtype)[n:2 * n])
+        return build(w, taps, rows, rp, e0, lq, bvec, torch.full((3 * n,), float("nan"), dtype=w.dtype)[n:2 * n], part)
 
     K._band_copies = guarded
     out = {}
