@@ -224,13 +224,6 @@ def _sweep_fwd_fp32(h: int) -> list[dict]:
                                         (64, 16, 8, 3, False), (128, 32, 8, 2, True), (128, 32, 8, 3, False),
                                         (128, 16, 8, 2, True), (128, 64, 8, 2, True), (32, 32, 4, 2, True),
                                         (32, 64, 4, 2, True), (32, 16, 2, 2, True))]
-    rows += [dict(plane, BLOCK_M=bm, BLOCK_K=bk, num_warps=nw, num_stages=ns, prefetch=pf, split=True, xsplit=g)
-             for bm, bk, nw, ns, pf, g in ((64, 32, 4, 2, True, 32), (64, 32, 4, 2, False, 32),
-                                           (64, 32, 4, 3, False, 32), (64, 64, 4, 2, True, 32),
-                                           (64, 64, 4, 3, False, 32), (64, 16, 4, 3, False, 32),
-                                           (128, 32, 8, 2, True, 32), (128, 64, 8, 3, False, 32),
-                                           (64, 32, 4, 2, True, 16), (64, 32, 4, 2, True, 64),
-                                           (64, 32, 4, 2, True, 128))]
     rows += [dict(plane, BLOCK_M=bm, BLOCK_K=bk, num_warps=nw, num_stages=ns, prefetch=pf, precision=p)
              for p in ("bf16x3", "bf16x6")
              for bm, bk, nw, ns, pf in ((64, 32, 4, 2, True), (64, 32, 4, 3, False), (64, 64, 4, 2, True),
