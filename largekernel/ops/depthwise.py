@@ -341,7 +341,7 @@ def _cuda_ms(fn, reps: int = 3, calls: int = 4) -> float:
 def _pick(kind: str, x: torch.Tensor, kh: int, kw: int, candidates, run) -> dict:
     """The fastest candidate for this pass and argument signature, timed once and cached. ``candidates()`` builds
     the list; it is only called when the pick is not cached (this runs on every call: host time counts)."""
-    forced = WGRAD_CFG if kind == "wgrad" else FWD_CFG
+    forced = WGRAD_CFG if kind.startswith("wgrad") else FWD_CFG
     if forced:
         return forced
     if not TUNE or not x.is_cuda:
@@ -440,7 +440,8 @@ def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     dx_buf = None
     if need_w:   # first, so that its fp32 partial sums are freed before dx is allocated (peak memory)
         xr = rowmajor(x)
-        cand = _pick("wgrad", x, kh, kw, lambda: _wgrad_candidates(x, kh, kw, in_dx=need_x),
+        # (picked apart from a weight grad without dx, whose candidates have nowhere to keep the parts)
+        cand = _pick("wgrad" if need_x else "wgrad-only", x, kh, kw, lambda: _wgrad_candidates(x, kh, kw, in_dx=need_x),
                      lambda c: _wgrad_pass(c, xr, gr, weight, torch.empty_like(xr) if c.get("presplit") else None))
         if cand.get("presplit") and need_x:   # (it keeps the operands' bf16 parts in dx until the input grad)
             dx_buf = _alloc_like(x if x.stride(-1) == 1 else gr)
