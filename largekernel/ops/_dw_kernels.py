@@ -1111,7 +1111,7 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
         # ``scratch`` (dx's storage, before the input grad overwrites it: groups of C // 2 channels) or, without
         # it, into temporaries of the group's size
         presplit = cfg.get("presplit", "") if x.element_size() == 4 else ""
-        in_scratch = bool(presplit) and scratch is not None and scratch.is_contiguous() and \
+        in_scratch = bool(presplit) and C >= 2 and scratch is not None and scratch.is_contiguous() and \
             scratch.numel() * scratch.element_size() >= 2 * x.numel() * x.element_size() * len(presplit) // 4
         group = max(1, C // 2) if in_scratch else cfg.get("group", C) if presplit else C
         wp, ni, br = _pow2(W), cfg.get("NI", 2), cfg["BLOCK_R"]

@@ -296,8 +296,9 @@ def _wgrad_candidates(x: torch.Tensor, kh: int, kw: int, in_dx: bool = False) ->
         wide = next_pow2(W) == 64
         cands += [dict(cols=True, NI=ni, BLOCK_R=br, programs=4224, num_warps=nw)
                   for ni, br, nw in (((2, 32, 4), (2, 64, 8), (4, 32, 8)) if wide else ((4, 32, 4), (8, 32, 8)))]
-        if x.dtype == torch.float32 and in_dx and not small:   # fp32: both operands split into bf16 parts once
-            # (in dx's storage), not at every step: 1.56 against 3.18 ms at 56x56 K31 (H200 sweep, temporaries)
+        if x.dtype == torch.float32 and in_dx and not small and x.shape[1] >= 2:   # fp32: both operands split
+            # into bf16 parts once (in dx's storage: groups of C // 2 channels), not at every step: 1.56 against 3.18
+            # ms at 56x56 K31 (H200 sweep, temporaries)
             cands += [dict(cols=True, NI=ni, BLOCK_R=br, programs=0, num_warps=4, num_stages=ns, presplit="gx")
                       for ni, br, ns in ((2, 32, 2), (2, 32, 3), (1, 32, 2), (2, 64, 2))]
     if W <= 32:   # narrow planes: the same row of several images per reduction step
