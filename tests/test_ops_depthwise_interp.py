@@ -49,7 +49,6 @@ VARIANT_CASES = [
     (9, ("copies_in_tail_fp32", 80, 1, 6, 5, 7, 7, "float32", "nchw", True, "xwb")),
     # the large-plane form: fp32 copies in the last 9 images, a row tile computes those (forward and input grad)
     (9, ("copies_in_tail_row_rest_fp32", 24, 1, 9, 12, 5, 5, "float32", "nchw", True, "xwb")),
-    # the whole-plane GEMM reading x's bf16 parts, split once per group of 2 channels (groups of 2, 2, 1)
     # the column-Gram weight grad reading grad_out's and x's bf16 parts, split once per group of C // 2 = 2 channels
     # into dx's storage before the input grad
     (9, ("parts_in_channel_groups_wgrad_fp32", 3, 5, 7, 9, 5, 5, "float32", "nchw", True, "xwb")),
@@ -58,8 +57,7 @@ VARIANT_CASES = [
 FORCED_FWD = {"copies_in_tail_row_rest_fp32": dict(plane=True, bands=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16,
                                                    tail=dict(BLOCK_M=16, BLOCK_W=16, BLOCK_U=16, prefetch=True))}
 # weight-grad configuration forced for a case
-FORCED_WGRAD = {"parts_in_channel_groups_wgrad_fp32": dict(cols=True, NI=2, BLOCK_R=16, programs=8, presplit="gx",
-                                                           group=2)}
+FORCED_WGRAD = {"parts_in_channel_groups_wgrad_fp32": dict(cols=True, NI=2, BLOCK_R=16, programs=8, presplit="gx")}
 TAIL_CASES = [c for _, c in VARIANT_CASES if "tail" in c[0]]
 _ALL_CASES = [(v, c) for c in CASES for v in VARIANTS if _variant_applies(v, c)] + VARIANT_CASES
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 5e-3}

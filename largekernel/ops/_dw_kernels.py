@@ -706,16 +706,20 @@ def _band_copies_kernel(w_ptr, q_ptr, KH, KW, R, RP, E0, LQ, w_off, swh, sww,
     tl.store(q_ptr + ((c.to(tl.int64) * R + r) * BVEC + sv) * LQ + k, v.to(q_ptr.dtype.element_ty), mask=keep)
 
 
-def _band_copies(w, taps: tuple, rows: int, rp: int, e0: int, lq: int, bvec: int, out=None, part: int = 0):
-    """(C, rows, bvec, lq) band copies of w (C, kh, kw) read through ``taps`` (``_taps``), one launch; see
-    _band_copies_kernel. ``out``: a contiguous buffer of exactly that many elements of the copies' dtype (w's, or
-    bf16 for a ``part`` 1 / 2 of fp32 w) to use."""
+def _part_dtype(w, part: int):
+    """The dtype of the band copies of ``part`` of w (``_band_copies``): w's own, or bf16 for its parts 1 / 2."""
     import torch
 
+    return torch.bfloat16 if part else w.dtype
+
+
+def _band_copies(w, taps: tuple, rows: int, rp: int, e0: int, lq: int, bvec: int, out=None, part: int = 0):
+    """(C, rows, bvec, lq) band copies of w (C, kh, kw) read through ``taps`` (``_taps``), one launch; see
+    _band_copies_kernel. ``out``: a contiguous buffer of exactly that many elements of the copies' dtype
+    (``_part_dtype``) to use."""
     kh, kw, w_off, swh, sww = taps
     shape = (w.shape[0], rows, bvec, lq)
-    dtype = torch.bfloat16 if part else w.dtype
-    q = w.new_empty(shape, dtype=dtype) if out is None else out.view(shape)
+    q = w.new_empty(shape, dtype=_part_dtype(w, part)) if out is None else out.view(shape)
     # several rows per program: one (row, copy) per 1-warp program was ~19k programs at 7x7 C1024
     block_q = next_pow2(lq)
     block_r = max(1, min(next_pow2(rows), 4096 // (bvec * block_q)))
@@ -976,17 +980,15 @@ def launch_fwd(x, w, bias, y, ph: int, pw: int, cfg: dict, precision: str, cast_
         grid = (C * cdiv(N, bm) * cdiv(H * W, bn),)
         if cfg.get("bands"):
             parts = _kernel_parts(bool(cfg.get("split")) and w.element_size() == 4)
-            part_size = 2 if parts[0] else w.element_size()
-            wp, bvec = next_pow2(W), 16 // part_size
+            part_dtype = _part_dtype(w, parts[0])
+            wp, bvec = next_pow2(W), 16 // part_dtype.itemsize
             bn = max(bn, wp)   # whole output rows per tile
             rows, rp, e0, lq = plane_band_geometry(KH, KW, H, W, ph, pw, bn, bk, bvec)
             size = C * rows * bvec * lq
             rest, scratch = cfg.get("tail"), None
             if rest is not None:   # no room for the copies beside y: they live in y's last images, which `rest`
                 # (a configuration without copies) computes once this launch has read them
-                import torch
-
-                N, scratch = _tail_scratch(y, len(parts) * size * part_size, torch.bfloat16 if parts[0] else w.dtype)
+                N, scratch = _tail_scratch(y, len(parts) * size * part_dtype.itemsize, part_dtype)
                 if N == 0:
                     launch_fwd(x, w, bias, y, ph, pw, rest, precision, cast_f32, flip)
                     return
@@ -1121,9 +1123,9 @@ def launch_wgrad(x, g, kh: int, kw: int, ph: int, pw: int, cfg: dict, precision:
         rows_per_split = cdiv(cdiv(rows, splits), br) * br
         splits = cdiv(rows, rows_per_split)
         dw = torch.empty((C, kh, kw), device=x.device, dtype=torch.float32)
+        n_parts = 2 * len(presplit)
         for c0 in range(0, C, group):
             gc = min(group, C - c0)
-            n_parts = 2 * len(presplit)
             parts = iter(scratch.view(-1).view(torch.bfloat16)[:n_parts * N * gc * H * W].view(n_parts, N, gc, H, W)) \
                 if in_scratch else None
             xa, xb = _split_channels(x, c0, gc, parts) if "x" in presplit else (x[:, c0:c0 + gc],) * 2

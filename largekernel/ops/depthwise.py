@@ -438,6 +438,7 @@ def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     # one row-major copy of grad_out (and of x, for the weight grad) where they are channels_last: see _triton_forward
     gr = rowmajor(grad) if need_w or need_x else grad
+    dx_like = x if x.stride(-1) == 1 else gr   # dx is row-major, converted to x's layout at the end
     dx_buf = None
     if need_w:   # first, so that its fp32 partial sums are freed before dx is allocated (peak memory)
         xr = rowmajor(x)
@@ -445,14 +446,13 @@ def _triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
         cand = _pick("wgrad" if need_x else "wgrad-only", x, kh, kw, lambda: _wgrad_candidates(x, kh, kw, in_dx=need_x),
                      lambda c: _wgrad_pass(c, xr, gr, weight, torch.empty_like(xr) if c.get("presplit") else None))
         if cand.get("presplit") and need_x:   # (it keeps the operands' bf16 parts in dx until the input grad)
-            dx_buf = _alloc_like(x if x.stride(-1) == 1 else gr)
+            dx_buf = torch.empty_like(dx_like)
         dw = _wgrad_pass(cand, xr, gr, weight, dx_buf)
-        if dx_buf is not None and POISON:
+        if dx_buf is not None and POISON:   # poisoned once the parts are read, not before they are written
             dx_buf.fill_(float("nan"))
         del xr   # a channels_last x's row-major copy: freed before dx is allocated (peak memory)
     if need_x:
-        dx = dx_buf if dx_buf is not None else _alloc_like(x if x.stride(-1) == 1 else gr)   # row-major, converted
-        # to x's layout below
+        dx = dx_buf if dx_buf is not None else _alloc_like(dx_like)
         # band copies (a weights-sized temporary) only where PyTorch's own backward peaks far higher: channels_last
         # inputs in 2-byte types (NCHW, and fp32 at 7x7, peak at or below native's only without them: the memory
         # table in docs/performance.md)
