@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from largekernel.layers.conv import DepthwiseConv2d
 from largekernel.ops import depthwise_conv2d, depthwise_path, set_backend, use_backend
+from largekernel.ops.depthwise import crop_to_reach
 
 
 def _ref(x, w, b=None):
@@ -27,6 +28,22 @@ def test_cpu_matches_reference_and_keeps_layout(kh, kw, channels_last):
     torch.testing.assert_close(y.double(), _ref(x, w, b), rtol=1e-5, atol=1e-5)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert y.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("kh,kw,h,w", [(49, 49, 14, 14), (51, 5, 7, 7), (12, 16, 5, 4), (3, 27, 6, 14)])
+def test_taps_beyond_reach_are_cut_exactly(kh, kw, h, w):
+    x = torch.randn(2, 3, h, w, requires_grad=True)
+    wt = torch.randn(3, 1, kh, kw, requires_grad=True)
+    cut = crop_to_reach(wt, h, w)
+    assert cut.shape[-2:] == (min(kh, 2 * h - 1), min(kw, 2 * w - 1))
+    y = depthwise_conv2d(x, wt)
+    g = torch.randn_like(y)
+    y.backward(g)
+    xd, wd = x.detach().double().requires_grad_(), wt.detach().double().requires_grad_()
+    _ref(xd, wd).backward(g.double())
+    torch.testing.assert_close(y.double(), _ref(x, wt), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(wt.grad.double(), wd.grad, rtol=1e-5, atol=1e-5)   # zeros where the cut taps were
 
 
 def test_cpu_layout_choice_by_kernel_size():

@@ -20,6 +20,8 @@ CASES = [
     ("channels_last_fp32", 2, 6, 9, 10, 5, 5, "float32", "cl", True, "xwb"),
     ("strided_fp32", 2, 3, 11, 9, 6, 5, "float32", "strided", False, "xw"),
     ("kernel_over_image_fp32", 1, 3, 5, 6, 9, 11, "float32", "nchw", True, "xwb"),
+    ("kernel_beyond_reach_fp32", 2, 3, 5, 4, 13, 12, "float32", "nchw", True, "xwb"),   # cut to 9 x 7
+    ("kernel_beyond_reach_bf16_cl", 2, 4, 6, 7, 17, 5, "bfloat16", "cl", False, "xw"),   # cut to 11 x 5
     ("weight_grad_only_fp32", 2, 3, 7, 9, 5, 5, "float32", "nchw", True, "wb"),
     ("input_grad_only_fp32", 1, 3, 7, 9, 5, 4, "float32", "nchw", False, "x"),
     ("bf16_bias", 2, 5, 9, 13, 7, 7, "bfloat16", "nchw", True, "xwb"),

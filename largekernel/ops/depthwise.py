@@ -107,12 +107,27 @@ def _native(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pa
     return out.contiguous(memory_format=memory_format_of(x))
 
 
+def crop_to_reach(weight: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The taps of a 'same' depthwise kernel (C, 1, kh, kw) that can reach an h x w input: a kernel longer than
+    2h - 1 (2w - 1) along an axis is cut to the centred 2h - 1 (2w - 1), whose 'same' padding is h - 1 (w - 1).
+    Exact (the cut taps only ever meet padding; their gradient is zero). SW-tiny's 49 x 49 kernels at 14 x 14
+    run as 27 x 27, SLaK's 51 x 5 at 7 x 7 as 13 x 5."""
+    kh, kw = weight.shape[-2:]
+    if kh <= 2 * h - 1 and kw <= 2 * w - 1:
+        return weight
+    top, left = _pads(kh, kw)
+    rows = slice(top - h + 1, top + h) if kh > 2 * h - 1 else slice(None)
+    cols = slice(left - w + 1, left + w) if kw > 2 * w - 1 else slice(None)
+    return weight[:, :, rows, cols]
+
+
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Stride-1 depthwise convolution with 'same' padding (exactly ``F.conv2d(padding='same')``).
 
     x: (N, C, H, W) (any strides; channels_last too); weight: (C, 1, kh, kw); bias: (C,) or None.
     Returns (N, C, H, W). Odd kernels are centred; for even kernels the extra tap sits on the bottom/right
-    (pad (k-1)//2 before, k//2 after, as PyTorch's 'same').
+    (pad (k-1)//2 before, k//2 after, as PyTorch's 'same'). Taps that cannot reach the input are dropped first
+    (:func:`crop_to_reach`).
     """
     _check(x, weight, bias)
     dev = x.device.type
@@ -121,6 +136,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         dt = torch.get_autocast_dtype(dev)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
+    weight = crop_to_reach(weight, x.shape[-2], x.shape[-1])
     path = depthwise_path(x, weight, bias)
     if path == "triton":
         if torch.compiler.is_compiling():   # the registered op: traced as one node, no graph break
