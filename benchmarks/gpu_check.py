@@ -418,6 +418,29 @@ def check_layers() -> list[dict]:
         errs = dict(y_nograd=rel(y0, ref.detach()), y=rel(y.detach(), ref.detach()), dx=rel(x.grad, xd.grad))
         ok = all(e <= tol for e in errs.values()) and y.is_contiguous(memory_format=torch.channels_last)
         rows.append(dict(check="cross_dw", dtype=str(dt), ok=bool(ok), **errs))
+    from largekernel.ops import cross_depthwise_conv2d
+    from largekernel.ops import depthwise as dwmod
+
+    for (c, hw, k, d), dt, tol in [(s, dt, tol) for s in ((80, 56, 3, 51), (160, 28, 3, 53), (320, 14, 3, 49),
+                                                         (640, 7, 3, 17), (24, 61, 5, 45))
+                                   for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2))]:
+        # the fused cross kernel forced (the tuner may prefer the pair of convs at this small batch)
+        h = torch.randn(c, 1, k, d, device="cuda").to(dt)
+        v = torch.randn(c, 1, d, k, device="cuda").to(dt)
+        b = torch.randn(c, device="cuda").to(dt)
+        x = torch.randn(3, c, hw, hw, device="cuda").to(dt).contiguous(memory_format=torch.channels_last)
+        ref = (F.conv2d(x.double(), h.double(), b.double(), padding="same", groups=c)
+               + F.conv2d(x.double(), v.double(), padding="same", groups=c))
+        for nb in (2, 16):
+            dwmod.CROSS_CFG = dict(NB=nb, num_warps=4)
+            try:
+                with torch.no_grad():
+                    y = cross_depthwise_conv2d(x, h, v, b)
+            finally:
+                dwmod.CROSS_CFG = {}
+            err = rel(y, ref)
+            rows.append(dict(check="cross_fused", shape=(3, c, hw, hw, k, d), nb=nb, dtype=str(dt), y=err,
+                             ok=bool(err <= tol and y.is_contiguous(memory_format=torch.channels_last))))
     for r in rows:
         print(("OK  " if r["ok"] else "FAIL"), r, flush=True)
     return rows

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from largekernel.layers.conv import DepthwiseConv2d
-from largekernel.ops import depthwise_conv2d, depthwise_path, set_backend, use_backend
+from largekernel.ops import cross_depthwise_conv2d, depthwise_conv2d, depthwise_path, set_backend, use_backend
 from largekernel.ops.depthwise import crop_to_reach
 
 
@@ -44,6 +44,21 @@ def test_taps_beyond_reach_are_cut_exactly(kh, kw, h, w):
     torch.testing.assert_close(y.double(), _ref(x, wt), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(wt.grad.double(), wd.grad, rtol=1e-5, atol=1e-5)   # zeros where the cut taps were
+
+
+def test_cross_conv_with_autograd_is_the_pair_of_convs():
+    x = torch.randn(2, 3, 9, 8, requires_grad=True)
+    wh, wv = torch.randn(3, 1, 3, 21, requires_grad=True), torch.randn(3, 1, 21, 3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    y = cross_depthwise_conv2d(x, wh, wv, b)
+    g = torch.randn_like(y)
+    y.backward(g)
+    leaves = [t.detach().double().requires_grad_() for t in (x, wh, wv, b)]
+    ref = _ref(leaves[0], leaves[1], leaves[3]) + _ref(leaves[0], leaves[2])
+    ref.backward(g.double())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    for t, r in zip((x, wh, wv, b), leaves):
+        torch.testing.assert_close(t.grad.double(), r.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_layout_choice_by_kernel_size():

@@ -181,6 +181,43 @@ def _layout_copies_match(torch) -> dict:
     return out
 
 
+# fused cross conv (inference): (N, C, H, W, k, D, dtype, channels_last, bias)
+CROSS_CASES = [(3, 2, 9, 12, 3, 11, "float32", False, True), (2, 3, 7, 7, 3, 17, "float32", True, False),   # cut
+               (2, 2, 20, 17, 5, 9, "bfloat16", True, True), (5, 2, 6, 5, 3, 13, "float16", False, True)]
+
+
+def _cross_matches(torch, F) -> dict:
+    """The fused cross kernel (a k x D plus a D x k depthwise conv, the sum and the bias in one pass) against the two
+    float64 convs; counts its launches, so that a fall-back to the pair of convs fails."""
+    from largekernel.ops import _dw_cross, cross_depthwise_conv2d
+
+    launch_cross, launches = _dw_cross.launch_cross, []
+
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return launch_cross(*args, **kwargs)
+
+    _dw_cross.launch_cross = counted
+    out = {}
+    for n, c, h, w, k, d, dtype, cl, with_bias in CROSS_CASES:
+        dt = getattr(torch, dtype)
+        x = torch.randn(n, c, h, w, dtype=dt)
+        x = x.contiguous(memory_format=torch.channels_last) if cl else x
+        wh, wv = torch.randn(c, 1, k, d, dtype=dt), torch.randn(c, 1, d, k, dtype=dt)
+        b = torch.randn(c, dtype=dt) if with_bias else None
+        launches.clear()
+        with torch.no_grad():
+            y = cross_depthwise_conv2d(x, wh, wv, b)
+        ref = (F.conv2d(x.double(), wh.double(), None if b is None else b.double(), padding="same", groups=c)
+               + F.conv2d(x.double(), wv.double(), padding="same", groups=c))
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        out[f"{n}x{c}x{h}x{w}/{k}x{d}/{dtype}"] = dict(
+            rel=float((y.double() - ref).norm() / ref.norm()) if torch.isfinite(y).all() else float("nan"),
+            tol=TOL[dtype], fused=len(launches) == 1, layout_kept=y.is_contiguous(memory_format=fmt))
+    _dw_cross.launch_cross = launch_cross
+    return out
+
+
 def _main() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
@@ -195,7 +232,8 @@ def _main() -> None:
     set_backend("triton")
     dw.POISON = True
     results = {"seed": seed}
-    mine = shard_of(_ALL_CASES + [(None, "band_copies"), (None, "plane_band_reads"), (None, "layout_copies")])
+    mine = shard_of(_ALL_CASES + [(None, "band_copies"), (None, "plane_band_reads"), (None, "layout_copies"),
+                                  (None, "cross")])
     for variant, case in mine:
         if variant is None or (variant, case) in VARIANT_CASES:
             continue
@@ -236,6 +274,8 @@ def _main() -> None:
         results["plane_band_reads"] = _plane_band_reads_in_copies(torch, F)
     if (None, "layout_copies") in mine:
         results["layout_copies"] = _layout_copies_match(torch)
+    if (None, "cross") in mine:
+        results["cross"] = _cross_matches(torch, F)
     print(json.dumps(results))
 
 
@@ -282,6 +322,13 @@ def test_whole_plane_gemm_reads_only_its_band_copies(results):
 
 def test_layout_copies_match_torch(results):
     assert results["layout_copies"] and all(results["layout_copies"].values()), results["layout_copies"]
+
+
+def test_fused_cross_conv_matches_float64_pair(results):
+    r = results["cross"]
+    assert len(r) == len(CROSS_CASES), r
+    for name, v in r.items():
+        assert v["fused"] and v["layout_kept"] and v["rel"] <= v["tol"], (name, v, results["seed"])
 
 
 if __name__ == "__main__":

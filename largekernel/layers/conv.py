@@ -6,8 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from largekernel.ops import depthwise_conv2d, depthwise_path, get_backend
-from largekernel.ops.layout import memory_format_of, rowmajor, to_memory_format
+from largekernel.ops import cross_depthwise_conv2d, depthwise_conv2d, depthwise_path, get_backend
 
 
 def _pair(k: int | tuple[int, int]) -> tuple[int, int]:
@@ -76,14 +75,7 @@ class CrossDepthwiseConv2d(nn.Module):
         self.dense_v = DepthwiseConv2d.from_weights(vertical)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and memory_format_of(x) == torch.channels_last:
-            # the CUDA kernels run on row-major copies: make one for both convs, add row-major, convert the sum back
-            # (each conv would otherwise copy its input in and its output back)
-            rows = rowmajor(x)
-            out = self.dense_h(rows)
-            out = out.add_(self.dense_v(rows)) if not torch.is_grad_enabled() else out + self.dense_v(rows)
-            return to_memory_format(out, torch.channels_last)
-        return self.dense_h(x) + self.dense_v(x)
+        return cross_depthwise_conv2d(x, self.dense_h.weight, self.dense_v.weight, self.dense_h.bias)
 
 
 class PointwiseConv2d(nn.Conv2d):

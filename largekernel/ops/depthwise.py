@@ -147,6 +147,75 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return _native(x, weight, bias, path)
 
 
+CROSS_MAX_PLANE = 64   # the fused cross kernel holds a plane (zero-padded to a power of two) in one tile
+CROSS_MAX_SHORT = 7    # ... and unrolls one product per row (column) of the short-wide (tall-narrow) kernel
+
+
+def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: torch.Tensor,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``depthwise_conv2d(x, horizontal, bias) + depthwise_conv2d(x, vertical)``: a short-wide (C, 1, k, D) and a
+    tall-narrow (C, 1, D', k') kernel on the same input (the cross deploy form of the shift-wise layers).
+
+    Without autograd, on the Triton path and planes up to 64 x 64, one fused kernel
+    (``_dw_cross``: both convs, the sum and the bias in one pass) is tried against the pair of convs and the faster
+    kept (tuned once per shape, as every pass); otherwise the pair. x: (N, C, H, W), any layout; returns x's layout.
+    """
+    _check(x, horizontal, bias)
+    _check(x, vertical, None)
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and x.is_floating_point():
+        dt = torch.get_autocast_dtype(dev)
+        x, horizontal, vertical = x.to(dt), horizontal.to(dt), vertical.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    h, w = x.shape[-2:]
+    horizontal, vertical = crop_to_reach(horizontal, h, w), crop_to_reach(vertical, h, w)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, horizontal, vertical, bias))
+
+    def pair() -> torch.Tensor:
+        if x.is_cuda and memory_format_of(x) == torch.channels_last:
+            # our CUDA kernels run on row-major copies: one for both convs, the sum converted back (each conv would
+            # otherwise copy its input in and its output back)
+            rows = rowmajor(x)
+            out = depthwise_conv2d(rows, horizontal, bias)
+            out = out.add_(depthwise_conv2d(rows, vertical)) if not grad else out + depthwise_conv2d(rows, vertical)
+            return to_memory_format(out, torch.channels_last)
+        return depthwise_conv2d(x, horizontal, bias) + depthwise_conv2d(x, vertical)
+
+    fused = (not grad and max(h, w) <= CROSS_MAX_PLANE and horizontal.shape[-2] <= CROSS_MAX_SHORT
+             and vertical.shape[-1] <= CROSS_MAX_SHORT and depthwise_path(x, horizontal, bias) == "triton"
+             and depthwise_path(x, vertical) == "triton")
+    if not fused:
+        return pair()
+    with on_device(x):
+        src = rowmajor(x)
+        wh = horizontal.reshape(horizontal.shape[0], *horizontal.shape[-2:]).contiguous()
+        wv = vertical.reshape(vertical.shape[0], *vertical.shape[-2:]).contiguous()
+        b = bias.contiguous() if bias is not None else None
+        out = _alloc_like(src)
+
+        def run(cand: dict) -> None:
+            from largekernel.ops._dw_cross import launch_cross
+
+            if cand.get("pair"):
+                pair()
+            else:
+                launch_cross(src, wh, wv, b, out, _pads(*wh.shape[-2:]), _pads(*wv.shape[-2:]), cand,
+                             _precision(x.dtype), x.device.type == "cpu")
+
+        cand = _pick("cross", x, tuple(wh.shape[-2:]), tuple(wv.shape[-2:]), lambda: _cross_candidates(x), run)
+        if cand.get("pair"):
+            return pair()
+        run(cand)
+        return out if src is x else to_memory_format(out, memory_format_of(x))
+
+
+def _cross_candidates(x: torch.Tensor) -> list[dict]:
+    """Fused cross kernel configurations (images per program, warps) and the pair of convs."""
+    if x.device.type == "cpu":
+        return [dict(NB=2, num_warps=4)]
+    return [dict(NB=nb, num_warps=nw) for nb in (4, 16) for nw in (4, 8)] + [dict(pair=True)]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Triton implementation and the custom op
 
@@ -156,6 +225,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 # micro-benchmark; LARGEKERNEL_TUNE=0 turns it off and takes the first candidate). FWD_CFG / WGRAD_CFG
 # force one configuration (benchmarks, tests).
 FWD_CFG: dict = {}
+CROSS_CFG: dict = {}
 WGRAD_CFG: dict = {}
 TUNE = os.environ.get("LARGEKERNEL_TUNE", "1") == "1"
 FP32_PRECISION = os.environ.get("LARGEKERNEL_FP32_PRECISION", "tf32x3")   # or 'ieee' (CUDA-core FMA)
@@ -358,7 +428,7 @@ def _cuda_ms(fn, reps: int = 3, calls: int = 4) -> float:
 def _pick(kind: str, x: torch.Tensor, kh: int, kw: int, candidates, run) -> dict:
     """The fastest candidate for this pass and argument signature, timed once and cached. ``candidates()`` builds
     the list; it is only called when the pick is not cached (this runs on every call: host time counts)."""
-    forced = WGRAD_CFG if kind.startswith("wgrad") else FWD_CFG
+    forced = WGRAD_CFG if kind.startswith("wgrad") else CROSS_CFG if kind == "cross" else FWD_CFG
     if forced:
         return forced
     if not TUNE or not x.is_cuda:

@@ -1,0 +1,86 @@
+"""Triton kernels for the sum of a short-wide and a tall-narrow depthwise conv on one input (the cross kernels of the
+shift-wise deploy form, :func:`largekernel.ops.depthwise.cross_depthwise_conv2d`), inference only.
+
+Per channel and image, on a plane of at most P x P pixels (P <= 64, zero-padded to a power of two), with
+``horizontal`` (kh_h x kw_h) and ``vertical`` (kh_v x kw_v) kernels and 'same' padding:
+
+    out = sum_a X[rows + a - ph_h, :] @ Th_a  +  sum_b Tv_b @ X[:, cols + b - pw_v]  +  bias
+
+``Th_a[u, v] = horizontal[a, u - v + pw_h]`` (P x P, banded) and ``Tv_b[v, u] = vertical[u - v + ph_v, b]``: one
+tensor-core product per row of the short-wide kernel and per column of the tall-narrow one, both with the same
+(P x P) output tile, so the two convs, their sum and the bias are one pass over x and one write of the output (the
+pair of convs with an add is five passes). The band matrices are built once per call (``_cross_bands_kernel``, a
+weights-sized (C, kh_h + kw_v, P, P) tensor) and read from L1 / L2 by every image of the channel.
+"""
+import triton
+import triton.language as tl
+
+from largekernel.ops._launch import cdiv, launch
+
+
+@triton.jit
+def _cross_bands_kernel(wh_ptr, wv_ptr, q_ptr, KH_H, KW_H, KH_V, KW_V, PH_V, PW_H, P: tl.constexpr):
+    """Program (c, m): q[c, m] = Th_m (m < KH_H) or Tv_{m - KH_H}, as described in the module docstring."""
+    c = tl.program_id(0)
+    m = tl.program_id(1)
+    rows = tl.arange(0, P)[:, None]
+    cols = tl.arange(0, P)[None, :]
+    if m < KH_H:   # Th_a[u, v] = wh[a, u - v + pw_h]
+        j = rows - cols + PW_H
+        ok = (j >= 0) & (j < KW_H)
+        v = tl.load(wh_ptr + (c * KH_H + m) * KW_H + j, mask=ok, other=0.0)
+    else:          # Tv_b[v, u] = wv[u - v + ph_v, b]
+        i = cols - rows + PH_V
+        ok = (i >= 0) & (i < KH_V)
+        v = tl.load(wv_ptr + (c * KH_V + i) * KW_V + (m - KH_H), mask=ok, other=0.0)
+    q = q_ptr + (c.to(tl.int64) * tl.num_programs(1) + m) * P * P
+    tl.store(q + rows * P + cols, v.to(q_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _cross_kernel(x_ptr, q_ptr, b_ptr, y_ptr, N, C, H, W, NB, PH_H, PW_V,
+                  KH_H: tl.constexpr, KW_V: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
+    """Program (c, block): NB images of channel c; x, y row-major (N, C, H, W)."""
+    c = tl.program_id(0)
+    n0 = tl.program_id(1) * NB
+    rows = tl.arange(0, P)[:, None]
+    cols = tl.arange(0, P)[None, :]
+    out_ok = (rows < H) & (cols < W)
+    qc = q_ptr + c.to(tl.int64) * (KH_H + KW_V) * P * P + rows * P + cols
+    bias = tl.load(b_ptr + c).to(tl.float32) if HAS_BIAS else 0.0
+    for n in range(n0, tl.minimum(n0 + NB, N)):
+        plane = (n * C + c.to(tl.int64)) * H * W
+        acc = tl.zeros((P, P), dtype=tl.float32)
+        for a in tl.static_range(KH_H):   # rows of the short-wide kernel: shifted rows of x, times Th_a
+            r = rows + a - PH_H
+            xa = tl.load(x_ptr + plane + r * W + cols, mask=(r >= 0) & (r < H) & (cols < W), other=0.0)
+            ta = tl.load(qc + a * P * P)
+            if CAST_F32:
+                xa, ta = xa.to(tl.float32), ta.to(tl.float32)
+            acc = tl.dot(xa, ta, acc, input_precision=PRECISION)
+        for b in tl.static_range(KW_V):   # columns of the tall-narrow kernel: Tv_b times shifted columns of x
+            s = cols + b - PW_V
+            xb = tl.load(x_ptr + plane + rows * W + s, mask=(rows < H) & (s >= 0) & (s < W), other=0.0)
+            tb = tl.load(qc + (KH_H + b) * P * P)
+            if CAST_F32:
+                xb, tb = xb.to(tl.float32), tb.to(tl.float32)
+            acc = tl.dot(tb, xb, acc, input_precision=PRECISION)
+        tl.store(y_ptr + plane + rows * W + cols, (acc + bias).to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+def launch_cross(x, wh, wv, bias, y, pads_h: tuple[int, int], pads_v: tuple[int, int], cfg: dict, precision: str,
+                 interpret: bool) -> None:
+    """y = cross conv of row-major x (N, C, H, W) with wh (C, kh_h, kw_h), wv (C, kh_v, kw_v) (contiguous), 'same'
+    top / left pads ``pads_h`` / ``pads_v``; cfg: NB (images per program), num_warps."""
+    N, C, H, W = x.shape
+    kh_h, kw_h = wh.shape[1:]
+    kh_v, kw_v = wv.shape[1:]
+    p = max(16, 1 << (max(H, W) - 1).bit_length())
+    q = x.new_empty((C, kh_h + kw_v, p, p))
+    launch(_cross_bands_kernel, (C, kh_h + kw_v), wh, wv, q, kh_h, kw_h, kh_v, kw_v, pads_v[0], pads_h[1], P=p,
+           num_warps=4)
+    nb = cfg["NB"]
+    launch(_cross_kernel, (C, cdiv(N, nb)), x, q, bias if bias is not None else x, y, N, C, H, W, nb, pads_h[0],
+           pads_v[1], KH_H=kh_h, KW_V=kw_v, P=p, HAS_BIAS=bias is not None, PRECISION=precision,
+           CAST_F32=interpret, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
