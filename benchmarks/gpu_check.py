@@ -379,6 +379,43 @@ def check_compile() -> dict:
     return dict(path=path, rel=err)
 
 
+def check_cross_fused(report: bool = True) -> list[dict]:
+    """The fused cross kernel (``cross_depthwise_conv2d`` without autograd), each configuration forced, against the
+    float64 pair of convs at SW-tiny's stage shapes (and a 61 x 61 plane with k = 5), fp32 and bf16, channels_last."""
+    from largekernel.ops import cross_depthwise_conv2d
+    from largekernel.ops import depthwise as dwmod
+
+    rows = []
+    for (c, hw, k, d), dt, tol in [(s, dt, tol) for s in ((80, 56, 3, 51), (160, 28, 3, 53), (320, 14, 3, 49),
+                                                         (640, 7, 3, 17), (24, 61, 5, 45))
+                                   for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2))]:
+        h = torch.randn(c, 1, k, d, device="cuda").to(dt)
+        v = torch.randn(c, 1, d, k, device="cuda").to(dt)
+        b = torch.randn(c, device="cuda").to(dt)
+        x = torch.randn(5, c, hw, hw, device="cuda").to(dt).contiguous(memory_format=torch.channels_last)
+        ref = (F.conv2d(x.double(), h.double(), b.double(), padding="same", groups=c)
+               + F.conv2d(x.double(), v.double(), padding="same", groups=c))
+        for cfg in (dict(NB=2), dict(NB=16, num_warps=8), dict(stack=True, NB=2, ITERS=2),
+                    dict(stack=True, NB=1 if hw > 32 else 8, ITERS=1, num_warps=8)):
+            dwmod.CROSS_CFG = cfg
+            try:
+                with torch.no_grad():
+                    y = cross_depthwise_conv2d(x, h, v, b)
+            except Exception as e:  # noqa: BLE001 - report the configuration that failed, go on
+                rows.append(dict(check="cross_fused", shape=(5, c, hw, hw, k, d), cfg=cfg, dtype=str(dt),
+                                 error=repr(e)[:300], ok=False))
+                continue
+            finally:
+                dwmod.CROSS_CFG = {}
+            err = rel(y, ref)
+            rows.append(dict(check="cross_fused", shape=(5, c, hw, hw, k, d), cfg=cfg, dtype=str(dt), y=err,
+                             ok=bool(err <= tol and y.is_contiguous(memory_format=torch.channels_last))))
+    if report:
+        for r in rows:
+            print(("OK  " if r["ok"] else "FAIL"), r, flush=True)
+    return rows
+
+
 def check_layers() -> list[dict]:
     """The layout copies and the cross-shaped depthwise layer on the GPU: ``to_memory_format`` bit for bit against
     PyTorch's copy; ``CrossDepthwiseConv2d`` on channels_last inputs (its CUDA-only path: one row-major copy for both
@@ -418,29 +455,7 @@ def check_layers() -> list[dict]:
         errs = dict(y_nograd=rel(y0, ref.detach()), y=rel(y.detach(), ref.detach()), dx=rel(x.grad, xd.grad))
         ok = all(e <= tol for e in errs.values()) and y.is_contiguous(memory_format=torch.channels_last)
         rows.append(dict(check="cross_dw", dtype=str(dt), ok=bool(ok), **errs))
-    from largekernel.ops import cross_depthwise_conv2d
-    from largekernel.ops import depthwise as dwmod
-
-    for (c, hw, k, d), dt, tol in [(s, dt, tol) for s in ((80, 56, 3, 51), (160, 28, 3, 53), (320, 14, 3, 49),
-                                                         (640, 7, 3, 17), (24, 61, 5, 45))
-                                   for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2))]:
-        # the fused cross kernel forced (the tuner may prefer the pair of convs at this small batch)
-        h = torch.randn(c, 1, k, d, device="cuda").to(dt)
-        v = torch.randn(c, 1, d, k, device="cuda").to(dt)
-        b = torch.randn(c, device="cuda").to(dt)
-        x = torch.randn(3, c, hw, hw, device="cuda").to(dt).contiguous(memory_format=torch.channels_last)
-        ref = (F.conv2d(x.double(), h.double(), b.double(), padding="same", groups=c)
-               + F.conv2d(x.double(), v.double(), padding="same", groups=c))
-        for nb in (2, 16):
-            dwmod.CROSS_CFG = dict(NB=nb, num_warps=4)
-            try:
-                with torch.no_grad():
-                    y = cross_depthwise_conv2d(x, h, v, b)
-            finally:
-                dwmod.CROSS_CFG = {}
-            err = rel(y, ref)
-            rows.append(dict(check="cross_fused", shape=(3, c, hw, hw, k, d), nb=nb, dtype=str(dt), y=err,
-                             ok=bool(err <= tol and y.is_contiguous(memory_format=torch.channels_last))))
+    rows += check_cross_fused(report=False)
     for r in rows:
         print(("OK  " if r["ok"] else "FAIL"), r, flush=True)
     return rows
@@ -504,6 +519,7 @@ def main() -> None:
                     help="--memory: only these plane sizes (e.g. 56,28)")
     ap.add_argument("--memory-dtypes", default="bfloat16,float32", help="--memory: these dtypes")
     ap.add_argument("--layers", action="store_true", help="only the layout-copy and cross-layer checks")
+    ap.add_argument("--cross", action="store_true", help="only the fused cross kernel's checks")
     ap.add_argument("--shapes", default="all", help="'quick' = the 4 stage shapes")
     ap.add_argument("--sweep-shapes", default="512/14/27,1024/7/13,256/28/29", help="C/H/K list for --sweep")
     ap.add_argument("--sweep-dtypes", default="bfloat16,float32")
@@ -527,8 +543,8 @@ def main() -> None:
         dtypes = [getattr(torch, d) for d in args.memory_dtypes.split(",")]
         _dump(dict(memory=peak_memory(cases, dtypes), tuning_log=dwconv.tuning_log()))
         return
-    if args.layers:
-        rows = check_layers()
+    if args.layers or args.cross:
+        rows = check_cross_fused() if args.cross else check_layers()
         _dump(dict(layers=rows))
         sys.exit(0 if all(r["ok"] for r in rows) else 1)
     report: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)

@@ -184,11 +184,15 @@ def _layout_copies_match(torch) -> dict:
 # fused cross conv (inference): (N, C, H, W, k, D, dtype, channels_last, bias)
 CROSS_CASES = [(3, 2, 9, 12, 3, 11, "float32", False, True), (2, 3, 7, 7, 3, 17, "float32", True, False),   # cut
                (2, 2, 20, 17, 5, 9, "bfloat16", True, True), (5, 2, 6, 5, 3, 13, "float16", False, True)]
+# one plane per product (the CPU default), and 2 images stacked per product, 2 groups per program (N = 3, 5: a
+# partial group)
+CROSS_CFGS = {"plain": {}, "stacked": dict(stack=True, NB=2, ITERS=2)}
 
 
 def _cross_matches(torch, F) -> dict:
     """The fused cross kernel (a k x D plus a D x k depthwise conv, the sum and the bias in one pass) against the two
     float64 convs; counts its launches, so that a fall-back to the pair of convs fails."""
+    import largekernel.ops.depthwise as dw
     from largekernel.ops import _dw_cross, cross_depthwise_conv2d
 
     launch_cross, launches = _dw_cross.launch_cross, []
@@ -205,15 +209,18 @@ def _cross_matches(torch, F) -> dict:
         x = x.contiguous(memory_format=torch.channels_last) if cl else x
         wh, wv = torch.randn(c, 1, k, d, dtype=dt), torch.randn(c, 1, d, k, dtype=dt)
         b = torch.randn(c, dtype=dt) if with_bias else None
-        launches.clear()
-        with torch.no_grad():
-            y = cross_depthwise_conv2d(x, wh, wv, b)
         ref = (F.conv2d(x.double(), wh.double(), None if b is None else b.double(), padding="same", groups=c)
                + F.conv2d(x.double(), wv.double(), padding="same", groups=c))
         fmt = torch.channels_last if cl else torch.contiguous_format
-        out[f"{n}x{c}x{h}x{w}/{k}x{d}/{dtype}"] = dict(
-            rel=float((y.double() - ref).norm() / ref.norm()) if torch.isfinite(y).all() else float("nan"),
-            tol=TOL[dtype], fused=len(launches) == 1, layout_kept=y.is_contiguous(memory_format=fmt))
+        for kind, cfg in CROSS_CFGS.items():
+            launches.clear()
+            dw.CROSS_CFG = cfg
+            with torch.no_grad():
+                y = cross_depthwise_conv2d(x, wh, wv, b)
+            dw.CROSS_CFG = {}
+            out[f"{n}x{c}x{h}x{w}/{k}x{d}/{dtype}/{kind}"] = dict(
+                rel=float((y.double() - ref).norm() / ref.norm()) if torch.isfinite(y).all() else float("nan"),
+                tol=TOL[dtype], fused=len(launches) == 1, layout_kept=y.is_contiguous(memory_format=fmt))
     _dw_cross.launch_cross = launch_cross
     return out
 
@@ -326,7 +333,7 @@ def test_layout_copies_match_torch(results):
 
 def test_fused_cross_conv_matches_float64_pair(results):
     r = results["cross"]
-    assert len(r) == len(CROSS_CASES), r
+    assert len(r) == len(CROSS_CASES) * len(CROSS_CFGS), r
     for name, v in r.items():
         assert v["fused"] and v["layout_kept"] and v["rel"] <= v["tol"], (name, v, results["seed"])
 

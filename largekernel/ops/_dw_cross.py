@@ -69,10 +69,56 @@ def _cross_kernel(x_ptr, q_ptr, b_ptr, y_ptr, N, C, H, W, NB, PH_H, PW_V,
         tl.store(y_ptr + plane + rows * W + cols, (acc + bias).to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
+@triton.jit
+def _cross_stacked_kernel(x_ptr, q_ptr, b_ptr, y_ptr, N, C, H, W, ITERS, PH_H, PW_V,
+                          KH_H: tl.constexpr, KW_V: tl.constexpr, P: tl.constexpr, NB: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
+    """Program (c, block): ITERS groups of NB images of channel c, each group's planes stacked into one product per
+    tap: the horizontal part as (NB*P x P) @ Th_a with the (image, row) pairs as rows, the vertical part as
+    Tv_b @ (P x NB*P) with the (image, column) pairs as columns (small planes: P = 16 at 14 x 14 and 7 x 7)."""
+    c = tl.program_id(0)
+    m = tl.arange(0, NB * P)
+    n_of, y_of = m // P, m % P                     # (image, row) along the rows of the horizontal products
+    k = tl.arange(0, P)
+    out_n = tl.arange(0, NB)[:, None, None]
+    out_y = tl.arange(0, P)[None, :, None]
+    out_x = tl.arange(0, P)[None, None, :]
+    qc = q_ptr + c.to(tl.int64) * (KH_H + KW_V) * P * P + k[:, None] * P + k[None, :]
+    bias = tl.load(b_ptr + c).to(tl.float32) if HAS_BIAS else 0.0
+    for it in range(ITERS):
+        n0 = (tl.program_id(1) * ITERS + it) * NB
+        img = n0 + n_of
+        base = (img.to(tl.int64) * C + c) * H * W      # per stacked row / column
+        acc_h = tl.zeros((NB * P, P), dtype=tl.float32)
+        for a in tl.static_range(KH_H):
+            r = y_of + a - PH_H
+            ok = ((img < N) & (r >= 0) & (r < H))[:, None] & (k < W)[None, :]
+            xa = tl.load(x_ptr + (base + r * W)[:, None] + k[None, :], mask=ok, other=0.0)
+            ta = tl.load(qc + a * P * P)
+            if CAST_F32:
+                xa, ta = xa.to(tl.float32), ta.to(tl.float32)
+            acc_h = tl.dot(xa, ta, acc_h, input_precision=PRECISION)
+        acc_v = tl.zeros((P, NB * P), dtype=tl.float32)
+        for b in tl.static_range(KW_V):
+            s = y_of + b - PW_V                        # here: (image, column) pairs along the columns
+            ok = (k < H)[:, None] & ((img < N) & (s >= 0) & (s < W))[None, :]
+            xb = tl.load(x_ptr + base[None, :] + k[:, None] * W + s[None, :], mask=ok, other=0.0)
+            tb = tl.load(qc + (KH_H + b) * P * P)
+            if CAST_F32:
+                xb, tb = xb.to(tl.float32), tb.to(tl.float32)
+            acc_v = tl.dot(tb, xb, acc_v, input_precision=PRECISION)
+        out = tl.reshape(acc_h, (NB, P, P)) + tl.permute(tl.reshape(acc_v, (P, NB, P)), (1, 0, 2)) + bias
+        n = n0 + out_n
+        ok = (n < N) & (out_y < H) & (out_x < W)
+        tl.store(y_ptr + (n.to(tl.int64) * C + c) * H * W + out_y * W + out_x, out.to(y_ptr.dtype.element_ty),
+                 mask=ok)
+
+
 def launch_cross(x, wh, wv, bias, y, pads_h: tuple[int, int], pads_v: tuple[int, int], cfg: dict, precision: str,
                  interpret: bool) -> None:
     """y = cross conv of row-major x (N, C, H, W) with wh (C, kh_h, kw_h), wv (C, kh_v, kw_v) (contiguous), 'same'
-    top / left pads ``pads_h`` / ``pads_v``; cfg: NB (images per program), num_warps."""
+    top / left pads ``pads_h`` / ``pads_v``; cfg: NB (images per program, one product each), num_warps; or stack=True,
+    NB (images stacked in one product), ITERS (such groups per program), num_warps."""
     N, C, H, W = x.shape
     kh_h, kw_h = wh.shape[1:]
     kh_v, kw_v = wv.shape[1:]
@@ -80,7 +126,12 @@ def launch_cross(x, wh, wv, bias, y, pads_h: tuple[int, int], pads_v: tuple[int,
     q = x.new_empty((C, kh_h + kw_v, p, p))
     launch(_cross_bands_kernel, (C, kh_h + kw_v), wh, wv, q, kh_h, kw_h, kh_v, kw_v, pads_v[0], pads_h[1], P=p,
            num_warps=4)
-    nb = cfg["NB"]
-    launch(_cross_kernel, (C, cdiv(N, nb)), x, q, bias if bias is not None else x, y, N, C, H, W, nb, pads_h[0],
-           pads_v[1], KH_H=kh_h, KW_V=kw_v, P=p, HAS_BIAS=bias is not None, PRECISION=precision,
-           CAST_F32=interpret, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    nb, b = cfg["NB"], bias if bias is not None else x
+    meta = dict(KH_H=kh_h, KW_V=kw_v, P=p, HAS_BIAS=bias is not None, PRECISION=precision, CAST_F32=interpret,
+                num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    if cfg.get("stack"):   # NB images per product, ITERS groups per program
+        iters = cfg.get("ITERS", 1)
+        launch(_cross_stacked_kernel, (C, cdiv(N, nb * iters)), x, q, b, y, N, C, H, W, iters, pads_h[0], pads_v[1],
+               NB=nb, **meta)
+    else:
+        launch(_cross_kernel, (C, cdiv(N, nb)), x, q, b, y, N, C, H, W, nb, pads_h[0], pads_v[1], **meta)

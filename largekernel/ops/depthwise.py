@@ -213,7 +213,10 @@ def _cross_candidates(x: torch.Tensor) -> list[dict]:
     """Fused cross kernel configurations (images per program, warps) and the pair of convs."""
     if x.device.type == "cpu":
         return [dict(NB=2, num_warps=4)]
-    return [dict(NB=nb, num_warps=nw) for nb in (4, 16) for nw in (4, 8)] + [dict(pair=True)]
+    p = max(16, next_pow2(max(x.shape[-2:])))
+    stacked = [dict(stack=True, NB=nb, ITERS=it, num_warps=nw) for nb in ({64: (1, 2), 32: (2, 4)}.get(p, (4, 8, 16)))
+               for it, nw in ((1, 4), (4, 4), (2, 8))]
+    return [dict(NB=nb, num_warps=nw) for nb in (4, 16) for nw in (4, 8)] + stacked + [dict(pair=True)]
 
 
 # ----------------------------------------------------------------------------------------------------
