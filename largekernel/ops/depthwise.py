@@ -156,7 +156,7 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
     """``depthwise_conv2d(x, horizontal, bias) + depthwise_conv2d(x, vertical)``: a short-wide (C, 1, k, D) and a
     tall-narrow (C, 1, D', k') kernel on the same input (the cross deploy form of the shift-wise layers).
 
-    Without autograd, on the Triton path and planes up to 64 x 64, one fused kernel
+    Without autograd, on the Triton path and planes up to 64 x 64 (32 x 32 in fp32), one fused kernel
     (``_dw_cross``: both convs, the sum and the bias in one pass) is tried against the pair of convs and the faster
     kept (tuned once per shape, as every pass); otherwise the pair. x: (N, C, H, W), any layout; returns x's layout.
     """
@@ -181,7 +181,9 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
             return to_memory_format(out, torch.channels_last)
         return depthwise_conv2d(x, horizontal, bias) + depthwise_conv2d(x, vertical)
 
-    fused = (not grad and max(h, w) <= CROSS_MAX_PLANE and horizontal.shape[-2] <= CROSS_MAX_SHORT
+    # (fp32 on 64-wide tiles: over the H200's shared memory in most configurations, gpu_check --cross)
+    fused = (not grad and max(h, w) <= (CROSS_MAX_PLANE if x.element_size() == 2 else CROSS_MAX_PLANE // 2)
+             and horizontal.shape[-2] <= CROSS_MAX_SHORT
              and vertical.shape[-1] <= CROSS_MAX_SHORT and depthwise_path(x, horizontal, bias) == "triton"
              and depthwise_path(x, vertical) == "triton")
     if not fused:
