@@ -210,6 +210,29 @@ def test_bands_impl_trains_like_shiftadd():
     torch.testing.assert_close(b.bn_lora2.running_var, a.bn_lora2.running_var)
 
 
+def test_band_placement_follows_the_tables():
+    """The bands' cached placement is rebuilt when the tables change (a state dict with other tables loaded in
+    place): the bands then equal a layer built with those tables."""
+    torch.manual_seed(0)
+    layer = randomize(ShiftwiseConv2d(12, 11, 3, n_rep=3).double())
+    other = ShiftwiseConv2d(12, 11, 3, n_rep=3).double()
+    other.load_state_dict(layer.state_dict())
+    before = layer.band_kernels()
+    g = layer.n_rep
+    swapped = torch.cat([other.pad_hv[:, g:], other.pad_hv[:, :g]], dim=1)   # horizontal and vertical tables swapped
+    other.pad_hv.copy_(swapped)
+    other.idx_identity.copy_(other.idx_identity.flip(1).roll(1, 0))
+    expect = other.band_kernels()
+    del other._placement   # (and built afresh)
+    for got, want in zip(expect, other.band_kernels()):
+        assert torch.equal(got, want)
+    layer.load_state_dict(other.state_dict())
+    after = layer.band_kernels()
+    assert not torch.equal(before[0], after[0])
+    for got, want in zip(after, expect):
+        assert torch.equal(got, want)
+
+
 def test_merged_keys_are_official():
     layer = ShiftwiseConv2d(16, 9, 3)
     layer.reparameterize()

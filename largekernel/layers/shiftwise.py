@@ -223,23 +223,49 @@ class ShiftwiseConv2d(nn.Module):
         """The three terms as centred depthwise kernels, before BN: horizontal (R, 1, k, D), vertical
         (R, 1, D, k), identity (R, 1, k, k). Slot i of a band sits at offsets i*k - K//2 ... along the long
         axis and holds, summed over the n_rep groups, the small kernel the table assigns to it.
-        Differentiable in the small kernels (this is the ``"bands"`` implementation)."""
-        r, nk, k, g = self.rep_channels, self.nk, self.small_kernel, self.n_rep
-        d, half_big = self.dense_size, self.big_kernel // 2
-        kernels = self.small_kernels().reshape(r * nk, k, k)
-        first = torch.arange(r, device=kernels.device).repeat_interleave(nk) * nk  # c*nk per row of pad_hv
-        lo = d // 2 - half_big
-        pads = (lo, d - lo - nk * k)
-        bands = []
-        for term in range(2):
-            slots = (half_big - self.padding - self.pad_hv[:, term * g:(term + 1) * g].long()) // k  # (R*nk, G)
-            index = (first[:, None] + slots).t().reshape(-1)
-            blocks = kernels.new_zeros(r * nk, k, k).index_add(0, index, kernels.repeat(g, 1, 1))
-            bands.append(blocks.reshape(r, nk, k, k))
-        horizontal = F.pad(bands[0].permute(0, 2, 1, 3).reshape(r, k, nk * k), pads)
-        vertical = F.pad(bands[1].reshape(r, nk * k, k), (0, 0, *pads))
-        centre = kernels[self.idx_identity.long()].sum(1)  # (R, k, k)
-        return horizontal.unsqueeze(1), vertical.unsqueeze(1), centre.unsqueeze(1)
+        Differentiable in the small kernels (this is the ``"bands"`` implementation): one gather and one
+        index_add through the tables' placement (:meth:`band_placement`)."""
+        r, k, d = self.rep_channels, self.small_kernel, self.dense_size
+        src, dst = self.band_placement()
+        kernels = self.small_kernels().reshape(-1)
+        flat = kernels.new_zeros(r * (2 * k * d + k * k)).index_add(0, dst, kernels.index_select(0, src))
+        horizontal, vertical, centre = flat.split([r * k * d, r * d * k, r * k * k])
+        return horizontal.view(r, 1, k, d), vertical.view(r, 1, d, k), centre.view(r, 1, k, k)
+
+    def band_placement(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(src, dst): tap ``src[t]`` of the flattened small kernels (R*nk, k, k) adds into element ``dst[t]`` of the
+        flattened [horizontal (R, k, D), vertical (R, D, k), identity (R, k, k)] kernels. Built from the tables
+        (``pad_hv``, ``idx_identity``) and kept until they change (in place or replaced)."""
+        tables = (self.pad_hv, self.idx_identity)
+        versions = tuple(t._version for t in tables)
+        cached = getattr(self, "_placement", None)
+        if cached is not None and all(a is b for a, b in zip(cached[0], tables)) and cached[1] == versions:
+            return cached[2]
+        r, nk, k, g, d = self.rep_channels, self.nk, self.small_kernel, self.n_rep, self.dense_size
+        half_big, dev = self.big_kernel // 2, self.pad_hv.device
+        lo = d // 2 - half_big                                           # first column / row of slot 0
+        tap = torch.arange(k * k, device=dev)
+        a, b = tap // k, tap % k                                         # (row, column) inside a small kernel
+        kernel = torch.arange(r * nk, device=dev)
+        channel = kernel // nk
+        src, dst = [], []
+        for term in range(2):   # horizontal, vertical: each (kernel, group) lands in a slot of its channel's band
+            slots = (half_big - self.padding - self.pad_hv[:, term * g:(term + 1) * g].long()) // k   # (R*nk, G)
+            along = lo + slots[:, :, None] * k + (b if term == 0 else a)[None, None, :]           # long-axis index
+            across = (a if term == 0 else b)[None, None, :]
+            if term == 0:
+                pos = channel[:, None, None] * k * d + across * d + along
+            else:
+                pos = r * k * d + channel[:, None, None] * d * k + along * k + across
+            src.append((kernel[:, None, None] * k * k + tap).expand(-1, g, -1).reshape(-1))
+            dst.append(pos.reshape(-1))
+        ident = self.idx_identity.long()                                  # (R, G) kernel of each channel and group
+        src.append((ident[:, :, None] * k * k + tap).reshape(-1))
+        dst.append((2 * r * k * d + torch.arange(r, device=dev)[:, None, None] * k * k + tap).expand(-1, g, -1)
+                   .reshape(-1))
+        placement = torch.cat(src), torch.cat(dst)
+        self._placement = (tables, versions, placement)
+        return placement
 
     def cross_kernels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Eval-mode (k x D kernel with the centre terms and the identity tap, D x k kernel, bias)."""
