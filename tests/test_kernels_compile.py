@@ -22,14 +22,14 @@ DW_SHAPES = [(128, 56, 31, 31), (256, 28, 29, 29), (512, 14, 27, 27), (1024, 7, 
 
 def _record(monkeypatch) -> list:
     """Patch every module's ``launch`` to record (kernel, args, meta) instead of launching."""
-    from largekernel.ops import _dw_kernels, _launch, _triton_shiftadd
+    from largekernel.ops import _dw_cross, _dw_kernels, _launch, _triton_shiftadd
 
     calls: list = []
 
     def fake(kernel, grid, *args, **meta):
         calls.append((kernel, args, meta))
 
-    for mod in (_launch, _dw_kernels, _triton_shiftadd):
+    for mod in (_launch, _dw_kernels, _triton_shiftadd, _dw_cross):
         monkeypatch.setattr(mod, "launch", fake)
     return calls
 
@@ -129,3 +129,22 @@ def test_shift_add_and_layout_launches_compile_for_hopper(monkeypatch):
         _copy(torch.randn(2, 5, 7, 9, dtype=dtype).contiguous(memory_format=torch.channels_last),
               torch.contiguous_format)
     assert _compile_all(calls) >= 8
+
+
+def test_cross_launches_compile_for_hopper(monkeypatch):
+    """The fused cross kernel's candidates at SW-tiny's stage shapes (k = 3) and a k = 5 one, where the op takes it."""
+    from largekernel.ops import _dw_cross as X
+    from largekernel.ops import depthwise as dw
+
+    calls = _record(monkeypatch)
+    for dtype in (torch.float32, torch.bfloat16):
+        for c, h, k, d in ((80, 56, 3, 51), (160, 28, 3, 53), (320, 14, 3, 27), (640, 7, 3, 13), (24, 30, 5, 45)):
+            if dtype == torch.float32 and h > dw.CROSS_MAX_PLANE // 2:
+                continue
+            x = torch.randn(2, 3, h, h, dtype=dtype)
+            wh, wv = torch.randn(3, k, d, dtype=dtype), torch.randn(3, d, k, dtype=dtype)
+            for cand in dw._cross_candidates(_meta((128, c, h, h), dtype)):   # (meta: the CUDA branch)
+                if not cand.get("pair"):
+                    X.launch_cross(x, wh, wv, torch.randn(3, dtype=dtype), torch.empty_like(x), dw._pads(k, d),
+                                   dw._pads(d, k), cand, dw._precision(dtype), False)
+    assert any(m.get("NB") for _, _, m in calls) and _compile_all(calls) >= 6
