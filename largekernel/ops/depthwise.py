@@ -181,34 +181,31 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
             return to_memory_format(out, torch.channels_last)
         return depthwise_conv2d(x, horizontal, bias) + depthwise_conv2d(x, vertical)
 
-    # (fp32 on 64-wide tiles: over the H200's shared memory in most configurations, gpu_check --cross)
+    # (fp32 on 64-wide tiles: over the H200's shared memory in most configurations, gpu_check --cross; under
+    # torch.compile the pair, whose convs are registered ops)
     fused = (not grad and max(h, w) <= (CROSS_MAX_PLANE if x.element_size() == 2 else CROSS_MAX_PLANE // 2)
-             and horizontal.shape[-2] <= CROSS_MAX_SHORT
-             and vertical.shape[-1] <= CROSS_MAX_SHORT and depthwise_path(x, horizontal, bias) == "triton"
+             and horizontal.shape[-2] <= CROSS_MAX_SHORT and vertical.shape[-1] <= CROSS_MAX_SHORT
+             and not torch.compiler.is_compiling() and depthwise_path(x, horizontal, bias) == "triton"
              and depthwise_path(x, vertical) == "triton")
     if not fused:
         return pair()
-    with on_device(x):
-        src = rowmajor(x)
-        wh = horizontal.reshape(horizontal.shape[0], *horizontal.shape[-2:]).contiguous()
-        wv = vertical.reshape(vertical.shape[0], *vertical.shape[-2:]).contiguous()
-        b = bias.contiguous() if bias is not None else None
-        out = _alloc_like(src)
+    wh = horizontal.reshape(horizontal.shape[0], *horizontal.shape[-2:]).contiguous()
+    wv = vertical.reshape(vertical.shape[0], *vertical.shape[-2:]).contiguous()
+    b = bias.contiguous() if bias is not None else None
 
-        def run(cand: dict) -> None:
-            from largekernel.ops._dw_cross import launch_cross
+    def run(cand: dict) -> torch.Tensor:   # (timed as called: with the layout copies, like the pair)
+        from largekernel.ops._dw_cross import launch_cross
 
-            if cand.get("pair"):
-                pair()
-            else:
-                launch_cross(src, wh, wv, b, out, _pads(*wh.shape[-2:]), _pads(*wv.shape[-2:]), cand,
-                             _precision(x.dtype), x.device.type == "cpu")
-
-        cand = _pick("cross", x, tuple(wh.shape[-2:]), tuple(wv.shape[-2:]), lambda: _cross_candidates(x), run)
         if cand.get("pair"):
             return pair()
-        run(cand)
+        src = rowmajor(x)
+        out = _alloc_like(src)
+        launch_cross(src, wh, wv, b, out, _pads(*wh.shape[-2:]), _pads(*wv.shape[-2:]), cand, _precision(x.dtype),
+                     x.device.type == "cpu")
         return out if src is x else to_memory_format(out, memory_format_of(x))
+
+    with on_device(x):
+        return run(_pick("cross", x, tuple(wh.shape[-2:]), tuple(wv.shape[-2:]), lambda: _cross_candidates(x), run))
 
 
 def _cross_candidates(x: torch.Tensor) -> list[dict]:
