@@ -126,8 +126,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
     x: (N, C, H, W) (any strides; channels_last too); weight: (C, 1, kh, kw); bias: (C,) or None.
     Returns (N, C, H, W). Odd kernels are centred; for even kernels the extra tap sits on the bottom/right
-    (pad (k-1)//2 before, k//2 after, as PyTorch's 'same'). Taps that cannot reach the input are dropped first
-    (:func:`crop_to_reach`).
+    (pad (k-1)//2 before, k//2 after, as PyTorch's 'same'). On the Triton path taps that cannot reach the input are
+    dropped first (:func:`crop_to_reach`).
     """
     _check(x, weight, bias)
     dev = x.device.type
@@ -136,9 +136,10 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         dt = torch.get_autocast_dtype(dev)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
-    weight = crop_to_reach(weight, x.shape[-2], x.shape[-1])
     path = depthwise_path(x, weight, bias)
     if path == "triton":
+        # (our kernels only: the native path keeps the kernel as given, which is also what FLOP counters see)
+        weight = crop_to_reach(weight, x.shape[-2], x.shape[-1])
         if torch.compiler.is_compiling():   # the registered op: traced as one node, no graph break
             return torch.ops.largekernel.depthwise_conv2d(x, weight, bias)
         # eager: the same kernels through a plain autograd.Function; the custom op's Python wrapper costs
@@ -168,7 +169,6 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
         x, horizontal, vertical = x.to(dt), horizontal.to(dt), vertical.to(dt)
         bias = bias.to(dt) if bias is not None else None
     h, w = x.shape[-2:]
-    horizontal, vertical = crop_to_reach(horizontal, h, w), crop_to_reach(vertical, h, w)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, horizontal, vertical, bias))
 
     def pair() -> torch.Tensor:
@@ -189,6 +189,7 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
              and depthwise_path(x, vertical) == "triton")
     if not fused:
         return pair()
+    horizontal, vertical = crop_to_reach(horizontal, h, w), crop_to_reach(vertical, h, w)
     wh = horizontal.reshape(horizontal.shape[0], *horizontal.shape[-2:]).contiguous()
     wv = vertical.reshape(vertical.shape[0], *vertical.shape[-2:]).contiguous()
     b = bias.contiguous() if bias is not None else None
