@@ -142,3 +142,5 @@ def test_cross_depthwise_conv_is_the_dense_cross_kernel_float64():
     torch.testing.assert_close(layer(x), ref, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="cross"):
         CrossDepthwiseConv2d(horizontal, horizontal)
+    with pytest.raises(ValueError, match="odd"):
+        CrossDepthwiseConv2d(torch.randn(c, 1, 3, 8), torch.randn(c, 1, 8, 3))

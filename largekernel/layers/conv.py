@@ -71,6 +71,8 @@ class CrossDepthwiseConv2d(nn.Module):
         if horizontal.shape[0] != vertical.shape[0] or horizontal.shape[-2:] != vertical.shape[-2:][::-1]:
             raise ValueError(f"a cross needs (C, 1, k, D) and (C, 1, D, k) kernels, got {tuple(horizontal.shape)} "
                              f"and {tuple(vertical.shape)}")
+        if any(n % 2 == 0 for n in horizontal.shape[-2:]):
+            raise ValueError(f"a centred cross needs odd k and D, got a {tuple(horizontal.shape[-2:])} kernel")
         self.dense_h = DepthwiseConv2d.from_weights(horizontal, bias)
         self.dense_v = DepthwiseConv2d.from_weights(vertical)
 
