@@ -167,8 +167,9 @@ class ShiftWiseV2(StagedConvNet):
     def to_dense(self, kind: str | Sequence[str] = "square") -> None:
         """Deploy every block with its shift-wise layer as one dense depthwise conv over all channels
         (:meth:`ShiftWiseBlock.to_dense`): D x D (``"square"``) or a k x D + D x k pair (``"cross"``); a sequence
-        gives one kind per stage (on the H100 at 224 px, ``("cross", "cross", "square", "square")`` was the
-        fastest, docs/performance.md). In place; inference only (exact in eval mode)."""
+        gives one kind per stage (at 224 px ``("cross", "cross", "square", "square")`` was the fastest on the
+        H100 and, with the fused cross kernel, on the H200: docs/performance.md, whole models v8). In place; inference
+        only (exact in eval mode)."""
         kinds = [kind] * len(self.stages) if isinstance(kind, str) else list(kind)
         if len(kinds) != len(self.stages):
             raise ValueError(f"to_dense needs one kind per stage ({len(self.stages)}), got {len(kinds)}")
