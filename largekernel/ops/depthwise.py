@@ -107,6 +107,16 @@ def _native(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pa
     return out.contiguous(memory_format=memory_format_of(x))
 
 
+def _autocast(*tensors: torch.Tensor | None) -> tuple:
+    """The op's arguments (x first; None passes through) in the autocast dtype when autocast is on for x's device."""
+    dev = tensors[0].device.type
+    # NOTE(lead): models are built and counted on the 'meta' device (FLOP counts, tests); autocast has no 'meta'.
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and tensors[0].is_floating_point():
+        dt = torch.get_autocast_dtype(dev)
+        return tuple(t.to(dt) if t is not None else None for t in tensors)
+    return tensors
+
+
 def crop_to_reach(weight: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """The taps of a 'same' depthwise kernel (C, 1, kh, kw) that can reach an h x w input: a kernel longer than
     2h - 1 (2w - 1) along an axis is cut to the centred 2h - 1 (2w - 1), whose 'same' padding is h - 1 (w - 1).
@@ -130,12 +140,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     dropped first (:func:`crop_to_reach`).
     """
     _check(x, weight, bias)
-    dev = x.device.type
-    # NOTE(lead): models are built and counted on the 'meta' device (FLOP counts, tests); autocast has no 'meta'.
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and x.is_floating_point():
-        dt = torch.get_autocast_dtype(dev)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+    x, weight, bias = _autocast(x, weight, bias)
     path = depthwise_path(x, weight, bias)
     if path == "triton":
         # (our kernels only: the native path keeps the kernel as given, which is also what FLOP counters see)
@@ -163,11 +168,7 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
     """
     _check(x, horizontal, bias)
     _check(x, vertical, None)
-    dev = x.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and x.is_floating_point():
-        dt = torch.get_autocast_dtype(dev)
-        x, horizontal, vertical = x.to(dt), horizontal.to(dt), vertical.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+    x, horizontal, vertical, bias = _autocast(x, horizontal, vertical, bias)
     h, w = x.shape[-2:]
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, horizontal, vertical, bias))
 
