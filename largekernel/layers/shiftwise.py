@@ -242,27 +242,21 @@ class ShiftwiseConv2d(nn.Module):
         if cached is not None and all(a is b for a, b in zip(cached[0], tables)) and cached[1] == versions:
             return cached[2]
         r, nk, k, g, d = self.rep_channels, self.nk, self.small_kernel, self.n_rep, self.dense_size
-        half_big, dev = self.big_kernel // 2, self.pad_hv.device
-        lo = d // 2 - half_big                                           # first column / row of slot 0
+        dev = self.pad_hv.device
         tap = torch.arange(k * k, device=dev)
         a, b = tap // k, tap % k                                         # (row, column) inside a small kernel
-        kernel = torch.arange(r * nk, device=dev)
+        kernel = torch.arange(r * nk, device=dev)[:, None, None]
         channel = kernel // nk
-        src, dst = [], []
-        for term in range(2):   # horizontal, vertical: each (kernel, group) lands in a slot of its channel's band
-            slots = (half_big - self.padding - self.pad_hv[:, term * g:(term + 1) * g].long()) // k   # (R*nk, G)
-            along = lo + slots[:, :, None] * k + (b if term == 0 else a)[None, None, :]           # long-axis index
-            across = (a if term == 0 else b)[None, None, :]
-            if term == 0:
-                pos = channel[:, None, None] * k * d + across * d + along
-            else:
-                pos = r * k * d + channel[:, None, None] * d * k + along * k + across
-            src.append((kernel[:, None, None] * k * k + tap).expand(-1, g, -1).reshape(-1))
-            dst.append(pos.reshape(-1))
+        # long-axis index of each placed kernel's first row / column: slot start, slot 0 at d//2 - K//2 (R*nk, 2G, 1)
+        slots = (self.big_kernel // 2 - self.padding - self.pad_hv.long()) // k
+        start = (d // 2 - self.big_kernel // 2 + slots * k)[:, :, None]
+        horizontal = channel * k * d + a * d + start[:, :g] + b                   # (R*nk, G, k*k), in (R, k, D)
+        vertical = r * k * d + channel * d * k + (start[:, g:] + a) * k + b       # in (R, D, k), after horizontal
+        from_band = (kernel * k * k + tap).expand(-1, g, -1).reshape(-1)  # each (kernel, group): its k*k taps
         ident = self.idx_identity.long()                                  # (R, G) kernel of each channel and group
-        src.append((ident[:, :, None] * k * k + tap).reshape(-1))
-        dst.append((2 * r * k * d + torch.arange(r, device=dev)[:, None, None] * k * k + tap).expand(-1, g, -1)
-                   .reshape(-1))
+        centre = 2 * r * k * d + torch.arange(r, device=dev)[:, None, None] * k * k + tap
+        src = [from_band, from_band, (ident[:, :, None] * k * k + tap).reshape(-1)]
+        dst = [horizontal.reshape(-1), vertical.reshape(-1), centre.expand(-1, g, -1).reshape(-1)]
         placement = torch.cat(src), torch.cat(dst)
         self._placement = (tables, versions, placement)
         return placement
