@@ -3,9 +3,10 @@ its real input shape, for inference (deploy form) and training (forward + backwa
 
     PYTHONPATH=. python3 benchmarks/blocks.py --models shiftwise_v2_tiny unireplknet_t [--sw-impl bands]
 
-Per stage: the sum over its blocks (ms), the token mixer's share (the block's ``large_kernel`` / ``dwconv``
-timed alone on the same input), and the stem / downsample / head rest. bf16 autocast, channels_last, batch 128
-(inference) / 64 (training), no stochastic depth. Writes ``$OUT/blocks.json`` when ``$OUT`` is set.
+Per stage: the sum over its blocks (ms) and the token mixer's share (the block's ``large_kernel`` / ``dwconv``
+timed alone on the same input); then the whole model (its excess over the blocks: stem, downsamples, head).
+bf16 autocast, channels_last, batch 128 (inference) / 64 (training), no stochastic depth. Writes
+``$OUT/blocks.json`` when ``$OUT`` is set.
 """
 from __future__ import annotations
 
