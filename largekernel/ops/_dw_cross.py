@@ -155,17 +155,16 @@ def _cross_channels_kernel(x_ptr, q_ptr, b_ptr, y_ptr, N, C, H, W, ITERS, PH_H, 
     xb_off = c * sxc + xb_row * sxh + xb_col * sxw
     out_ok = c_ok & (i < H) & (j < W)
     out_off = c * syc + i * syh + j * syw
-    for it in range(ITERS):
+    for it in range(ITERS):   # (the image bound in the masks, not a branch: the loop's loads can be pipelined)
         n = tl.program_id(1) * ITERS + it
-        if n < N:
-            x_n = x_ptr + n.to(tl.int64) * sxn
-            xa = tl.load(x_n + xa_off, mask=xa_ok, other=0.0)
-            xb = tl.load(x_n + xb_off, mask=xb_ok, other=0.0)
-            if CAST_F32:
-                xa, xb = xa.to(tl.float32), xb.to(tl.float32)
-            acc = tl.dot(xa, th, input_precision=PRECISION)
-            acc = tl.dot(tv, xb, acc, input_precision=PRECISION)
-            tl.store(y_ptr + n.to(tl.int64) * syn + out_off, (acc + bias).to(y_ptr.dtype.element_ty), mask=out_ok)
+        x_n = x_ptr + n.to(tl.int64) * sxn
+        xa = tl.load(x_n + xa_off, mask=xa_ok & (n < N), other=0.0)
+        xb = tl.load(x_n + xb_off, mask=xb_ok & (n < N), other=0.0)
+        if CAST_F32:
+            xa, xb = xa.to(tl.float32), xb.to(tl.float32)
+        acc = tl.dot(xa, th, input_precision=PRECISION)
+        acc = tl.dot(tv, xb, acc, input_precision=PRECISION)
+        tl.store(y_ptr + n.to(tl.int64) * syn + out_off, (acc + bias).to(y_ptr.dtype.element_ty), mask=out_ok & (n < N))
 
 
 def launch_cross(x, wh, wv, bias, y, pads_h: tuple[int, int], pads_v: tuple[int, int], cfg: dict, precision: str,

@@ -221,8 +221,9 @@ def _cross_candidates(x: torch.Tensor) -> list[dict]:
                for it, nw in ((1, 4), (4, 4), (2, 8))]
     channels = []
     if x.element_size() == 2 and x.stride(1) == 1 and p <= 32:
-        channels = [dict(channels=True, BC=bc, ITERS=it, num_warps=nw)
-                    for bc, nw in (((4, 4), (8, 8)) if p == 16 else ((4, 8),)) for it in (4, 16)]
+        channels = [dict(channels=True, BC=bc, ITERS=it, num_warps=nw, num_stages=ns)
+                    for bc, nw in (((4, 4), (8, 8), (16, 8)) if p == 16 else ((4, 8),)) for it in (4, 16)
+                    for ns in (1, 2)]
     return channels + [dict(NB=nb, num_warps=nw) for nb in (4, 16) for nw in (4, 8)] + stacked + [dict(pair=True)]
 
 
