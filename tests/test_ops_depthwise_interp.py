@@ -184,10 +184,9 @@ def _layout_copies_match(torch) -> dict:
 # fused cross conv (inference): (N, C, H, W, k, D, dtype, channels_last, bias)
 CROSS_CASES = [(3, 2, 9, 12, 3, 11, "float32", False, True), (2, 3, 7, 7, 3, 17, "float32", True, False),   # cut
                (2, 2, 20, 17, 5, 9, "bfloat16", True, True), (5, 2, 6, 5, 3, 13, "float16", False, True)]
-# one plane per product (the CPU default), 2 images stacked per product, 2 groups per program (N = 3, 5: a partial
-# group), and the strided kernel with 2 channels per batched product (C = 3: a partial block), 2 images per program
-CROSS_CFGS = {"plain": {}, "stacked": dict(stack=True, NB=2, ITERS=2),
-              "channels": dict(channels=True, BC=2, ITERS=2)}
+# one plane per product (the CPU default), and 2 images stacked per product, 2 groups per program (N = 3, 5: a
+# partial group)
+CROSS_CFGS = {"plain": {}, "stacked": dict(stack=True, NB=2, ITERS=2)}
 
 
 def _cross_matches(torch, F) -> dict:

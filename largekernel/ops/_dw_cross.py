@@ -15,7 +15,7 @@ weights-sized (C, kh_h + kw_v, P, P) tensor) and read from L1 / L2 by every imag
 import triton
 import triton.language as tl
 
-from largekernel.ops._launch import cdiv, launch, next_pow2
+from largekernel.ops._launch import cdiv, launch
 
 
 @triton.jit
@@ -114,84 +114,24 @@ def _cross_stacked_kernel(x_ptr, q_ptr, b_ptr, y_ptr, N, C, H, W, ITERS, PH_H, P
                  mask=ok)
 
 
-@triton.jit
-def _cross_channels_kernel(x_ptr, q_ptr, b_ptr, y_ptr, N, C, H, W, ITERS, PH_H, PW_V,
-                           sxn, sxc, sxh, sxw, syn, syc, syh, syw,
-                           KH_H: tl.constexpr, KW_V: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
-                           P: tl.constexpr, BC: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                           CAST_F32: tl.constexpr):
-    """Program (channel block, image block): BC channels of ITERS images, the channels as the batch of 3-d products,
-    x and y of any strides (channels_last: a pixel's BC channels are adjacent, so no row-major copy is needed):
-
-        out[c] = [X_0 | ... | X_{KA-1}] @ [Th_0; ...; Th_{KA-1}]  +  [Tv_0 | ... | Tv_{KB-1}] @ [X'_0; ...; X'_{KB-1}]
-
-    X_a = x[c, rows + a - ph_h, :], X'_b = x[c, :, cols + b - pw_v] (P x P); the taps are padded with zero blocks to
-    the powers of two KA >= KH_H and KB >= KW_V, so each part is one product with K = KA * P (KB * P). The band
-    blocks do not depend on the image: loaded once per program."""
-    c = tl.program_id(0) * BC + tl.arange(0, BC)[:, None, None]       # (BC, 1, 1)
-    c_ok = c < C
-    i = tl.arange(0, P)[None, :, None]                                 # (1, P, 1): first index of a (P x P) tile
-    j = tl.arange(0, P)[None, None, :]                                 # (1, 1, P): second index
-    ka = tl.arange(0, KA * P)                                          # (tap, pixel) pairs along K, horizontal part
-    kb = tl.arange(0, KB * P)                                          # ... vertical part
-    ka_col, ka_row = ka[None, None, :], ka[None, :, None]
-    kb_col, kb_row = kb[None, None, :], kb[None, :, None]
-    q_c = q_ptr + c.to(tl.int64) * (KH_H + KW_V) * P * P
-    # [Th_0; ...] (BC, KA*P, P): row a*P + r is Th_a[r]; [Tv_0 | ...] (BC, P, KB*P): its column b*P + s is Tv_b[:, s]
-    th = tl.load(q_c + ka_row * P + j, mask=c_ok & (ka_row < KH_H * P), other=0.0)
-    tv = tl.load(q_c + KH_H * P * P + (kb_col // P) * P * P + i * P + kb_col % P,
-                 mask=c_ok & (kb_col < KW_V * P), other=0.0)
-    if CAST_F32:
-        th, tv = th.to(tl.float32), tv.to(tl.float32)
-    bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    # the X_a along K: entry (c, i, a*P + r) = x[c, i + a - ph_h, r]; the X'_b: (c, b*P + s, j) = x[c, s, j + b - pw_v]
-    xa_row = i + ka_col // P - PH_H
-    xa_col = ka_col % P
-    xa_ok = c_ok & (ka_col < KH_H * P) & (xa_row >= 0) & (xa_row < H) & (xa_col < W)
-    xa_off = c * sxc + xa_row * sxh + xa_col * sxw
-    xb_row = kb_row % P
-    xb_col = j + kb_row // P - PW_V
-    xb_ok = c_ok & (kb_row < KW_V * P) & (xb_row < H) & (xb_col >= 0) & (xb_col < W)
-    xb_off = c * sxc + xb_row * sxh + xb_col * sxw
-    out_ok = c_ok & (i < H) & (j < W)
-    out_off = c * syc + i * syh + j * syw
-    for it in range(ITERS):   # (the image bound in the masks, not a branch: the loop's loads can be pipelined)
-        n = tl.program_id(1) * ITERS + it
-        x_n = x_ptr + n.to(tl.int64) * sxn
-        xa = tl.load(x_n + xa_off, mask=xa_ok & (n < N), other=0.0)
-        xb = tl.load(x_n + xb_off, mask=xb_ok & (n < N), other=0.0)
-        if CAST_F32:
-            xa, xb = xa.to(tl.float32), xb.to(tl.float32)
-        acc = tl.dot(xa, th, input_precision=PRECISION)
-        acc = tl.dot(tv, xb, acc, input_precision=PRECISION)
-        tl.store(y_ptr + n.to(tl.int64) * syn + out_off, (acc + bias).to(y_ptr.dtype.element_ty), mask=out_ok & (n < N))
-
-
 def launch_cross(x, wh, wv, bias, y, pads_h: tuple[int, int], pads_v: tuple[int, int], cfg: dict, precision: str,
                  interpret: bool) -> None:
-    """y = cross conv of x (N, C, H, W) with wh (C, kh_h, kw_h), wv (C, kh_v, kw_v) (contiguous), 'same' top / left
-    pads ``pads_h`` / ``pads_v``; cfg: NB (images per program, one product each), num_warps; or stack=True, NB
-    (images stacked in one product), ITERS (such groups per program), num_warps: x and y row-major; or channels=True,
-    BC (channels per batched product), ITERS (images per program), num_warps: any strides (for channels_last)."""
+    """y = cross conv of row-major x (N, C, H, W) with wh (C, kh_h, kw_h), wv (C, kh_v, kw_v) (contiguous), 'same'
+    top / left pads ``pads_h`` / ``pads_v``; cfg: NB (images per program, one product each), num_warps; or stack=True,
+    NB (images stacked in one product), ITERS (such groups per program), num_warps."""
     N, C, H, W = x.shape
     kh_h, kw_h = wh.shape[1:]
     kh_v, kw_v = wv.shape[1:]
-    p = max(16, next_pow2(max(H, W)))
+    p = max(16, 1 << (max(H, W) - 1).bit_length())
     q = x.new_empty((C, kh_h + kw_v, p, p))
     launch(_cross_bands_kernel, (C, kh_h + kw_v), wh, wv, q, kh_h, kw_h, kh_v, kw_v, pads_v[0], pads_h[1], P=p,
            num_warps=4)
-    b = bias if bias is not None else x
+    nb, b = cfg["NB"], bias if bias is not None else x
     meta = dict(KH_H=kh_h, KW_V=kw_v, P=p, HAS_BIAS=bias is not None, PRECISION=precision, CAST_F32=interpret,
                 num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
-    iters = cfg.get("ITERS", 1)
-    if cfg.get("channels"):
-        bc = cfg["BC"]
-        launch(_cross_channels_kernel, (cdiv(C, bc), cdiv(N, iters)), x, q, b, y, N, C, H, W, iters, pads_h[0],
-               pads_v[1], *x.stride(), *y.stride(), KA=next_pow2(kh_h), KB=next_pow2(kw_v), BC=bc, **meta)
-    elif cfg.get("stack"):
-        nb = cfg["NB"]
+    if cfg.get("stack"):   # NB images per product, ITERS groups per program
+        iters = cfg.get("ITERS", 1)
         launch(_cross_stacked_kernel, (C, cdiv(N, nb * iters)), x, q, b, y, N, C, H, W, iters, pads_h[0], pads_v[1],
                NB=nb, **meta)
     else:
-        launch(_cross_kernel, (C, cdiv(N, cfg["NB"])), x, q, b, y, N, C, H, W, cfg["NB"], pads_h[0], pads_v[1],
-               **meta)
+        launch(_cross_kernel, (C, cdiv(N, nb)), x, q, b, y, N, C, H, W, nb, pads_h[0], pads_v[1], **meta)

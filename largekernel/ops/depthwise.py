@@ -200,7 +200,7 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
 
         if cand.get("pair"):
             return pair()
-        src = x if cand.get("channels") else rowmajor(x)
+        src = rowmajor(x)
         out = _alloc_like(src)
         launch_cross(src, wh, wv, b, out, _pads(*wh.shape[-2:]), _pads(*wv.shape[-2:]), cand, _precision(x.dtype),
                      x.device.type == "cpu")
@@ -211,20 +211,13 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
 
 
 def _cross_candidates(x: torch.Tensor) -> list[dict]:
-    """Fused cross kernel configurations (images per program, warps) and the pair of convs; on 16-bit channels_last
-    planes up to 32 x 32 also the kernel that reads channels_last directly (channels per batched product, images
-    per program, warps; within the registers and shared memory of sm_90 without spills: ptxas -v)."""
+    """Fused cross kernel configurations (images per program, warps) and the pair of convs."""
     if x.device.type == "cpu":
         return [dict(NB=2, num_warps=4)]
     p = max(16, next_pow2(max(x.shape[-2:])))
     stacked = [dict(stack=True, NB=nb, ITERS=it, num_warps=nw) for nb in ({64: (1, 2), 32: (2, 4)}.get(p, (4, 8, 16)))
                for it, nw in ((1, 4), (4, 4), (2, 8))]
-    channels = []
-    if x.element_size() == 2 and x.stride(1) == 1 and p <= 32:
-        channels = [dict(channels=True, BC=bc, ITERS=it, num_warps=nw, num_stages=ns)
-                    for bc, nw in (((4, 4), (8, 8), (16, 8)) if p == 16 else ((4, 8),)) for it in (4, 16)
-                    for ns in (1, 2)]
-    return channels + [dict(NB=nb, num_warps=nw) for nb in (4, 16) for nw in (4, 8)] + stacked + [dict(pair=True)]
+    return [dict(NB=nb, num_warps=nw) for nb in (4, 16) for nw in (4, 8)] + stacked + [dict(pair=True)]
 
 
 # ----------------------------------------------------------------------------------------------------
