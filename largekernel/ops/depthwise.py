@@ -125,12 +125,16 @@ def _autocast(*tensors: torch.Tensor | None) -> tuple:
     return tensors if dt is None else tuple(t.to(dt) if t is not None else None for t in tensors)
 
 
+CAST_IN_COPY = os.environ.get("LARGEKERNEL_CAST_IN_COPY", "1") == "1"   # 0: autocast's cast, then the copy
+
+
 def _cast_into_rows(x: torch.Tensor, *params: torch.Tensor | None) -> torch.dtype | None:
     """Inference under autocast on a channels_last input of our kernels, which read row-major copies: the dtype to
     cast x to in the same pass as that copy (one pass of the transpose kernel instead of a cast, then a transpose),
     else None (autocast off or a no-op, another layout, autograd through x or the weights, torch.compile)."""
     dt = _autocast_dtype(x)
-    if dt is None or x.dtype == dt or memory_format_of(x) != torch.channels_last or not _triton_runs_on(x):
+    if (not CAST_IN_COPY or dt is None or x.dtype == dt or memory_format_of(x) != torch.channels_last
+            or not _triton_runs_on(x)):
         return None
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, *params))):
