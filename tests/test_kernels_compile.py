@@ -128,11 +128,7 @@ def test_shift_add_and_layout_launches_compile_for_hopper(monkeypatch):
         _copy(torch.randn(2, 5, 7, 9, dtype=dtype), torch.channels_last)
         _copy(torch.randn(2, 5, 7, 9, dtype=dtype).contiguous(memory_format=torch.channels_last),
               torch.contiguous_format)
-    # the copy that also casts (autocast's fp32 input into the kernels' bf16 row-major copy; rounding to nearest even)
-    _copy(torch.randn(2, 5, 7, 9).contiguous(memory_format=torch.channels_last), torch.contiguous_format,
-          torch.bfloat16)
-    assert any(m.get("DOWNCAST") for _, _, m in calls)
-    assert _compile_all(calls) >= 9
+    assert _compile_all(calls) >= 8
 
 
 def test_cross_launches_compile_for_hopper(monkeypatch):

@@ -53,11 +53,9 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def _triton_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      dtype: torch.dtype | None = None) -> bool:
+def _triton_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     kh, kw = weight.shape[-2:]
-    dtype = x.dtype if dtype is None else dtype
-    return (dtype in _DTYPES and weight.dtype == dtype and (bias is None or bias.dtype == dtype)
+    return (x.dtype in _DTYPES and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
             and weight.device == x.device and kh <= MAX_KERNEL and kw <= MAX_KERNEL
             and x.numel() > 0 and x.shape[2] * x.shape[3] < 2**30)
 
@@ -86,13 +84,12 @@ AUTO_MIN_K = 7
 AUTO_ANY_LAYOUT_K = 13
 
 
-def depthwise_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   dtype: torch.dtype | None = None) -> str:
-    """Which implementation :func:`depthwise_conv2d` takes for these arguments (``dtype``: the one x will have,
-    where autocast casts it): 'triton', 'native', 'native-nchw' or 'native-channels_last' (CPU layout choice)."""
+def depthwise_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
+    """Which implementation :func:`depthwise_conv2d` takes for these arguments:
+    'triton', 'native', 'native-nchw' or 'native-channels_last' (CPU layout choice)."""
     backend = get_backend()
     if backend != "native" and not _exporting():
-        ok = _triton_supported(x, weight, bias, dtype) and _triton_runs_on(x)
+        ok = _triton_supported(x, weight, bias) and _triton_runs_on(x)
         if ok and (backend == "triton" or _auto_prefers_triton(x, weight)):
             return "triton"
     if backend == "auto" and x.device.type == "cpu" and not _exporting():
@@ -110,36 +107,14 @@ def _native(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pa
     return out.contiguous(memory_format=memory_format_of(x))
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast casts the op's arguments to (None when autocast is off for x's device)."""
-    dev = x.device.type
-    # NOTE(lead): models are built and counted on the 'meta' device (FLOP counts, tests); autocast has no 'meta'.
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and x.is_floating_point():
-        return torch.get_autocast_dtype(dev)
-    return None
-
-
 def _autocast(*tensors: torch.Tensor | None) -> tuple:
     """The op's arguments (x first; None passes through) in the autocast dtype when autocast is on for x's device."""
-    dt = _autocast_dtype(tensors[0])
-    return tensors if dt is None else tuple(t.to(dt) if t is not None else None for t in tensors)
-
-
-CAST_IN_COPY = os.environ.get("LARGEKERNEL_CAST_IN_COPY", "1") == "1"   # 0: autocast's cast, then the copy
-
-
-def _cast_into_rows(x: torch.Tensor, *params: torch.Tensor | None) -> torch.dtype | None:
-    """Inference under autocast on a channels_last input of our kernels, which read row-major copies: the dtype to
-    cast x to in the same pass as that copy (one pass of the transpose kernel instead of a cast, then a transpose),
-    else None (autocast off or a no-op, another layout, autograd through x or the weights, torch.compile)."""
-    dt = _autocast_dtype(x)
-    if (not CAST_IN_COPY or dt is None or x.dtype == dt or memory_format_of(x) != torch.channels_last
-            or not _triton_runs_on(x)):
-        return None
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, *params))):
-        return None
-    return dt
+    dev = tensors[0].device.type
+    # NOTE(lead): models are built and counted on the 'meta' device (FLOP counts, tests); autocast has no 'meta'.
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and tensors[0].is_floating_point():
+        dt = torch.get_autocast_dtype(dev)
+        return tuple(t.to(dt) if t is not None else None for t in tensors)
+    return tensors
 
 
 def crop_to_reach(weight: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -165,12 +140,6 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     dropped first (:func:`crop_to_reach`).
     """
     _check(x, weight, bias)
-    dt = _cast_into_rows(x, weight, bias)
-    if dt is not None:
-        weight, bias = _autocast(x, weight, bias)[1:]
-        if depthwise_path(x, weight, bias, dt) == "triton":
-            y = depthwise_conv2d(to_memory_format(x, torch.contiguous_format, dtype=dt), weight, bias)
-            return to_memory_format(y, torch.channels_last)
     x, weight, bias = _autocast(x, weight, bias)
     path = depthwise_path(x, weight, bias)
     if path == "triton":
@@ -199,13 +168,6 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
     """
     _check(x, horizontal, bias)
     _check(x, vertical, None)
-    dt = _cast_into_rows(x, horizontal, vertical, bias)
-    if dt is not None:
-        horizontal, vertical, bias = _autocast(x, horizontal, vertical, bias)[1:]
-        if depthwise_path(x, horizontal, bias, dt) == "triton" and depthwise_path(x, vertical, None, dt) == "triton":
-            out = cross_depthwise_conv2d(to_memory_format(x, torch.contiguous_format, dtype=dt), horizontal, vertical,
-                                         bias)
-            return to_memory_format(out, torch.channels_last)
     x, horizontal, vertical, bias = _autocast(x, horizontal, vertical, bias)
     h, w = x.shape[-2:]
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, horizontal, vertical, bias))

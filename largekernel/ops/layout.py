@@ -27,7 +27,7 @@ def _transpose_kernel():
 
         @triton.jit
         def _nchw_nhwc_copy(src, dst, P, C, s_n, s_p, s_c, d_n, d_p, d_c,
-                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, DOWNCAST: tl.constexpr):
+                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
             # one (BLOCK_P positions x BLOCK_C channels) tile of image n; each side is read / written along its
             # unit-stride axis (Triton stages the tile through shared memory between the two layouts)
             n = tl.program_id(2).to(tl.int64)
@@ -35,9 +35,7 @@ def _transpose_kernel():
             c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
             mask = (p < P)[:, None] & (c < C)[None, :]
             v = tl.load(src + n * s_n + p[:, None] * s_p + c[None, :] * s_c, mask=mask)
-            if DOWNCAST:   # round to nearest even, as PyTorch's cast (the interpreter's default truncates)
-                v = v.to(dst.dtype.element_ty, fp_downcast_rounding="rtne")
-            tl.store(dst + n * d_n + p[:, None] * d_p + c[None, :] * d_c, v.to(dst.dtype.element_ty), mask=mask)
+            tl.store(dst + n * d_n + p[:, None] * d_p + c[None, :] * d_c, v, mask=mask)
 
         _kernel = _nchw_nhwc_copy
     return _kernel
@@ -65,36 +63,32 @@ class _Transpose(torch.autograd.Function):
 
 
 def to_memory_format(t: torch.Tensor, memory_format: torch.memory_format,
-                     use_triton: bool | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``t.to(dtype, memory_format=memory_format)`` (``dtype=None``: t's own); a 4-d copy between NCHW and
-    channels_last runs as the Triton transpose, the cast done in the same pass (``use_triton=None``: where Triton
-    runs, i.e. on CUDA tensors, and on the CPU under ``TRITON_INTERPRET=1``, the CI tests). Returns ``t`` itself
-    when it is already in that format and dtype."""
-    dtype = t.dtype if dtype is None else dtype
+                     use_triton: bool | None = None) -> torch.Tensor:
+    """``t.contiguous(memory_format=memory_format)``; a 4-d copy between NCHW and channels_last runs as the Triton
+    transpose (``use_triton=None``: where Triton runs, i.e. on CUDA tensors, and on the CPU under
+    ``TRITON_INTERPRET=1``, the CI tests). Returns ``t`` itself when it is already in that format."""
     if t.is_contiguous(memory_format=memory_format):
-        return t.to(dtype)
+        return t
     if use_triton is None:
         use_triton = FAST_TRANSPOSE
     to_cl = memory_format == torch.channels_last
-    grad = t.requires_grad and torch.is_grad_enabled()
-    # the two layouts this kernel converts between, and image sizes its int32 offsets address; with autograd,
-    # only the layout (the transpose's backward is the inverse transpose)
+    # the two layouts this kernel converts between, and image sizes its int32 offsets address
     ok = (use_triton and t.dim() == 4 and (t.is_cuda or (t.device.type == "cpu" and triton_interpreting()))
           and (t.is_contiguous() if to_cl else memory_format_of(t) == torch.channels_last)
-          and 0 < t[0].numel() < 2**31 and t.shape[0] < 65536 and not (grad and dtype != t.dtype))
+          and 0 < t[0].numel() < 2**31 and t.shape[0] < 65536)
     if not ok:
-        return t.to(dtype=dtype, memory_format=memory_format)
-    if grad:
+        return t.contiguous(memory_format=memory_format)
+    if t.requires_grad and torch.is_grad_enabled():
         return _Transpose.apply(t, memory_format)
-    return _copy(t, memory_format, dtype)
+    return _copy(t, memory_format)
 
 
-def _copy(t: torch.Tensor, memory_format: torch.memory_format, dtype: torch.dtype | None = None) -> torch.Tensor:
+def _copy(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
     from largekernel.ops._launch import cdiv, launch, on_device
 
     to_cl = memory_format == torch.channels_last
     n, c, h, w = t.shape
-    out = torch.empty_like(t, memory_format=memory_format, dtype=dtype)
+    out = torch.empty_like(t, memory_format=memory_format)
     p = h * w
     # strides of (n, p, c) on both sides: NCHW has (C*P, 1, P), channels_last (P*C, C, 1)
     s_src, s_dst = (c * p, 1, p), (p * c, c, 1)
@@ -104,7 +98,7 @@ def _copy(t: torch.Tensor, memory_format: torch.memory_format, dtype: torch.dtyp
     grid = (cdiv(p, block_p), cdiv(c, block_c), n)
     with on_device(t):
         launch(_transpose_kernel(), grid, t, out, p, c, *s_src, *s_dst, BLOCK_P=block_p, BLOCK_C=block_c,
-               DOWNCAST=out.element_size() < t.element_size(), num_warps=4)
+               num_warps=4)
     return out
 
 
