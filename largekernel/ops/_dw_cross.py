@@ -15,7 +15,7 @@ weights-sized (C, kh_h + kw_v, P, P) tensor) and read from L1 / L2 by every imag
 import triton
 import triton.language as tl
 
-from largekernel.ops._launch import cdiv, launch
+from largekernel.ops._launch import cdiv, launch, next_pow2
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def launch_cross(x, wh, wv, bias, y, pads_h: tuple[int, int], pads_v: tuple[int,
     N, C, H, W = x.shape
     kh_h, kw_h = wh.shape[1:]
     kh_v, kw_v = wv.shape[1:]
-    p = max(16, 1 << (max(H, W) - 1).bit_length())
+    p = max(16, next_pow2(max(H, W)))   # as the candidates in depthwise._cross_candidates
     q = x.new_empty((C, kh_h + kw_v, p, p))
     launch(_cross_bands_kernel, (C, kh_h + kw_v), wh, wv, q, kh_h, kw_h, kh_v, kw_v, pads_v[0], pads_h[1], P=p,
            num_warps=4)
