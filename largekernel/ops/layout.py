@@ -16,6 +16,7 @@ from largekernel.ops.dispatch import triton_interpreting
 # LARGEKERNEL_FAST_TRANSPOSE=0: always PyTorch's copy
 FAST_TRANSPOSE = os.environ.get("LARGEKERNEL_FAST_TRANSPOSE", "1") == "1"
 _kernel = None
+_padded = None
 
 
 def _transpose_kernel():
@@ -39,6 +40,77 @@ def _transpose_kernel():
 
         _kernel = _nchw_nhwc_copy
     return _kernel
+
+
+def _padded_kernel():
+    """Triton kernel between channels_last and row-major planes whose rows are padded to a stride of WP >= W."""
+    global _padded
+    if _padded is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _padded_rows_copy(src, dst, H, W, WP, C, TO_ROWS: tl.constexpr, BLOCK_P: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
+            # positions walk the padded (H, WP) grid: unit stride on the row-major side (whose pad columns receive
+            # zeros), channels at unit stride on the channels_last side (whose pad columns do not exist)
+            n = tl.program_id(2).to(tl.int64)
+            p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+            c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+            h, w = p // WP, p % WP
+            in_grid = (p < H * WP)[:, None] & (c < C)[None, :]
+            real = in_grid & (w < W)[:, None]
+            at_cl = n * H * W * C + (h * W + w)[:, None] * C + c[None, :]
+            at_rows = n * C * H * WP + c[None, :] * H * WP + p[:, None]
+            if TO_ROWS:
+                tl.store(dst + at_rows, tl.load(src + at_cl, mask=real, other=0.0), mask=in_grid)
+            else:
+                tl.store(dst + at_cl, tl.load(src + at_rows, mask=real), mask=real)
+
+        _padded = _padded_rows_copy
+    return _padded
+
+
+def padded_rows(t: torch.Tensor, align: int = 16) -> torch.Tensor:
+    """A row-major copy of 4-d ``t`` whose rows start every ``align`` bytes: a (N, C, H, W) view of a zero-padded
+    (N, C, H, WP) buffer (the tensor memory accelerator addresses rows at 16-byte strides only). ``t`` itself when
+    it already is such a row-major tensor. Channels_last input runs the Triton copy where Triton runs."""
+    n, c, h, w = t.shape
+    wp = -(-w * t.element_size() // align) * align // t.element_size()
+    if (t.stride(-1) == 1 and t.stride(-2) == wp and t.stride(1) == h * wp and t.stride(0) == c * h * wp
+            and t.data_ptr() % align == 0):
+        return t
+    out = t.new_empty(n, c, h, wp)
+    fast = (FAST_TRANSPOSE and memory_format_of(t) == torch.channels_last and 0 < out[0].numel() < 2**31
+            and n < 65536 and (t.is_cuda or (t.device.type == "cpu" and triton_interpreting())))
+    if not fast:
+        out[..., w:] = 0
+        out[..., :w] = t
+        return out[..., :w]
+    _launch_padded(t, out, h, w, wp, to_rows=True)
+    return out[..., :w]
+
+
+def from_padded_rows(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``t`` (a (N, C, H, W) view of padded row-major planes, as :func:`padded_rows` gives) in ``memory_format``."""
+    n, c, h, w = t.shape
+    wp = t.stride(-2)
+    if (memory_format != torch.channels_last or not FAST_TRANSPOSE or t.stride(1) != h * wp
+            or not (t.is_cuda or (t.device.type == "cpu" and triton_interpreting()))):
+        return t.contiguous(memory_format=memory_format)
+    out = torch.empty((n, c, h, w), dtype=t.dtype, device=t.device, memory_format=torch.channels_last)
+    _launch_padded(t, out, h, w, wp, to_rows=False)
+    return out
+
+
+def _launch_padded(src: torch.Tensor, dst: torch.Tensor, h: int, w: int, wp: int, to_rows: bool) -> None:
+    from largekernel.ops._launch import cdiv, launch, on_device
+
+    n, c = src.shape[:2]
+    block_p, block_c = 64, 64
+    with on_device(src):
+        launch(_padded_kernel(), (cdiv(h * wp, block_p), cdiv(c, block_c), n), src, dst, h, w, wp, c,
+               TO_ROWS=to_rows, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
