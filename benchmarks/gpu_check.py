@@ -396,7 +396,8 @@ def check_cross_fused(report: bool = True) -> list[dict]:
         ref = (F.conv2d(x.double(), h.double(), b.double(), padding="same", groups=c)
                + F.conv2d(x.double(), v.double(), padding="same", groups=c))
         for cfg in (dict(NB=2), dict(NB=16, num_warps=8), dict(stack=True, NB=2, ITERS=2),
-                    dict(stack=True, NB=1 if hw > 32 else 8, ITERS=1, num_warps=8)):
+                    dict(stack=True, NB=1 if hw > 32 else 8, ITERS=1, num_warps=8), dict(tma=True, ITERS=3),
+                    dict(tma=True, ITERS=1, num_warps=8)):
             dwmod.CROSS_CFG = cfg
             try:
                 with torch.no_grad():

@@ -44,6 +44,8 @@ def _signature(kernel, args: tuple, meta: dict) -> tuple[dict, dict]:
             sig[name], consts[(i,)] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             sig[name] = _PTR[v.dtype]
+        elif type(v).__name__ == "TensorDescriptor":
+            sig[name] = f"tensordesc<{_PTR[v.base.dtype][1:]}{list(v.block_shape)}>".replace(" ", "")
         elif isinstance(v, bool):
             sig[name] = "i1"
         elif isinstance(v, int):
@@ -135,6 +137,7 @@ def test_cross_launches_compile_for_hopper(monkeypatch):
     """The fused cross kernel's candidates at SW-tiny's stage shapes (k = 3) and a k = 5 one, where the op takes it."""
     from largekernel.ops import _dw_cross as X
     from largekernel.ops import depthwise as dw
+    from largekernel.ops.layout import padded_rows
 
     calls = _record(monkeypatch)
     for dtype in (torch.float32, torch.bfloat16):
@@ -145,6 +148,8 @@ def test_cross_launches_compile_for_hopper(monkeypatch):
             wh, wv = torch.randn(3, k, d, dtype=dtype), torch.randn(3, d, k, dtype=dtype)
             for cand in dw._cross_candidates(_meta((128, c, h, h), dtype)):   # (meta: the CUDA branch)
                 if not cand.get("pair"):
-                    X.launch_cross(x, wh, wv, torch.randn(3, dtype=dtype), torch.empty_like(x), dw._pads(k, d),
-                                   dw._pads(d, k), cand, dw._precision(dtype), False)
-    assert any(m.get("NB") for _, _, m in calls) and _compile_all(calls) >= 6
+                    src = padded_rows(x) if cand.get("tma") else x   # (TMA: rows at 16-byte strides)
+                    X.launch_cross(src, wh, wv, torch.randn(3, dtype=dtype), padded_rows(torch.empty_like(x)),
+                                   dw._pads(k, d), dw._pads(d, k), cand, dw._precision(dtype), False)
+    assert any(m.get("NB") for _, _, m in calls) and any(k is X._cross_tma_kernel for k, _, _ in calls)
+    assert _compile_all(calls) >= 6

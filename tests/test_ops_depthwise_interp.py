@@ -161,8 +161,8 @@ def _plane_band_reads_in_copies(torch, F) -> dict:
 
 def _layout_copies_match(torch) -> dict:
     """The Triton NCHW <-> channels_last transpose against PyTorch's own copy, bit for bit (odd sizes, partial
-    tiles, one-pixel planes, three dtypes)."""
-    from largekernel.ops.layout import to_memory_format
+    tiles, one-pixel planes, three dtypes), and the copies to and from row-major planes with padded rows."""
+    from largekernel.ops.layout import from_padded_rows, padded_rows, to_memory_format
 
     out = {}
     for shape in ((2, 70, 5, 9), (1, 3, 1, 1), (3, 130, 9, 11)):
@@ -173,6 +173,17 @@ def _layout_copies_match(torch) -> dict:
             out[f"{shape}/{dtype}"] = bool(
                 cl.is_contiguous(memory_format=torch.channels_last) and back.is_contiguous()
                 and torch.equal(cl, x.contiguous(memory_format=torch.channels_last)) and torch.equal(back, x))
+        # rows padded to 16-byte strides (the TMA cross kernel's planes): same values, zeros in the padding, and back
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+            rows = padded_rows(x)
+            wp = rows.stride(2)
+            full = rows.as_strided(rows.shape[:3] + (wp,), rows.stride())
+            back = from_padded_rows(rows, torch.channels_last)
+            out[f"{shape}/{dtype}/padded"] = bool(
+                (wp * x.element_size()) % 16 == 0 and wp - x.shape[-1] < 16 // x.element_size()
+                and rows.stride(1) == x.shape[2] * wp and torch.equal(rows, x) and not full[..., x.shape[-1]:].any()
+                and back.is_contiguous(memory_format=torch.channels_last) and torch.equal(back, x))
     # autograd: the gradient comes back through the inverse copy, in the input's layout
     x = torch.randn(2, 5, 3, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
     g = torch.randn(2, 5, 3, 4)
@@ -183,10 +194,11 @@ def _layout_copies_match(torch) -> dict:
 
 # fused cross conv (inference): (N, C, H, W, k, D, dtype, channels_last, bias)
 CROSS_CASES = [(3, 2, 9, 12, 3, 11, "float32", False, True), (2, 3, 7, 7, 3, 17, "float32", True, False),   # cut
-               (2, 2, 20, 17, 5, 9, "bfloat16", True, True), (5, 2, 6, 5, 3, 13, "float16", False, True)]
-# one plane per product (the CPU default), and 2 images stacked per product, 2 groups per program (N = 3, 5: a
-# partial group)
-CROSS_CFGS = {"plain": {}, "stacked": dict(stack=True, NB=2, ITERS=2)}
+               (2, 2, 20, 17, 5, 9, "bfloat16", True, True), (5, 2, 6, 5, 3, 13, "float16", False, True),
+               (3, 2, 10, 16, 3, 9, "bfloat16", True, True)]   # (rows of 16 bytes or more: TMA)
+# one plane per product (the CPU default), 2 images stacked per product, 2 groups per program (N = 3, 5: a partial
+# group), and the TMA kernel, 2 images per program (on rows whose bytes are not a multiple of 16: the plain kernel)
+CROSS_CFGS = {"plain": {}, "stacked": dict(stack=True, NB=2, ITERS=2), "tma": dict(tma=True, ITERS=2)}
 
 
 def _cross_matches(torch, F) -> dict:

@@ -22,6 +22,9 @@ def on_device(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+TMA_ALIGN = 16   # bytes: the tensor memory accelerator's alignment of a tensor's base and of its strides
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -47,7 +50,9 @@ def launch(kernel, grid: tuple, *args: object, **meta: object) -> None:
     as Triton's own specialization, and later launches with the same key call it directly. Any failure of the
     direct call turns the shortcut off for the process (then every launch takes Triton's path)."""
     global FAST_LAUNCH, FAST_LAUNCH_ERROR
-    if FAST_LAUNCH:
+    # (TMA descriptors: Triton's own path, which builds the device-side descriptor from each host-side one)
+    direct = FAST_LAUNCH and not any(type(a).__name__ == "TensorDescriptor" for a in args)
+    if direct:
         # the device too: Triton compiles (and loads) a kernel per device, and the runner launches what it holds
         device = args[0].device if args and isinstance(args[0], torch.Tensor) else None
         key = (kernel, device, tuple(_specialization(a) for a in args), tuple(meta.items()))
@@ -60,7 +65,7 @@ def launch(kernel, grid: tuple, *args: object, **meta: object) -> None:
             except Exception as err:  # noqa: BLE001 - an API this Triton does not have: use its own path from now on
                 FAST_LAUNCH, FAST_LAUNCH_ERROR = False, f"{type(err).__name__}: {err}"
     compiled = kernel[grid](*args, **meta)
-    if FAST_LAUNCH and hasattr(compiled, "packed_metadata"):
+    if direct and hasattr(compiled, "packed_metadata"):
         names = getattr(kernel, "arg_names", None)
         if names is not None and all(n in meta for n in names[len(args):]):
             _COMPILED[key] = (compiled, tuple(meta[n] for n in names[len(args):]))

@@ -19,9 +19,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from largekernel.ops._launch import next_pow2, on_device
+from largekernel.ops._launch import TMA_ALIGN, next_pow2, on_device
 from largekernel.ops.dispatch import get_backend, triton_interpreting
-from largekernel.ops.layout import memory_format_of, rowmajor, to_memory_format
+from largekernel.ops.layout import from_padded_rows, memory_format_of, padded_rows, rowmajor, to_memory_format
 
 try:
     _TRITON_MISSING = importlib.util.find_spec("triton") is None
@@ -200,11 +200,15 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
 
         if cand.get("pair"):
             return pair()
-        src = rowmajor(x)
-        out = _alloc_like(src)
+        tma = cand.get("tma")   # (row-major planes whose rows start at 16-byte boundaries, zero-padded if need be)
+        src = padded_rows(x, TMA_ALIGN) if tma else rowmajor(x)
+        wp = src.stride(2)
+        out = _alloc_like(src.new_empty(src.shape[:3] + (wp,)))[..., :w]
         launch_cross(src, wh, wv, b, out, _pads(*wh.shape[-2:]), _pads(*wv.shape[-2:]), cand, _precision(x.dtype),
                      x.device.type == "cpu")
-        return out if src is x else to_memory_format(out, memory_format_of(x))
+        if src is x:
+            return out
+        return from_padded_rows(out, memory_format_of(x)) if tma else to_memory_format(out, memory_format_of(x))
 
     with on_device(x):
         return run(_pick("cross", x, tuple(wh.shape[-2:]), tuple(wv.shape[-2:]), lambda: _cross_candidates(x), run))
@@ -217,7 +221,12 @@ def _cross_candidates(x: torch.Tensor) -> list[dict]:
     p = max(16, next_pow2(max(x.shape[-2:])))
     stacked = [dict(stack=True, NB=nb, ITERS=it, num_warps=nw) for nb in ({64: (1, 2), 32: (2, 4)}.get(p, (4, 8, 16)))
                for it, nw in ((1, 4), (4, 4), (2, 8))]
-    return [dict(NB=nb, num_warps=nw) for nb in (4, 16) for nw in (4, 8)] + stacked + [dict(pair=True)]
+    tma = []
+    hopper = x.device.type == "meta" or torch.cuda.get_device_capability(x.device)[0] >= 9   # (meta: compile tests)
+    if hopper and x.element_size() == 2 and p >= 32:   # Hopper's tensor memory accelerator (TMA): on the H200 it
+        stages = (1,) if p == 64 else (1, 2)               # won at 56 and 28 px, lost at 14 and 7 (performance.md)
+        tma = [dict(tma=True, ITERS=it, num_warps=4, num_stages=ns) for it in (4, 16) for ns in stages]
+    return tma + [dict(NB=nb, num_warps=nw) for nb in (4, 16) for nw in (4, 8)] + stacked + [dict(pair=True)]
 
 
 # ----------------------------------------------------------------------------------------------------
