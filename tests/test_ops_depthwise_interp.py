@@ -195,9 +195,9 @@ def _layout_copies_match(torch) -> dict:
 # fused cross conv (inference): (N, C, H, W, k, D, dtype, channels_last, bias)
 CROSS_CASES = [(3, 2, 9, 12, 3, 11, "float32", False, True), (2, 3, 7, 7, 3, 17, "float32", True, False),   # cut
                (2, 2, 20, 17, 5, 9, "bfloat16", True, True), (5, 2, 6, 5, 3, 13, "float16", False, True),
-               (3, 2, 10, 16, 3, 9, "bfloat16", True, True)]   # (rows of 16 bytes or more: TMA)
+               (3, 2, 10, 16, 3, 9, "bfloat16", True, True)]   # (32-byte rows: the TMA kernel without padding)
 # one plane per product (the CPU default), 2 images stacked per product, 2 groups per program (N = 3, 5: a partial
-# group), and the TMA kernel, 2 images per program (on rows whose bytes are not a multiple of 16: the plain kernel)
+# group), and the TMA kernel, 2 images per program (rows whose bytes are no multiple of 16 copied into padded planes)
 CROSS_CFGS = {"plain": {}, "stacked": dict(stack=True, NB=2, ITERS=2), "tma": dict(tma=True, ITERS=2)}
 
 
