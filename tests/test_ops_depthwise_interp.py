@@ -233,6 +233,19 @@ def _cross_matches(torch, F) -> dict:
             out[f"{n}x{c}x{h}x{w}/{k}x{d}/{dtype}/{kind}"] = dict(
                 rel=float((y.double() - ref).norm() / ref.norm()) if torch.isfinite(y).all() else float("nan"),
                 tol=TOL[dtype], fused=len(launches) == 1, layout_kept=y.is_contiguous(memory_format=fmt))
+    # a crop of a wider tensor (unit stride along W, not contiguous): each configuration reads the crop, not its parent
+    x = torch.randn(2, 3, 9, 14)[..., 1:-1]
+    wh, wv = torch.randn(3, 1, 3, 7), torch.randn(3, 1, 7, 3)
+    ref = (F.conv2d(x.double(), wh.double(), padding="same", groups=3)
+           + F.conv2d(x.double(), wv.double(), padding="same", groups=3))
+    for kind, cfg in CROSS_CFGS.items():
+        launches.clear()
+        dw.CROSS_CFG = cfg
+        with torch.no_grad():
+            y = cross_depthwise_conv2d(x, wh, wv)
+        dw.CROSS_CFG = {}
+        out[f"crop/{kind}"] = dict(rel=float((y.double() - ref).norm() / ref.norm()), tol=TOL["float32"],
+                                   fused=len(launches) == 1, layout_kept=y.is_contiguous())
     _dw_cross.launch_cross = launch_cross
     return out
 
@@ -345,7 +358,7 @@ def test_layout_copies_match_torch(results):
 
 def test_fused_cross_conv_matches_float64_pair(results):
     r = results["cross"]
-    assert len(r) == len(CROSS_CASES) * len(CROSS_CFGS), r
+    assert len(r) == (len(CROSS_CASES) + 1) * len(CROSS_CFGS), r
     for name, v in r.items():
         assert v["fused"] and v["layout_kept"] and v["rel"] <= v["tol"], (name, v, results["seed"])
 

@@ -200,10 +200,13 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
 
         if cand.get("pair"):
             return pair()
-        tma = cand.get("tma")   # (row-major planes whose rows start at 16-byte boundaries, zero-padded if need be)
-        src = padded_rows(x, TMA_ALIGN) if tma else rowmajor(x)
-        wp = src.stride(2)
-        out = _alloc_like(src.new_empty(src.shape[:3] + (wp,)))[..., :w]
+        tma = cand.get("tma")
+        if tma:   # row-major planes whose rows start at 16-byte boundaries (zero-padded if need be)
+            src = padded_rows(x, TMA_ALIGN)
+            out = _alloc_like(src.new_empty(src.shape[:3] + (src.stride(2),)))[..., :w]
+        else:     # contiguous planes (a view with unit stride along W, a crop say, is copied)
+            src = rowmajor(x).contiguous()
+            out = _alloc_like(src)
         launch_cross(src, wh, wv, b, out, _pads(*wh.shape[-2:]), _pads(*wv.shape[-2:]), cand, _precision(x.dtype),
                      x.device.type == "cpu")
         if src is x:
