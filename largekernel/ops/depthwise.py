@@ -203,7 +203,7 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
         tma = cand.get("tma")
         if tma:   # row-major planes whose rows start at 16-byte boundaries (zero-padded if need be)
             src = padded_rows(x, TMA_ALIGN)
-            out = _alloc_like(src.new_empty(src.shape[:3] + (src.stride(2),)))[..., :w]
+            out = _alloc_like(src.as_strided(src.shape[:3] + (src.stride(2),), src.stride()))[..., :w]   # (view)
         else:     # contiguous planes (a view with unit stride along W, a crop say, is copied)
             src = rowmajor(x).contiguous()
             out = _alloc_like(src)

@@ -42,6 +42,13 @@ def _transpose_kernel():
     return _kernel
 
 
+def _copy_kernel_fits(t: torch.Tensor, image_numel: int) -> bool:
+    """Whether the Triton copies can run on t: where Triton runs (CUDA, or the CPU under ``TRITON_INTERPRET=1``, the CI
+    tests), images their int32 offsets address, and a batch within the grid's third dimension."""
+    return ((t.is_cuda or (t.device.type == "cpu" and triton_interpreting())) and 0 < image_numel < 2**31
+            and t.shape[0] < 65536)
+
+
 def _padded_kernel():
     """Triton kernel between channels_last and row-major planes whose rows are padded to a stride of WP >= W."""
     global _padded
@@ -81,9 +88,7 @@ def padded_rows(t: torch.Tensor, align: int = 16) -> torch.Tensor:
             and t.data_ptr() % align == 0):
         return t
     out = t.new_empty(n, c, h, wp)
-    fast = (FAST_TRANSPOSE and memory_format_of(t) == torch.channels_last and 0 < out[0].numel() < 2**31
-            and n < 65536 and (t.is_cuda or (t.device.type == "cpu" and triton_interpreting())))
-    if not fast:
+    if not (FAST_TRANSPOSE and memory_format_of(t) == torch.channels_last and _copy_kernel_fits(t, out[0].numel())):
         out[..., w:] = 0
         out[..., :w] = t
         return out[..., :w]
@@ -96,7 +101,7 @@ def from_padded_rows(t: torch.Tensor, memory_format: torch.memory_format) -> tor
     n, c, h, w = t.shape
     wp = t.stride(-2)
     if (memory_format != torch.channels_last or not FAST_TRANSPOSE or t.stride(1) != h * wp
-            or not (t.is_cuda or (t.device.type == "cpu" and triton_interpreting()))):
+            or not _copy_kernel_fits(t, c * h * wp)):
         return t.contiguous(memory_format=memory_format)
     out = torch.empty((n, c, h, w), dtype=t.dtype, device=t.device, memory_format=torch.channels_last)
     _launch_padded(t, out, h, w, wp, to_rows=False)
@@ -145,9 +150,8 @@ def to_memory_format(t: torch.Tensor, memory_format: torch.memory_format,
         use_triton = FAST_TRANSPOSE
     to_cl = memory_format == torch.channels_last
     # the two layouts this kernel converts between, and image sizes its int32 offsets address
-    ok = (use_triton and t.dim() == 4 and (t.is_cuda or (t.device.type == "cpu" and triton_interpreting()))
-          and (t.is_contiguous() if to_cl else memory_format_of(t) == torch.channels_last)
-          and 0 < t[0].numel() < 2**31 and t.shape[0] < 65536)
+    ok = (use_triton and t.dim() == 4 and (t.is_contiguous() if to_cl else memory_format_of(t) == torch.channels_last)
+          and _copy_kernel_fits(t, t[0].numel()))
     if not ok:
         return t.contiguous(memory_format=memory_format)
     if t.requires_grad and torch.is_grad_enabled():
