@@ -184,6 +184,12 @@ def _layout_copies_match(torch) -> dict:
                 (wp * x.element_size()) % 16 == 0 and wp - x.shape[-1] < 16 // x.element_size()
                 and rows.stride(1) == x.shape[2] * wp and torch.equal(rows, x) and not full[..., x.shape[-1]:].any()
                 and back.is_contiguous(memory_format=torch.channels_last) and torch.equal(back, x))
+        # ... casting on the way (the cross op under autocast): PyTorch's own cast, bit for bit
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        rows = padded_rows(x, dtype=torch.bfloat16)
+        full = rows.as_strided(rows.shape[:3] + (rows.stride(2),), rows.stride())
+        out[f"{shape}/cast"] = bool(rows.dtype == torch.bfloat16 and (rows.stride(2) * 2) % 16 == 0
+                                    and torch.equal(rows, x.bfloat16()) and not full[..., x.shape[-1]:].any())
     # autograd: the gradient comes back through the inverse copy, in the input's layout
     x = torch.randn(2, 5, 3, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
     g = torch.randn(2, 5, 3, 4)
@@ -246,6 +252,20 @@ def _cross_matches(torch, F) -> dict:
         dw.CROSS_CFG = {}
         out[f"crop/{kind}"] = dict(rel=float((y.double() - ref).norm() / ref.norm()), tol=TOL["float32"],
                                    fused=len(launches) == 1, layout_kept=y.is_contiguous())
+    # under autocast (fp32 channels_last input, bf16 run): the TMA path casts in its copy, the others cast first
+    x = torch.randn(3, 2, 10, 12).contiguous(memory_format=torch.channels_last)
+    wh, wv, b = torch.randn(2, 1, 3, 9), torch.randn(2, 1, 9, 3), torch.randn(2)
+    ref = (F.conv2d(x.bfloat16().double(), wh.bfloat16().double(), b.bfloat16().double(), padding="same", groups=2)
+           + F.conv2d(x.bfloat16().double(), wv.bfloat16().double(), padding="same", groups=2))
+    for kind, cfg in CROSS_CFGS.items():
+        launches.clear()
+        dw.CROSS_CFG = cfg
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = cross_depthwise_conv2d(x, wh, wv, b)
+        dw.CROSS_CFG = {}
+        out[f"autocast/{kind}"] = dict(rel=float((y.double() - ref).norm() / ref.norm()), tol=TOL["bfloat16"],
+                                       fused=len(launches) == 1 and y.dtype == torch.bfloat16,
+                                       layout_kept=y.is_contiguous(memory_format=torch.channels_last))
     _dw_cross.launch_cross = launch_cross
     return out
 

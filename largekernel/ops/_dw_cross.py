@@ -115,7 +115,7 @@ def _cross_stacked_kernel(x_ptr, q_ptr, b_ptr, y_ptr, N, C, H, W, ITERS, PH_H, P
 
 
 @triton.jit
-def _cross_tma_kernel(x_desc, q_desc, b_ptr, y_desc, N, C, ITERS, PH_H, PW_V,
+def _cross_tma_kernel(x_desc, q_desc, b_ptr, y_desc, N, C, ITERS, PH_H, PW_V: tl.constexpr,
                       KH_H: tl.constexpr, KW_V: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr,
                       PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
     """Program (c, block): ITERS images of channel c, one plane per product as in ``_cross_kernel``, every tile moved
@@ -126,7 +126,8 @@ def _cross_tma_kernel(x_desc, q_desc, b_ptr, y_desc, N, C, ITERS, PH_H, PW_V,
     The TMA addresses rows only at 16-byte aligned column offsets (a column-shifted box is an illegal instruction on
     the H200), so the columns of x are shifted by a product instead: ``X[:, cols + s] = X @ S_s`` with the 0/1 shift
     matrix ``S_s[j, v] = (j == v + s)``, exact (one non-zero term per element). 16-bit inputs (the products then
-    return x's own values). Descriptors over (N*C, H, W) planes with (1, P, P) boxes."""
+    return x's own values); the centre column's shift (``S_0 = I``) is skipped. Descriptors over (N*C, H, W) planes
+    with (1, P, P) boxes."""
     c = tl.program_id(0)
     q0 = c * (KH_H + KW_V)
     th = ()
@@ -153,11 +154,12 @@ def _cross_tma_kernel(x_desc, q_desc, b_ptr, y_desc, N, C, ITERS, PH_H, PW_V,
             acc = tl.dot(xa, ta, acc, input_precision=PRECISION)
         x0 = x_desc.load([plane, 0, 0]).reshape(P, P)
         for b in tl.static_range(KW_V):   # Tv_b times shifted columns of x
-            sb = shifts[b]
             xb = x0
-            if CAST_F32:
-                xb, sb = xb.to(tl.float32), sb.to(tl.float32)
-            xb = tl.dot(xb, sb, input_precision=PRECISION).to(x_desc.dtype)
+            if b != PW_V:
+                sb = shifts[b]
+                if CAST_F32:
+                    xb, sb = xb.to(tl.float32), sb.to(tl.float32)
+                xb = tl.dot(xb, sb, input_precision=PRECISION).to(x_desc.dtype)
             tb = tv[b]
             if CAST_F32:
                 xb, tb = xb.to(tl.float32), tb.to(tl.float32)

@@ -107,14 +107,21 @@ def _native(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pa
     return out.contiguous(memory_format=memory_format_of(x))
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """Autocast's dtype when autocast is on for (floating) x's device, else None."""
+    dev = x.device.type
+    # NOTE(lead): models are built and counted on the 'meta' device (FLOP counts, tests); autocast has no 'meta'.
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and x.is_floating_point():
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
 def _autocast(*tensors: torch.Tensor | None) -> tuple:
     """The op's arguments (x first; None passes through) in the autocast dtype when autocast is on for x's device."""
-    dev = tensors[0].device.type
-    # NOTE(lead): models are built and counted on the 'meta' device (FLOP counts, tests); autocast has no 'meta'.
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and tensors[0].is_floating_point():
-        dt = torch.get_autocast_dtype(dev)
-        return tuple(t.to(dt) if t is not None else None for t in tensors)
-    return tensors
+    dt = _autocast_dtype(tensors[0])
+    if dt is None:
+        return tensors
+    return tuple(t.to(dt) if t is not None else None for t in tensors)
 
 
 def crop_to_reach(weight: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -168,19 +175,31 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
     """
     _check(x, horizontal, bias)
     _check(x, vertical, None)
-    x, horizontal, vertical, bias = _autocast(x, horizontal, vertical, bias)
-    h, w = x.shape[-2:]
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, horizontal, vertical, bias))
+    source = None
+    if not grad and _triton_runs_on(x) and memory_format_of(x) == torch.channels_last:
+        # under autocast the TMA path casts x while it copies x to row-major planes (one pass instead of two): the
+        # decisions below are taken on an unfilled stand-in of the cast (same strides, no kernel); every use of
+        # x's values goes through inputs(), which casts for the paths that need the cast tensor itself
+        dtype = _autocast_dtype(x)
+        if dtype is not None and dtype != x.dtype:
+            source, x = x, torch.empty_strided(x.shape, x.stride(), dtype=dtype, device=x.device)
+    _, horizontal, vertical, bias = _autocast(x, horizontal, vertical, bias)
+    h, w = x.shape[-2:]
+
+    def inputs() -> torch.Tensor:
+        return x if source is None else source.to(x.dtype)
 
     def pair() -> torch.Tensor:
-        if x.is_cuda and memory_format_of(x) == torch.channels_last:
+        src = inputs()
+        if src.is_cuda and memory_format_of(src) == torch.channels_last:
             # our CUDA kernels run on row-major copies: one for both convs, the sum converted back (each conv would
             # otherwise copy its input in and its output back)
-            rows = rowmajor(x)
+            rows = rowmajor(src)
             out = depthwise_conv2d(rows, horizontal, bias)
             out = out.add_(depthwise_conv2d(rows, vertical)) if not grad else out + depthwise_conv2d(rows, vertical)
             return to_memory_format(out, torch.channels_last)
-        return depthwise_conv2d(x, horizontal, bias) + depthwise_conv2d(x, vertical)
+        return depthwise_conv2d(src, horizontal, bias) + depthwise_conv2d(src, vertical)
 
     # (fp32 on 64-wide tiles: over the H200's shared memory in most configurations, gpu_check --cross; under
     # torch.compile the pair, whose convs are registered ops)
@@ -201,11 +220,11 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
         if cand.get("pair"):
             return pair()
         tma = cand.get("tma")
-        if tma:   # row-major planes whose rows start at 16-byte boundaries (zero-padded if need be)
-            src = padded_rows(x, TMA_ALIGN)
+        if tma:   # row-major planes whose rows start at 16-byte boundaries (zero-padded if need be), cast on the way
+            src = padded_rows(x if source is None else source, TMA_ALIGN, x.dtype)
             out = _alloc_like(src.as_strided(src.shape[:3] + (src.stride(2),), src.stride()))[..., :w]   # (view)
         else:     # contiguous planes (a view with unit stride along W, a crop say, is copied)
-            src = rowmajor(x).contiguous()
+            src = rowmajor(inputs()).contiguous()
             out = _alloc_like(src)
         launch_cross(src, wh, wv, b, out, _pads(*wh.shape[-2:]), _pads(*wv.shape[-2:]), cand, _precision(x.dtype),
                      x.device.type == "cpu")

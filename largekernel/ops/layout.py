@@ -51,14 +51,17 @@ def _copy_kernel_fits(t: torch.Tensor, image_numel: int) -> bool:
 
 def _padded_kernel():
     """Triton kernel between channels_last and row-major planes whose rows are padded to a stride of WP >= W."""
-    global _padded
+    global _padded, _to_bf16_rn
     if _padded is None:
         import triton
         import triton.language as tl
 
+        # (a module global: Triton resolves the helpers a kernel calls among its module's globals)
+        from largekernel.ops._dw_kernels import _to_bf16_rn
+
         @triton.jit
         def _padded_rows_copy(src, dst, H, W, WP, C, TO_ROWS: tl.constexpr, BLOCK_P: tl.constexpr,
-                              BLOCK_C: tl.constexpr):
+                              BLOCK_C: tl.constexpr, BF16_RN: tl.constexpr):
             # positions walk the padded (H, WP) grid: unit stride on the row-major side (whose pad columns receive
             # zeros), channels at unit stride on the channels_last side (whose pad columns do not exist)
             n = tl.program_id(2).to(tl.int64)
@@ -69,8 +72,10 @@ def _padded_kernel():
             real = in_grid & (w < W)[:, None]
             at_cl = n * H * W * C + (h * W + w)[:, None] * C + c[None, :]
             at_rows = n * C * H * WP + c[None, :] * H * WP + p[:, None]
-            if TO_ROWS:
-                tl.store(dst + at_rows, tl.load(src + at_cl, mask=real, other=0.0), mask=in_grid)
+            if TO_ROWS:   # (in dst's dtype: the copy may also cast, as autocast would have before it)
+                v = tl.load(src + at_cl, mask=real, other=0.0)
+                v = _to_bf16_rn(v) if BF16_RN else v.to(dst.dtype.element_ty)
+                tl.store(dst + at_rows, v, mask=in_grid)
             else:
                 tl.store(dst + at_cl, tl.load(src + at_rows, mask=real), mask=real)
 
@@ -78,16 +83,18 @@ def _padded_kernel():
     return _padded
 
 
-def padded_rows(t: torch.Tensor, align: int = 16) -> torch.Tensor:
+def padded_rows(t: torch.Tensor, align: int = 16, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A row-major copy of 4-d ``t`` whose rows start every ``align`` bytes: a (N, C, H, W) view of a zero-padded
-    (N, C, H, WP) buffer (the tensor memory accelerator addresses rows at 16-byte strides only). ``t`` itself when
-    it already is such a row-major tensor. Channels_last input runs the Triton copy where Triton runs."""
+    (N, C, H, WP) buffer (the tensor memory accelerator addresses rows at 16-byte strides only), in ``dtype``
+    (default ``t``'s: the copy casts on the way). ``t`` itself when it already is such a row-major tensor of that
+    dtype. Channels_last input runs the Triton copy where Triton runs."""
     n, c, h, w = t.shape
-    wp = -(-w * t.element_size() // align) * align // t.element_size()
-    if (t.stride(-1) == 1 and t.stride(-2) == wp and t.stride(1) == h * wp and t.stride(0) == c * h * wp
-            and t.data_ptr() % align == 0):
+    dtype = dtype or t.dtype
+    wp = -(-w * dtype.itemsize // align) * align // dtype.itemsize
+    if (dtype == t.dtype and t.stride(-1) == 1 and t.stride(-2) == wp and t.stride(1) == h * wp
+            and t.stride(0) == c * h * wp and t.data_ptr() % align == 0):
         return t
-    out = t.new_empty(n, c, h, wp)
+    out = t.new_empty((n, c, h, wp), dtype=dtype)
     if not (FAST_TRANSPOSE and memory_format_of(t) == torch.channels_last and _copy_kernel_fits(t, out[0].numel())):
         out[..., w:] = 0
         out[..., :w] = t
@@ -113,9 +120,11 @@ def _launch_padded(src: torch.Tensor, dst: torch.Tensor, h: int, w: int, wp: int
 
     n, c = src.shape[:2]
     block_p, block_c = 64, 64
+    # fp32 -> bf16 under the interpreter, whose cast truncates: rounded to nearest as on the GPU
+    bf16_rn = triton_interpreting() and src.dtype == torch.float32 and dst.dtype == torch.bfloat16
     with on_device(src):
         launch(_padded_kernel(), (cdiv(h * wp, block_p), cdiv(c, block_c), n), src, dst, h, w, wp, c,
-               TO_ROWS=to_rows, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+               TO_ROWS=to_rows, BLOCK_P=block_p, BLOCK_C=block_c, BF16_RN=bf16_rn, num_warps=4)
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
