@@ -270,6 +270,33 @@ def _cross_matches(torch, F) -> dict:
     return out
 
 
+def _autocast_cast_in_copy(torch, F) -> dict:
+    """Under autocast, without autograd, a channels_last fp32 input is cast by the row-major copy (not before it): the
+    result equals, bit for bit, the call that casts first (an input that requires grad takes that path), and the
+    float64 conv of the cast operands; bf16, channels_last."""
+    import largekernel.ops.depthwise as dw
+    from largekernel.ops import depthwise_conv2d
+
+    copies, padded_rows = [], dw.padded_rows
+
+    def counted(t, *args):   # the copies that cast: fp32 in, bf16 out
+        copies.append((t.dtype, padded_rows(t, *args).dtype))
+        return padded_rows(t, *args)
+
+    x = torch.randn(2, 3, 9, 11).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(3, 1, 13, 13), torch.randn(3)
+    ref = F.conv2d(x.bfloat16().double(), w.bfloat16().double(), b.bfloat16().double(), padding="same", groups=3)
+    dw.padded_rows = counted
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            y = depthwise_conv2d(x, w, b)
+        cast_first = depthwise_conv2d(x.clone().requires_grad_(), w, b).detach()
+    dw.padded_rows = padded_rows
+    return dict(rel=float((y.double() - ref).norm() / ref.norm()), bf16=y.dtype == torch.bfloat16,
+                layout_kept=y.is_contiguous(memory_format=torch.channels_last), equal=torch.equal(y, cast_first),
+                cast_in_copy=copies == [(torch.float32, torch.bfloat16)])
+
+
 def _main() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
@@ -285,7 +312,7 @@ def _main() -> None:
     dw.POISON = True
     results = {"seed": seed}
     mine = shard_of(_ALL_CASES + [(None, "band_copies"), (None, "plane_band_reads"), (None, "layout_copies"),
-                                  (None, "cross")])
+                                  (None, "cross"), (None, "autocast")])
     for variant, case in mine:
         if variant is None or (variant, case) in VARIANT_CASES:
             continue
@@ -328,6 +355,8 @@ def _main() -> None:
         results["layout_copies"] = _layout_copies_match(torch)
     if (None, "cross") in mine:
         results["cross"] = _cross_matches(torch, F)
+    if (None, "autocast") in mine:
+        results["autocast"] = _autocast_cast_in_copy(torch, F)
     print(json.dumps(results))
 
 
@@ -378,9 +407,15 @@ def test_layout_copies_match_torch(results):
 
 def test_fused_cross_conv_matches_float64_pair(results):
     r = results["cross"]
-    assert len(r) == (len(CROSS_CASES) + 1) * len(CROSS_CFGS), r
+    assert len(r) == (len(CROSS_CASES) + 2) * len(CROSS_CFGS), r
     for name, v in r.items():
         assert v["fused"] and v["layout_kept"] and v["rel"] <= v["tol"], (name, v, results["seed"])
+
+
+
+def test_autocast_casts_in_the_row_major_copy(results):
+    r = results["autocast"]
+    assert r["cast_in_copy"] and r["bf16"] and r["layout_kept"] and r["equal"] and r["rel"] <= TOL["bfloat16"], r
 
 
 if __name__ == "__main__":

@@ -124,6 +124,20 @@ def _autocast(*tensors: torch.Tensor | None) -> tuple:
     return tuple(t.to(dt) if t is not None else None for t in tensors)
 
 
+def _defer_cast(x: torch.Tensor, grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(source, x). Under autocast, for a call without autograd on a channels_last input where Triton runs, the cast
+    of x is left to the row-major copy that our kernels make anyway (one pass instead of two): x becomes an unfilled
+    stand-in of the cast (x's strides in the autocast dtype; allocated, never read) on which the path and tuning
+    decisions are taken, and ``source`` is the input itself. Otherwise (None, x)."""
+    if (grad or not _triton_runs_on(x) or memory_format_of(x) != torch.channels_last
+            or torch.compiler.is_compiling()):
+        return None, x
+    dtype = _autocast_dtype(x)
+    if dtype is None or dtype == x.dtype or dtype not in _DTYPES:
+        return None, x
+    return x, torch.empty_strided(x.shape, x.stride(), dtype=dtype, device=x.device)
+
+
 def crop_to_reach(weight: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """The taps of a 'same' depthwise kernel (C, 1, kh, kw) that can reach an h x w input: a kernel longer than
     2h - 1 (2w - 1) along an axis is cut to the centred 2h - 1 (2w - 1), whose 'same' padding is h - 1 (w - 1).
@@ -147,8 +161,15 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     dropped first (:func:`crop_to_reach`).
     """
     _check(x, weight, bias)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    source, x = _defer_cast(x, grad)
     x, weight, bias = _autocast(x, weight, bias)
     path = depthwise_path(x, weight, bias)
+    if source is not None:   # the row-major copy casts; the result goes back to channels_last
+        if path != "triton":
+            return _native(source.to(x.dtype), weight, bias, path)
+        out = depthwise_conv2d(padded_rows(source, x.element_size(), x.dtype), weight, bias)
+        return to_memory_format(out, torch.channels_last)
     if path == "triton":
         # (our kernels only: the native path keeps the kernel as given, which is also what FLOP counters see)
         weight = crop_to_reach(weight, x.shape[-2], x.shape[-1])
@@ -176,29 +197,29 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
     _check(x, horizontal, bias)
     _check(x, vertical, None)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, horizontal, vertical, bias))
-    source = None
-    if not grad and _triton_runs_on(x) and memory_format_of(x) == torch.channels_last:
-        # under autocast the TMA path casts x while it copies x to row-major planes (one pass instead of two): the
-        # decisions below are taken on an unfilled stand-in of the cast (same strides, no kernel); every use of
-        # x's values goes through inputs(), which casts for the paths that need the cast tensor itself
-        dtype = _autocast_dtype(x)
-        if dtype is not None and dtype != x.dtype:
-            source, x = x, torch.empty_strided(x.shape, x.stride(), dtype=dtype, device=x.device)
-    _, horizontal, vertical, bias = _autocast(x, horizontal, vertical, bias)
+    # (under autocast: the row-major copies cast x on the way; every use of x's values goes through inputs())
+    source, x = _defer_cast(x, grad)
+    x, horizontal, vertical, bias = _autocast(x, horizontal, vertical, bias)
     h, w = x.shape[-2:]
 
     def inputs() -> torch.Tensor:
         return x if source is None else source.to(x.dtype)
 
+    def rows(align: int) -> torch.Tensor:   # x as row-major planes whose rows start at `align`-byte strides
+        if source is None and align == x.element_size():
+            return rowmajor(x).contiguous()   # (a view with unit stride along W, a crop say, is copied)
+        return padded_rows(x if source is None else source, align, x.dtype)
+
     def pair() -> torch.Tensor:
-        src = inputs()
-        if src.is_cuda and memory_format_of(src) == torch.channels_last:
+        if x.is_cuda and memory_format_of(x) == torch.channels_last:
             # our CUDA kernels run on row-major copies: one for both convs, the sum converted back (each conv would
             # otherwise copy its input in and its output back)
-            rows = rowmajor(src)
-            out = depthwise_conv2d(rows, horizontal, bias)
-            out = out.add_(depthwise_conv2d(rows, vertical)) if not grad else out + depthwise_conv2d(rows, vertical)
+            planes = rows(x.element_size())
+            out = depthwise_conv2d(planes, horizontal, bias)
+            out = (out.add_(depthwise_conv2d(planes, vertical)) if not grad
+                   else out + depthwise_conv2d(planes, vertical))
             return to_memory_format(out, torch.channels_last)
+        src = inputs()
         return depthwise_conv2d(src, horizontal, bias) + depthwise_conv2d(src, vertical)
 
     # (fp32 on 64-wide tiles: over the H200's shared memory in most configurations, gpu_check --cross; under
@@ -220,12 +241,8 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
         if cand.get("pair"):
             return pair()
         tma = cand.get("tma")
-        if tma:   # row-major planes whose rows start at 16-byte boundaries (zero-padded if need be), cast on the way
-            src = padded_rows(x if source is None else source, TMA_ALIGN, x.dtype)
-            out = _alloc_like(src.as_strided(src.shape[:3] + (src.stride(2),), src.stride()))[..., :w]   # (view)
-        else:     # contiguous planes (a view with unit stride along W, a crop say, is copied)
-            src = rowmajor(inputs()).contiguous()
-            out = _alloc_like(src)
+        src = rows(TMA_ALIGN if tma else x.element_size())   # (TMA: rows at 16-byte strides, zero-padded)
+        out = _alloc_like(src.as_strided(src.shape[:3] + (src.stride(2),), src.stride()))[..., :w]   # (a view)
         launch_cross(src, wh, wv, b, out, _pads(*wh.shape[-2:]), _pads(*wv.shape[-2:]), cand, _precision(x.dtype),
                      x.device.type == "cpu")
         if src is x:
