@@ -204,7 +204,8 @@ CROSS_CASES = [(3, 2, 9, 12, 3, 11, "float32", False, True), (2, 3, 7, 7, 3, 17,
                (3, 2, 10, 16, 3, 9, "bfloat16", True, True)]   # (32-byte rows: the TMA kernel without padding)
 # one plane per product (the CPU default), 2 images stacked per product, 2 groups per program (N = 3, 5: a partial
 # group), and the TMA kernel, 2 images per program (rows whose bytes are no multiple of 16 copied into padded planes)
-CROSS_CFGS = {"plain": {}, "stacked": dict(stack=True, NB=2, ITERS=2), "tma": dict(tma=True, ITERS=2)}
+CROSS_CFGS = {"plain": {}, "stacked": dict(stack=True, NB=2, ITERS=2), "tma": dict(tma=True, ITERS=2),
+              "tma-streamed": dict(tma=True, ITERS=2, hoist=False)}
 
 
 def _cross_matches(torch, F) -> dict:

@@ -117,11 +117,13 @@ def _cross_stacked_kernel(x_ptr, q_ptr, b_ptr, y_ptr, N, C, H, W, ITERS, PH_H, P
 @triton.jit
 def _cross_tma_kernel(x_desc, q_desc, b_ptr, y_desc, N, C, ITERS, PH_H, PW_V: tl.constexpr,
                       KH_H: tl.constexpr, KW_V: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
+                      PRECISION: tl.constexpr, CAST_F32: tl.constexpr, HOIST: tl.constexpr):
     """Program (c, block): ITERS images of channel c, one plane per product as in ``_cross_kernel``, every tile moved
     by the tensor memory accelerator (TMA, Hopper): the band matrices loaded once per program and kept in shared
-    memory, the row-shifted windows of x loaded straight into the products' shared-memory operands (rows and columns
-    outside the plane arrive as zeros: no masks, no register staging), the output tile stored the same way.
+    memory (HOIST; else loaded again for each product, from L2: at P = 64 half the shared memory, so twice the programs
+    per SM, which hides more of the loads' latency: Triton waits for each load right after issuing it), the
+    row-shifted windows of x loaded straight into the products' shared-memory operands (rows and columns outside the
+    plane arrive as zeros: no masks, no register staging), the output tile stored the same way.
 
     The TMA addresses rows only at 16-byte aligned column offsets (a column-shifted box is an illegal instruction on
     the H200), so the columns of x are shifted by a product instead: ``X[:, cols + s] = X @ S_s`` with the 0/1 shift
@@ -131,11 +133,12 @@ def _cross_tma_kernel(x_desc, q_desc, b_ptr, y_desc, N, C, ITERS, PH_H, PW_V: tl
     c = tl.program_id(0)
     q0 = c * (KH_H + KW_V)
     th = ()
-    for a in tl.static_range(KH_H):
-        th = th + (q_desc.load([q0 + a, 0, 0]).reshape(P, P),)
     tv = ()
-    for b in tl.static_range(KW_V):
-        tv = tv + (q_desc.load([q0 + KH_H + b, 0, 0]).reshape(P, P),)
+    if HOIST:
+        for a in tl.static_range(KH_H):
+            th = th + (q_desc.load([q0 + a, 0, 0]).reshape(P, P),)
+        for b in tl.static_range(KW_V):
+            tv = tv + (q_desc.load([q0 + KH_H + b, 0, 0]).reshape(P, P),)
     rows = tl.arange(0, P)[:, None]
     cols = tl.arange(0, P)[None, :]
     shifts = ()
@@ -148,7 +151,10 @@ def _cross_tma_kernel(x_desc, q_desc, b_ptr, y_desc, N, C, ITERS, PH_H, PW_V: tl
         acc = tl.zeros((P, P), dtype=tl.float32)
         for a in tl.static_range(KH_H):   # shifted rows of x, times Th_a
             xa = x_desc.load([plane, a - PH_H, 0]).reshape(P, P)
-            ta = th[a]
+            if HOIST:
+                ta = th[a]
+            else:
+                ta = q_desc.load([q0 + a, 0, 0]).reshape(P, P)
             if CAST_F32:
                 xa, ta = xa.to(tl.float32), ta.to(tl.float32)
             acc = tl.dot(xa, ta, acc, input_precision=PRECISION)
@@ -160,7 +166,10 @@ def _cross_tma_kernel(x_desc, q_desc, b_ptr, y_desc, N, C, ITERS, PH_H, PW_V: tl
                 if CAST_F32:
                     xb, sb = xb.to(tl.float32), sb.to(tl.float32)
                 xb = tl.dot(xb, sb, input_precision=PRECISION).to(x_desc.dtype)
-            tb = tv[b]
+            if HOIST:
+                tb = tv[b]
+            else:
+                tb = q_desc.load([q0 + KH_H + b, 0, 0]).reshape(P, P)
             if CAST_F32:
                 xb, tb = xb.to(tl.float32), tb.to(tl.float32)
             acc = tl.dot(tb, xb, acc, input_precision=PRECISION)
@@ -182,7 +191,7 @@ def launch_cross(x, wh, wv, bias, y, pads_h: tuple[int, int], pads_v: tuple[int,
     """y = cross conv of row-major x (N, C, H, W) with wh (C, kh_h, kw_h), wv (C, kh_v, kw_v) (contiguous), 'same'
     top / left pads ``pads_h`` / ``pads_v``; cfg: NB (images per program, one product each), num_warps; or stack=True,
     NB (images stacked in one product), ITERS (such groups per program), num_warps; or tma=True, ITERS (images per
-    program), num_warps, num_stages (x, y: planes with 16-byte aligned rows, ``layout.padded_rows``)."""
+    program), num_warps, num_stages, hoist (x, y: planes with 16-byte aligned rows, ``layout.padded_rows``)."""
     N, C, H, W = x.shape
     kh_h, kw_h = wh.shape[1:]
     kh_v, kw_v = wv.shape[1:]
@@ -193,7 +202,8 @@ def launch_cross(x, wh, wv, bias, y, pads_h: tuple[int, int], pads_v: tuple[int,
     b = bias if bias is not None else x
     if cfg.get("tma"):
         meta = dict(KH_H=kh_h, KW_V=kw_v, P=p, HAS_BIAS=bias is not None, PRECISION=precision, CAST_F32=interpret,
-                    num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
+                    HOIST=cfg.get("hoist", True), num_warps=cfg.get("num_warps", 4),
+                    num_stages=cfg.get("num_stages", 1))
         iters = cfg.get("ITERS", 1)
         launch(_cross_tma_kernel, (C, cdiv(N, iters)), _plane_descriptor(x, p), _plane_descriptor(q.view(-1, p, p), p),
                b, _plane_descriptor(y, p), N, C, iters, pads_h[0], pads_v[1], **meta)

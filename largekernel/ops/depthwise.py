@@ -265,6 +265,8 @@ def _cross_candidates(x: torch.Tensor) -> list[dict]:
     if hopper and x.element_size() == 2 and p >= 32:   # Hopper's tensor memory accelerator (TMA): on the H200 it
         stages = (1,) if p == 64 else (1, 2)               # won at 56 and 28 px, lost at 14 and 7 (performance.md)
         tma = [dict(tma=True, ITERS=it, num_warps=4, num_stages=ns) for it in (4, 16) for ns in stages]
+        if p == 64:   # the band matrices streamed per product: half the shared memory, twice the programs per SM
+            tma.append(dict(tma=True, ITERS=4, num_warps=4, num_stages=1, hoist=False))   # (0.220 vs 0.242 ms, H200)
     return tma + [dict(NB=nb, num_warps=nw) for nb in (4, 16) for nw in (4, 8)] + stacked + [dict(pair=True)]
 
 
