@@ -185,11 +185,12 @@ def _layout_copies_match(torch) -> dict:
                 and rows.stride(1) == x.shape[2] * wp and torch.equal(rows, x) and not full[..., x.shape[-1]:].any()
                 and back.is_contiguous(memory_format=torch.channels_last) and torch.equal(back, x))
         # ... casting on the way (the cross op under autocast): PyTorch's own cast, bit for bit
-        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-        rows = padded_rows(x, dtype=torch.bfloat16)
-        full = rows.as_strided(rows.shape[:3] + (rows.stride(2),), rows.stride())
-        out[f"{shape}/cast"] = bool(rows.dtype == torch.bfloat16 and (rows.stride(2) * 2) % 16 == 0
-                                    and torch.equal(rows, x.bfloat16()) and not full[..., x.shape[-1]:].any())
+        for src in (torch.float32, torch.float16):
+            x = torch.randn(shape).to(src).contiguous(memory_format=torch.channels_last)
+            rows = padded_rows(x, dtype=torch.bfloat16)
+            full = rows.as_strided(rows.shape[:3] + (rows.stride(2),), rows.stride())
+            out[f"{shape}/cast/{src}"] = bool(rows.dtype == torch.bfloat16 and (rows.stride(2) * 2) % 16 == 0
+                                              and torch.equal(rows, x.bfloat16()) and not full[..., x.shape[-1]:].any())
     # autograd: the gradient comes back through the inverse copy, in the input's layout
     x = torch.randn(2, 5, 3, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
     g = torch.randn(2, 5, 3, 4)

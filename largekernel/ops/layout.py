@@ -74,7 +74,7 @@ def _padded_kernel():
             at_rows = n * C * H * WP + c[None, :] * H * WP + p[:, None]
             if TO_ROWS:   # (in dst's dtype: the copy may also cast, as autocast would have before it)
                 v = tl.load(src + at_cl, mask=real, other=0.0)
-                v = _to_bf16_rn(v) if BF16_RN else v.to(dst.dtype.element_ty)
+                v = _to_bf16_rn(v.to(tl.float32)) if BF16_RN else v.to(dst.dtype.element_ty)
                 tl.store(dst + at_rows, v, mask=in_grid)
             else:
                 tl.store(dst + at_cl, tl.load(src + at_rows, mask=real), mask=real)
@@ -120,8 +120,8 @@ def _launch_padded(src: torch.Tensor, dst: torch.Tensor, h: int, w: int, wp: int
 
     n, c = src.shape[:2]
     block_p, block_c = 64, 64
-    # fp32 -> bf16 under the interpreter, whose cast truncates: rounded to nearest as on the GPU
-    bf16_rn = triton_interpreting() and src.dtype == torch.float32 and dst.dtype == torch.bfloat16
+    # -> bf16 under the interpreter, whose cast truncates: rounded to nearest as on the GPU
+    bf16_rn = triton_interpreting() and src.dtype in (torch.float32, torch.float16) and dst.dtype == torch.bfloat16
     with on_device(src):
         launch(_padded_kernel(), (cdiv(h * wp, block_p), cdiv(c, block_c), n), src, dst, h, w, wp, c,
                TO_ROWS=to_rows, BLOCK_P=block_p, BLOCK_C=block_c, BF16_RN=bf16_rn, num_warps=4)
