@@ -223,6 +223,19 @@ def _cross_matches(torch, F) -> dict:
 
     _dw_cross.launch_cross = counted
     out = {}
+
+    def each_configuration(name, x, wh, wv, b, ref, tol, fmt, autocast=False):
+        for kind, cfg in CROSS_CFGS.items():
+            launches.clear()
+            dw.CROSS_CFG = cfg
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = cross_depthwise_conv2d(x, wh, wv, b)
+            dw.CROSS_CFG = {}
+            out[f"{name}/{kind}"] = dict(
+                rel=float((y.double() - ref).norm() / ref.norm()) if torch.isfinite(y).all() else float("nan"),
+                tol=tol, fused=len(launches) == 1 and (not autocast or y.dtype == torch.bfloat16),
+                layout_kept=y.is_contiguous(memory_format=fmt))
+
     for n, c, h, w, k, d, dtype, cl, with_bias in CROSS_CASES:
         dt = getattr(torch, dtype)
         x = torch.randn(n, c, h, w, dtype=dt)
@@ -232,42 +245,19 @@ def _cross_matches(torch, F) -> dict:
         ref = (F.conv2d(x.double(), wh.double(), None if b is None else b.double(), padding="same", groups=c)
                + F.conv2d(x.double(), wv.double(), padding="same", groups=c))
         fmt = torch.channels_last if cl else torch.contiguous_format
-        for kind, cfg in CROSS_CFGS.items():
-            launches.clear()
-            dw.CROSS_CFG = cfg
-            with torch.no_grad():
-                y = cross_depthwise_conv2d(x, wh, wv, b)
-            dw.CROSS_CFG = {}
-            out[f"{n}x{c}x{h}x{w}/{k}x{d}/{dtype}/{kind}"] = dict(
-                rel=float((y.double() - ref).norm() / ref.norm()) if torch.isfinite(y).all() else float("nan"),
-                tol=TOL[dtype], fused=len(launches) == 1, layout_kept=y.is_contiguous(memory_format=fmt))
+        each_configuration(f"{n}x{c}x{h}x{w}/{k}x{d}/{dtype}", x, wh, wv, b, ref, TOL[dtype], fmt)
     # a crop of a wider tensor (unit stride along W, not contiguous): each configuration reads the crop, not its parent
     x = torch.randn(2, 3, 9, 14)[..., 1:-1]
     wh, wv = torch.randn(3, 1, 3, 7), torch.randn(3, 1, 7, 3)
     ref = (F.conv2d(x.double(), wh.double(), padding="same", groups=3)
            + F.conv2d(x.double(), wv.double(), padding="same", groups=3))
-    for kind, cfg in CROSS_CFGS.items():
-        launches.clear()
-        dw.CROSS_CFG = cfg
-        with torch.no_grad():
-            y = cross_depthwise_conv2d(x, wh, wv)
-        dw.CROSS_CFG = {}
-        out[f"crop/{kind}"] = dict(rel=float((y.double() - ref).norm() / ref.norm()), tol=TOL["float32"],
-                                   fused=len(launches) == 1, layout_kept=y.is_contiguous())
-    # under autocast (fp32 channels_last input, bf16 run): the TMA path casts in its copy, the others cast first
+    each_configuration("crop", x, wh, wv, None, ref, TOL["float32"], torch.contiguous_format)
+    # under autocast (fp32 channels_last input, bf16 run): every configuration casts x in its copy to row-major planes
     x = torch.randn(3, 2, 10, 12).contiguous(memory_format=torch.channels_last)
     wh, wv, b = torch.randn(2, 1, 3, 9), torch.randn(2, 1, 9, 3), torch.randn(2)
     ref = (F.conv2d(x.bfloat16().double(), wh.bfloat16().double(), b.bfloat16().double(), padding="same", groups=2)
            + F.conv2d(x.bfloat16().double(), wv.bfloat16().double(), padding="same", groups=2))
-    for kind, cfg in CROSS_CFGS.items():
-        launches.clear()
-        dw.CROSS_CFG = cfg
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            y = cross_depthwise_conv2d(x, wh, wv, b)
-        dw.CROSS_CFG = {}
-        out[f"autocast/{kind}"] = dict(rel=float((y.double() - ref).norm() / ref.norm()), tol=TOL["bfloat16"],
-                                       fused=len(launches) == 1 and y.dtype == torch.bfloat16,
-                                       layout_kept=y.is_contiguous(memory_format=torch.channels_last))
+    each_configuration("autocast", x, wh, wv, b, ref, TOL["bfloat16"], torch.channels_last, autocast=True)
     _dw_cross.launch_cross = launch_cross
     return out
 
@@ -282,8 +272,9 @@ def _autocast_cast_in_copy(torch, F) -> dict:
     copies, padded_rows = [], dw.padded_rows
 
     def counted(t, *args):   # the copies that cast: fp32 in, bf16 out
-        copies.append((t.dtype, padded_rows(t, *args).dtype))
-        return padded_rows(t, *args)
+        rows = padded_rows(t, *args)
+        copies.append((t.dtype, rows.dtype))
+        return rows
 
     x = torch.randn(2, 3, 9, 11).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(3, 1, 13, 13), torch.randn(3)
@@ -412,7 +403,6 @@ def test_fused_cross_conv_matches_float64_pair(results):
     assert len(r) == (len(CROSS_CASES) + 2) * len(CROSS_CFGS), r
     for name, v in r.items():
         assert v["fused"] and v["layout_kept"] and v["rel"] <= v["tol"], (name, v, results["seed"])
-
 
 
 def test_autocast_casts_in_the_row_major_copy(results):
