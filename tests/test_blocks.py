@@ -144,3 +144,30 @@ def test_cross_depthwise_conv_is_the_dense_cross_kernel_float64():
         CrossDepthwiseConv2d(horizontal, horizontal)
     with pytest.raises(ValueError, match="odd"):
         CrossDepthwiseConv2d(torch.randn(c, 1, 3, 8), torch.randn(c, 1, 8, 3))
+
+
+def test_partial_depthwise_conv_is_the_dense_conv_with_1x1_kernels_elsewhere_float64():
+    """PartialDepthwiseConv2d (a conv on some channels, a scale and shift on the others) against one F.conv2d whose
+    other channels hold a centre tap (the scale) and the shift as bias; bad channel lists and shapes raise."""
+    from largekernel.layers import DepthwiseConv2d, PartialDepthwiseConv2d
+
+    torch.manual_seed(6)
+    c, k, channels = 7, 5, torch.tensor([1, 2, 4, 6])
+    weight, bias = torch.randn(4, 1, k, k, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    scale, shift = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    layer = PartialDepthwiseConv2d(DepthwiseConv2d.from_weights(weight, bias), channels, c, scale, shift)
+    dense, dense_bias = torch.zeros(c, 1, k, k, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    dense[channels], dense_bias[channels] = weight, bias
+    dense[[0, 3, 5], 0, k // 2, k // 2], dense_bias[[0, 3, 5]] = scale, shift
+    x = torch.randn(2, c, 9, 10, dtype=torch.float64)
+    ref = torch.nn.functional.conv2d(x, dense, dense_bias, padding=k // 2, groups=c)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-10, atol=1e-10)
+    assert set(layer.state_dict()) == {"conv.weight", "conv.bias", "channels", "rest_scale", "rest_shift"}
+    with pytest.raises(ValueError, match="distinct"):
+        PartialDepthwiseConv2d(DepthwiseConv2d.from_weights(weight), torch.tensor([1, 1, 2, 3]), c)
+    with pytest.raises(ValueError, match="distinct"):
+        PartialDepthwiseConv2d(DepthwiseConv2d.from_weights(weight), torch.tensor([1, 2, 3, 7]), c)
+    with pytest.raises(ValueError, match=r"rest_scale must be \(3,\)"):
+        PartialDepthwiseConv2d(DepthwiseConv2d.from_weights(weight), channels, c, torch.ones(4), torch.ones(4))
+    with pytest.raises(ValueError, match="input"):
+        layer(torch.randn(1, c + 1, 9, 9, dtype=torch.float64))

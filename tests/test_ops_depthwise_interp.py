@@ -290,6 +290,95 @@ def _autocast_cast_in_copy(torch, F) -> dict:
                 cast_in_copy=copies == [(torch.float32, torch.bfloat16)])
 
 
+def _partial_channels_match(torch, F) -> dict:
+    """A depthwise conv on some channels, a scale and shift on the others (``channels``, ``rest``): the two copies
+    that split channels_last input into the convolved planes and the rest, and merge them back, against PyTorch's
+    indexing (bit for bit; the scale in float64); both ops through them (their kernels see the R planes only) and
+    through the gather / scatter path (NCHW, autograd) against the float64 conv of the listed channels."""
+    import largekernel.ops.depthwise as dw
+    from largekernel.ops import cross_depthwise_conv2d, depthwise_conv2d
+    from largekernel.ops.layout import merge_rows, split_rows
+
+    out = {}
+    c, channels = 7, torch.tensor([5, 0, 2, 3])   # (any order: kernel j applies to channel channels[j])
+    others = [1, 4, 6]
+    plane = torch.tensor([1, -1, 2, 3, -2, 0, -3], dtype=torch.int32)
+    for shape in ((2, c, 5, 9), (1, c, 1, 1), (3, c, 9, 11)):
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        for dtype, align in ((torch.float32, 4), (torch.bfloat16, 16), (torch.float16, 2)):
+            mine, rest = split_rows(x, plane, 4, align, dtype)
+            back = merge_rows(mine, rest, plane)
+            scale, shift = torch.randn(3), torch.randn(3)
+            _, scaled = split_rows(x, plane, 4, align, dtype, (scale, shift))
+            want = x[:, others].to(dtype).double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+            out[f"copies/{shape}/{dtype}"] = bool(
+                torch.equal(mine, x[:, channels].to(dtype)) and torch.equal(rest, x[:, others].to(dtype))
+                and (mine.stride(2) * mine.element_size()) % align == 0 and torch.equal(back, x.to(dtype))
+                and back.is_contiguous(memory_format=torch.channels_last) and scaled.dtype == dtype
+                and ((scaled.double() - want).abs() <= want.abs() * 2 ** -7 + 1e-6).all())
+
+    split, splits = dw.split_rows, []
+
+    def counted(t, plane, count, *args):   # the one copy in: how many planes the kernels then see
+        splits.append(count)
+        return split(t, plane, count, *args)
+
+    dw.split_rows = counted
+    w, b = torch.randn(4, 1, 9, 9), torch.randn(4)
+    wh, wv = torch.randn(4, 1, 3, 11), torch.randn(4, 1, 11, 3)
+    scale, shift = torch.randn(3), torch.randn(3)
+    for name, layout, autocast, grad in (("cl", torch.channels_last, False, False),
+                                         ("cl-autocast", torch.channels_last, True, False),
+                                         ("nchw", torch.contiguous_format, False, False),
+                                         ("cl-grad", torch.channels_last, False, True)):
+        x = torch.randn(2, c, 10, 13).contiguous(memory_format=layout)
+        cast = (lambda t: t.bfloat16().double()) if autocast else (lambda t: t.double())
+        xd = cast(x)
+        sq = xd.clone()
+        sq[:, channels] = F.conv2d(xd[:, channels], cast(w), cast(b), padding="same", groups=4)
+        sq[:, others] = xd[:, others] * cast(scale).view(1, -1, 1, 1) + cast(shift).view(1, -1, 1, 1)
+        cr = xd.clone()
+        cr[:, channels] = (F.conv2d(xd[:, channels], cast(wh), cast(b), padding="same", groups=4)
+                           + F.conv2d(xd[:, channels], cast(wv), padding="same", groups=4))
+        tol = TOL["bfloat16" if autocast else "float32"]
+        for op, ref in (("square", sq), ("cross", cr)):
+            splits.clear()
+            xin = x.clone().requires_grad_(grad)
+            with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                yg = (depthwise_conv2d(xin, w, b, channels=channels, rest=(scale, shift)) if op == "square" else
+                      cross_depthwise_conv2d(xin, wh, wv, b, channels=channels))
+            y = yg.detach()
+            r = dict(rel=float((y.double() - ref).norm() / ref.norm()) if torch.isfinite(y).all() else float("nan"),
+                     tol=tol, layout_kept=y.is_contiguous(memory_format=layout),
+                     dtype=y.dtype == (torch.bfloat16 if autocast else torch.float32),
+                     copies=splits == ([] if grad or layout != torch.channels_last else [4]))
+            if grad:   # the gather / scatter path: d/dx of <y, g> against float64 autograd of the same reference
+                g = torch.randn_like(ref)
+                (yg.double() * g).sum().backward()
+                xr = x.double().requires_grad_()
+                yr = xr.clone()
+                yr = yr.index_copy(1, channels, F.conv2d(xr[:, channels], w.double(), b.double(), padding="same",
+                                                          groups=4) if op == "square" else
+                                   F.conv2d(xr[:, channels], wh.double(), b.double(), padding="same", groups=4)
+                                   + F.conv2d(xr[:, channels], wv.double(), padding="same", groups=4))
+                if op == "square":
+                    yr = yr.index_copy(1, torch.tensor(others), xr[:, others] * scale.double().view(1, -1, 1, 1)
+                                       + shift.double().view(1, -1, 1, 1))
+                (yr * g).sum().backward()
+                r["grad_rel"] = float((xin.grad.double() - xr.grad).norm() / xr.grad.norm())
+            out[f"{op}/{name}"] = r
+    dw.split_rows = split
+    for name, bad, match in (("repeated", torch.tensor([0, 0, 2, 3]), "distinct"),
+                             ("out of range", torch.tensor([0, 1, 2, 7]), "distinct"),
+                             ("too few", torch.tensor([0, 1, 2]), "lists 3 channels")):
+        try:
+            depthwise_conv2d(torch.randn(1, c, 5, 5), w, b, channels=bad)
+            out[f"error/{name}"] = False
+        except ValueError as e:
+            out[f"error/{name}"] = match in str(e)
+    return out
+
+
 def _main() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
@@ -305,7 +394,7 @@ def _main() -> None:
     dw.POISON = True
     results = {"seed": seed}
     mine = shard_of(_ALL_CASES + [(None, "band_copies"), (None, "plane_band_reads"), (None, "layout_copies"),
-                                  (None, "cross"), (None, "autocast")])
+                                  (None, "cross"), (None, "autocast"), (None, "partial")])
     for variant, case in mine:
         if variant is None or (variant, case) in VARIANT_CASES:
             continue
@@ -350,6 +439,8 @@ def _main() -> None:
         results["cross"] = _cross_matches(torch, F)
     if (None, "autocast") in mine:
         results["autocast"] = _autocast_cast_in_copy(torch, F)
+    if (None, "partial") in mine:
+        results["partial"] = _partial_channels_match(torch, F)
     print(json.dumps(results))
 
 
@@ -408,6 +499,17 @@ def test_fused_cross_conv_matches_float64_pair(results):
 def test_autocast_casts_in_the_row_major_copy(results):
     r = results["autocast"]
     assert r["cast_in_copy"] and r["bf16"] and r["layout_kept"] and r["equal"] and r["rel"] <= TOL["bfloat16"], r
+
+
+def test_partial_channels_match_float64(results):
+    r = results["partial"]
+    assert len(r) == 9 + 8 + 3, r
+    for name, v in r.items():
+        if name.startswith(("copies", "error")):
+            assert v is True, (name, results["seed"])
+        else:
+            assert v["layout_kept"] and v["dtype"] and v["copies"] and v["rel"] <= v["tol"], (name, v, results["seed"])
+            assert v.get("grad_rel", 0.0) <= v["tol"], (name, v, results["seed"])
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import largekernel
 from largekernel.analysis.complexity import count_macs
-from largekernel.layers import CrossDepthwiseConv2d, DepthwiseConv2d
+from largekernel.layers import CrossDepthwiseConv2d, DepthwiseConv2d, PartialDepthwiseConv2d
 from largekernel.layers.shiftwise import ShiftwiseConv2d, ShiftwisePathConv
 from largekernel.models.shiftwise import checkpoint_filter_fn
 from largekernel.ops.dispatch import triton_interpreting, use_backend
@@ -360,7 +360,8 @@ def test_model_reparameterize_and_dense_deploy():
     kinds = ["cross"] + ["square"] * (len(mixed.stages) - 1)
     mixed.to_dense(kinds)
     forms = [{type(block.large_kernel) for block in stage} for stage in mixed.stages]
-    assert forms == [{CrossDepthwiseConv2d}] + [{DepthwiseConv2d}] * (len(mixed.stages) - 1)
+    assert forms == [{PartialDepthwiseConv2d}] + [{DepthwiseConv2d}] * (len(mixed.stages) - 1)
+    assert all(isinstance(block.large_kernel.conv, CrossDepthwiseConv2d) for block in mixed.stages[0])
     assert not any(isinstance(m, (ShiftwiseConv2d, nn.BatchNorm2d)) for m in mixed.stages.modules())
     assert ((mixed(x) - ref).abs().max() / ref.abs().max()) <= 1e-5
     with pytest.raises(ValueError, match="one kind per stage"):
@@ -384,9 +385,15 @@ def test_block_dense_deploy_folds_every_term_float64(kind):
     block = model.stages[1][0]
     assert block.large_kernel.ghost_channels > 0
     x = torch.randn(2, block.large_kernel.in_channels, 9, 11, dtype=torch.float64)
+    block_rep = block.large_kernel.rep_idx.tolist()
     ref = block(x)
     block.to_dense(kind)
-    assert isinstance(block.large_kernel, CrossDepthwiseConv2d if kind == "cross" else DepthwiseConv2d)
+    if kind == "cross":   # the rep channels' cross, the ghost channels' scale and shift
+        assert isinstance(block.large_kernel, PartialDepthwiseConv2d)
+        assert isinstance(block.large_kernel.conv, CrossDepthwiseConv2d)
+        assert block.large_kernel.channels.tolist() == block_rep
+    else:
+        assert isinstance(block.large_kernel, DepthwiseConv2d)
     assert isinstance(block.norm, nn.Identity) and block.gamma is None and len(block.pwconv2) == 2
     torch.testing.assert_close(block(x), ref, rtol=1e-10, atol=1e-10)
     block.to_dense(kind)   # idempotent

@@ -3,6 +3,7 @@ from largekernel.layers.conv import (
     ConvNorm,
     CrossDepthwiseConv2d,
     DepthwiseConv2d,
+    PartialDepthwiseConv2d,
     PointwiseConv2d,
     conv_bn,
     conv_bn_relu,
@@ -14,7 +15,7 @@ from largekernel.layers.large_kernel import ReparamLargeKernelConv, check_kernel
 from largekernel.layers.reparam import reparameterize
 
 __all__ = [
-    "ConvNorm", "CrossDepthwiseConv2d", "DepthwiseConv2d", "PointwiseConv2d", "conv_bn", "conv_bn_relu",
-    "create_conv2d", "fuse_bn", "pad_kernel_to",
+    "ConvNorm", "CrossDepthwiseConv2d", "DepthwiseConv2d", "PartialDepthwiseConv2d", "PointwiseConv2d", "conv_bn",
+    "conv_bn_relu", "create_conv2d", "fuse_bn", "pad_kernel_to",
     "ReparamLargeKernelConv", "check_kernel_pair", "reparameterize",
 ]

@@ -80,6 +80,48 @@ class CrossDepthwiseConv2d(nn.Module):
         return cross_depthwise_conv2d(x, self.dense_h.weight, self.dense_v.weight, self.dense_h.bias)
 
 
+class PartialDepthwiseConv2d(nn.Module):
+    """A depthwise conv (``conv``: a :class:`DepthwiseConv2d` or :class:`CrossDepthwiseConv2d` over R channels) on
+    the channels ``channels`` of a C-channel input, and on every other channel a 1 x 1 depthwise kernel with bias
+    (``x * rest_scale + rest_shift``, the others in ascending order; identity where absent): the deploy form of a
+    shift-wise layer, whose ghost channels bypass the operator (ShiftwiseConv Sec. 3), with the BN after it folded
+    in. The kernels see the R channels only (:func:`largekernel.ops.depthwise_conv2d`'s ``channels``).
+    (N, C, H, W) -> (N, C, H, W).
+    """
+
+    def __init__(self, conv: DepthwiseConv2d | CrossDepthwiseConv2d, channels: torch.Tensor, in_channels: int,
+                 rest_scale: torch.Tensor | None = None, rest_shift: torch.Tensor | None = None) -> None:
+        super().__init__()
+        width = conv.dense_h.weight.shape[0] if isinstance(conv, CrossDepthwiseConv2d) else conv.weight.shape[0]
+        index = channels.detach().long().cpu()
+        if (index.dim() != 1 or index.numel() != width or index.unique().numel() != width
+                or not 0 <= int(index.min()) <= int(index.max()) < in_channels):
+            raise ValueError(f"channels must be {width} distinct indices in [0, {in_channels}), one per kernel of "
+                             f"conv, got {tuple(channels.shape)}")
+        if (rest_scale is None) != (rest_shift is None):
+            raise ValueError("rest_scale and rest_shift come together")
+        self.in_channels = in_channels
+        self.conv = conv
+        self.register_buffer("channels", index.to(channels.device))
+        if rest_scale is not None:
+            for name, t in (("rest_scale", rest_scale), ("rest_shift", rest_shift)):
+                if tuple(t.shape) != (in_channels - width,):
+                    raise ValueError(f"{name} must be ({in_channels - width},), got {tuple(t.shape)}")
+                setattr(self, name, nn.Parameter(t.detach().clone()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        rest = (self.rest_scale, self.rest_shift) if hasattr(self, "rest_scale") else None
+        if isinstance(self.conv, CrossDepthwiseConv2d):
+            return cross_depthwise_conv2d(x, self.conv.dense_h.weight, self.conv.dense_v.weight, self.conv.dense_h.bias,
+                                          channels=self.channels, rest=rest)
+        return depthwise_conv2d(x, self.conv.weight, self.conv.bias, channels=self.channels, rest=rest)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, channels={self.channels.numel()}"
+
+
 class PointwiseConv2d(nn.Conv2d):
     """Drop-in for ``nn.Conv2d(C_in, C_out, 1)`` (same parameters and state-dict names). With a bias, a
     channels_last input runs as ``F.linear`` on its (N, H, W, C) view, so the bias is added in the GEMM's

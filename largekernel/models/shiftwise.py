@@ -17,7 +17,7 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from largekernel.layers.blocks import GRN, SEBlock
-from largekernel.layers.conv import CrossDepthwiseConv2d, DepthwiseConv2d, fuse_bn
+from largekernel.layers.conv import CrossDepthwiseConv2d, DepthwiseConv2d, PartialDepthwiseConv2d, fuse_bn
 from largekernel.layers.shiftwise import ShiftwiseConv2d, ShiftwisePathConv
 from largekernel.models._stages import StagedConvNet
 from largekernel.models.unireplknet import _ToNCHW, _ToNHWC, downsample_layers, fold_ffn_tail
@@ -46,12 +46,15 @@ class ShiftWiseBlock(nn.Module):
 
     @torch.no_grad()
     def to_dense(self, kind: str = "square") -> None:
-        """Deploy the whole block, in place (inference only; exact in eval mode): the shift-wise layer becomes one
-        depthwise conv over all C channels in input order (ghost channels: a centre tap of 1), ``kind="square"``
-        a D x D :class:`DepthwiseConv2d`, ``"cross"`` a :class:`CrossDepthwiseConv2d` (k x D + D x k), with
-        ``norm`` folded in; the layer's output channel order (rep, then ghost channels) moves into the weights of
-        ``se`` and ``pwconv1``, so no channel gather or concatenation is left; GRN ``beta``, the last BN and the
-        layer scale fold into ``pwconv2`` as in UniRepLKNet's deploy form. Idempotent."""
+        """Deploy the whole block, in place (inference only; exact in eval mode), with ``norm`` folded in:
+        ``kind="square"``: the shift-wise layer becomes one D x D :class:`DepthwiseConv2d` over all C channels in
+        input order (ghost channels: a centre tap); ``"cross"``: a :class:`PartialDepthwiseConv2d`, a
+        :class:`CrossDepthwiseConv2d` (k x D + D x k) on the rep channels only and a scale and shift on the ghost
+        channels (whose copies to and from row-major planes then cost what the full layer's do at 56 and 28 px,
+        but more at 14 and 7 px, where the square form runs: docs/performance.md, whole models v12). The layer's
+        output channel order (rep, then ghost channels) moves into the weights of ``se`` and ``pwconv1``, so no
+        channel gather or concatenation is left; GRN ``beta``, the last BN and the layer scale fold into
+        ``pwconv2`` as in UniRepLKNet's deploy form. Idempotent."""
         sw = self.large_kernel
         if not isinstance(sw, ShiftwiseConv2d):
             return
@@ -64,15 +67,11 @@ class ShiftWiseBlock(nn.Module):
             weight, bias, _ = sw.to_dense_kernel()
             conv: nn.Module = DepthwiseConv2d.from_weights((scale.view(-1, 1, 1, 1) * weight)[pos],
                                                            (scale * bias + shift)[pos])
-        else:
+        else:   # (rep_idx ascending: rep output j sits at input channel rep_idx[j]; ghost output r + g at ghost_idx[g])
             horizontal, vertical, bias = sw.cross_kernels()
-            ghost_h = horizontal.new_zeros(sw.ghost_channels, *horizontal.shape[1:])
-            ghost_h[:, 0, sw.small_kernel // 2, sw.dense_size // 2] = 1
-            horizontal = torch.cat([horizontal, ghost_h])
-            vertical = torch.cat([vertical, vertical.new_zeros(sw.ghost_channels, *vertical.shape[1:])])
-            bias = torch.cat([bias, bias.new_zeros(sw.ghost_channels)])
-            conv = CrossDepthwiseConv2d((scale.view(-1, 1, 1, 1) * horizontal)[pos],
-                                        (scale.view(-1, 1, 1, 1) * vertical)[pos], (scale * bias + shift)[pos])
+            r, rep_scale = sw.rep_channels, scale[:sw.rep_channels].view(-1, 1, 1, 1)
+            rep_conv = CrossDepthwiseConv2d(rep_scale * horizontal, rep_scale * vertical, scale[:r] * bias + shift[:r])
+            conv = PartialDepthwiseConv2d(rep_conv, sw.rep_idx, sw.in_channels, scale[r:], shift[r:])
         self.large_kernel = conv
         self.norm = nn.Identity()
         self.se.down.weight.copy_(self.se.down.weight[:, pos])

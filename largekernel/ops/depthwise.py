@@ -15,13 +15,22 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
 
 from largekernel.ops._launch import TMA_ALIGN, next_pow2, on_device
 from largekernel.ops.dispatch import get_backend, triton_interpreting
-from largekernel.ops.layout import from_padded_rows, memory_format_of, padded_rows, rowmajor, to_memory_format
+from largekernel.ops.layout import (
+    from_padded_rows,
+    memory_format_of,
+    merge_rows,
+    padded_rows,
+    rowmajor,
+    split_rows,
+    to_memory_format,
+)
 
 try:
     _TRITON_MISSING = importlib.util.find_spec("triton") is None
@@ -138,6 +147,66 @@ def _defer_cast(x: torch.Tensor, grad: bool) -> tuple[torch.Tensor | None, torch
     return x, torch.empty_strided(x.shape, x.stride(), dtype=dtype, device=x.device)
 
 
+_CHANNEL_TABLES: dict[int, tuple] = {}
+
+
+def _channel_table(channels: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(plane (C,) int32: channel c's index in ``channels`` or ``-1 - its rank among the others``; the others (C - R,)
+    ascending), checked and built once per ``channels`` tensor (and again if it is changed in place)."""
+    key = id(channels)
+    hit = _CHANNEL_TABLES.get(key)
+    if hit is not None and hit[0]() is channels and hit[1] == (channels._version, c, channels.device):
+        return hit[2]
+    r = channels.numel()
+    if channels.dim() != 1 or channels.dtype not in (torch.int32, torch.int64) or not 0 < r <= c:
+        raise ValueError(f"channels must be a 1-d tensor of 1..{c} channel indices, got {channels.dtype} "
+                         f"{tuple(channels.shape)}")
+    long = channels.long()
+    if int(long.min()) < 0 or int(long.max()) >= c or long.unique().numel() != r:
+        raise ValueError(f"channels must be distinct indices in [0, {c})")
+    mine = torch.zeros(c, dtype=torch.bool, device=channels.device).index_fill_(0, long, True)
+    index = torch.zeros(c, dtype=torch.long, device=channels.device).index_copy_(
+        0, long, torch.arange(r, device=channels.device))
+    plane = torch.where(mine, index, -torch.cumsum(~mine, 0)).to(torch.int32)
+    tables = plane, (~mine).nonzero()[:, 0]
+    _CHANNEL_TABLES[key] = (weakref.ref(channels, lambda _: _CHANNEL_TABLES.pop(key, None)),
+                            (channels._version, c, channels.device), tables)
+    return tables
+
+
+def on_channels(x: torch.Tensor, channels: torch.Tensor, rest: tuple[torch.Tensor, torch.Tensor] | None, conv,
+                params: tuple, count: int, align: int | None = None) -> torch.Tensor:
+    """``conv`` (a depthwise op on (N, R, H, W)) on x's channels ``channels``, the other channels passed through
+    (``x * scale + shift`` with ``rest = (scale, shift)``, or unchanged); ``params``: conv's tensors (for autograd and
+    autocast), ``count``: their channel count R. Returns (N, C, H, W) in x's layout.
+
+    Without autograd, on a channels_last x where Triton runs, x goes through one copy to row-major planes (which
+    casts under autocast, sets the passed-through channels aside and gives rows every ``align`` bytes, default
+    the element size) and one copy back that puts the other channels in place: conv's kernels see R planes only.
+    Otherwise a gather, conv, and scatter."""
+    c = x.shape[1]
+    if x.dim() != 4 or channels.numel() != count:
+        raise ValueError(f"channels lists {channels.numel()} channels but the kernel has {count}; x must be "
+                         f"(N, C, H, W), got {tuple(x.shape)}")
+    if rest is not None and any(tuple(t.shape) != (c - count,) for t in rest):
+        raise ValueError(f"rest must be (scale, shift) of shape ({c - count},) each, got "
+                         f"{[tuple(t.shape) for t in rest]}")
+    plane, others = _channel_table(channels, c)
+    dtype = _autocast_dtype(x) or x.dtype
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params, *(rest or ())))
+    if (not grad and dtype in _DTYPES and _triton_runs_on(x) and memory_format_of(x) == torch.channels_last
+            and not torch.compiler.is_compiling()):
+        mine, passed = split_rows(x, plane, count, align or dtype.itemsize, dtype, rest)
+        return merge_rows(conv(mine), passed, plane)
+    x = x.to(dtype)
+    out = x.clone()   # (in x's layout; index_copy's own result is NCHW)
+    out.index_copy_(1, channels.long(), conv(x.index_select(1, channels.long())))
+    if rest is not None:
+        scale, shift = (t.to(torch.float32 if dtype != torch.float64 else dtype).view(1, -1, 1, 1) for t in rest)
+        out.index_copy_(1, others, (x.index_select(1, others).to(scale.dtype) * scale + shift).to(dtype))
+    return out
+
+
 def crop_to_reach(weight: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """The taps of a 'same' depthwise kernel (C, 1, kh, kw) that can reach an h x w input: a kernel longer than
     2h - 1 (2w - 1) along an axis is cut to the centred 2h - 1 (2w - 1), whose 'same' padding is h - 1 (w - 1).
@@ -152,14 +221,24 @@ def crop_to_reach(weight: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return weight[:, :, rows, cols]
 
 
-def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     channels: torch.Tensor | None = None,
+                     rest: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Stride-1 depthwise convolution with 'same' padding (exactly ``F.conv2d(padding='same')``).
 
     x: (N, C, H, W) (any strides; channels_last too); weight: (C, 1, kh, kw); bias: (C,) or None.
     Returns (N, C, H, W). Odd kernels are centred; for even kernels the extra tap sits on the bottom/right
     (pad (k-1)//2 before, k//2 after, as PyTorch's 'same'). On the Triton path taps that cannot reach the input are
     dropped first (:func:`crop_to_reach`).
+
+    ``channels`` (R,) int: the kernel applies to these channels of x only (weight (R, 1, kh, kw), bias (R,), output
+    channel ``channels[j]``); every other channel passes through, as ``x[:, c] * scale + shift`` with ``rest =
+    (scale, shift)`` ((C - R,) each, the other channels in ascending order) or unchanged (``rest=None``): a conv
+    with 1 x 1 kernels there (the shift-wise layers' ghost channels, :func:`on_channels`).
     """
+    if channels is not None:
+        return on_channels(x, channels, rest, lambda planes: depthwise_conv2d(planes, weight, bias),
+                           (weight, bias), weight.shape[0])
     _check(x, weight, bias)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     source, x = _defer_cast(x, grad)
@@ -186,14 +265,22 @@ CROSS_MAX_SHORT = 7    # ... and unrolls one product per row (column) of the sho
 
 
 def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: torch.Tensor,
-                           bias: torch.Tensor | None = None) -> torch.Tensor:
+                           bias: torch.Tensor | None = None, channels: torch.Tensor | None = None,
+                           rest: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``depthwise_conv2d(x, horizontal, bias) + depthwise_conv2d(x, vertical)``: a short-wide (C, 1, k, D) and a
     tall-narrow (C, 1, D', k') kernel on the same input (the cross deploy form of the shift-wise layers).
 
     Without autograd, on the Triton path and planes up to 64 x 64 (32 x 32 in fp32), one fused kernel
     (``_dw_cross``: both convs, the sum and the bias in one pass) is tried against the pair of convs and the faster
     kept (tuned once per shape, as every pass); otherwise the pair. x: (N, C, H, W), any layout; returns x's layout.
+    ``channels``, ``rest``: the kernels apply to some channels only, as in :func:`depthwise_conv2d`.
     """
+    if channels is not None:
+        # (rows at TMA's 16-byte strides where its kernels may run: then the copy is the one they read)
+        align = TMA_ALIGN if _cross_tma(x, _autocast_dtype(x) or x.dtype) else None
+        return on_channels(x, channels, rest,
+                           lambda planes: cross_depthwise_conv2d(planes, horizontal, vertical, bias),
+                           (horizontal, vertical, bias), horizontal.shape[0], align)
     _check(x, horizontal, bias)
     _check(x, vertical, None)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, horizontal, vertical, bias))
@@ -253,6 +340,15 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
         return run(_pick("cross", x, tuple(wh.shape[-2:]), tuple(wv.shape[-2:]), lambda: _cross_candidates(x), run))
 
 
+def _cross_tma(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the fused cross kernel's TMA configurations are among the candidates for x in ``dtype``: Hopper,
+    16-bit, planes of 32 px and more."""
+    if x.device.type not in ("cuda", "meta") or torch.empty((), dtype=dtype).element_size() != 2:
+        return False
+    hopper = x.device.type == "meta" or torch.cuda.get_device_capability(x.device)[0] >= 9   # (meta: compile tests)
+    return hopper and max(x.shape[-2:]) > 16
+
+
 def _cross_candidates(x: torch.Tensor) -> list[dict]:
     """Fused cross kernel configurations (images per program, warps) and the pair of convs."""
     if x.device.type == "cpu":
@@ -261,9 +357,8 @@ def _cross_candidates(x: torch.Tensor) -> list[dict]:
     stacked = [dict(stack=True, NB=nb, ITERS=it, num_warps=nw) for nb in ({64: (1, 2), 32: (2, 4)}.get(p, (4, 8, 16)))
                for it, nw in ((1, 4), (4, 4), (2, 8))]
     tma = []
-    hopper = x.device.type == "meta" or torch.cuda.get_device_capability(x.device)[0] >= 9   # (meta: compile tests)
-    if hopper and x.element_size() == 2 and p >= 32:   # Hopper's tensor memory accelerator (TMA): on the H200 it
-        stages = (1,) if p == 64 else (1, 2)               # won at 56 and 28 px, lost at 14 and 7 (performance.md)
+    if _cross_tma(x, x.dtype):   # Hopper's tensor memory accelerator (TMA): on the H200 it won at 56 and 28 px, lost
+        stages = (1,) if p == 64 else (1, 2)   # at 14 and 7 (performance.md)
         tma = [dict(tma=True, ITERS=it, num_warps=4, num_stages=ns) for it in (4, 16) for ns in stages]
         if p == 64:   # the band matrices streamed per product: half the shared memory, twice the programs per SM
             tma.append(dict(tma=True, ITERS=4, num_warps=4, num_stages=1, hoist=False))   # (0.220 vs 0.242 ms, H200)

@@ -17,6 +17,7 @@ from largekernel.ops.dispatch import triton_interpreting
 FAST_TRANSPOSE = os.environ.get("LARGEKERNEL_FAST_TRANSPOSE", "1") == "1"
 _kernel = None
 _padded = None
+PADDED_TILE: tuple = ()   # force the row-major-planes copies' (positions, channels, warps) per program (benchmarks)
 
 
 def _transpose_kernel():
@@ -60,24 +61,45 @@ def _padded_kernel():
         from largekernel.ops._dw_kernels import _to_bf16_rn
 
         @triton.jit
-        def _padded_rows_copy(src, dst, H, W, WP, C, TO_ROWS: tl.constexpr, BLOCK_P: tl.constexpr,
+        def _padded_rows_copy(src, dst, H, W, WP, C, HWP, plane, rest, HWPR, R, scale, shift, TO_ROWS: tl.constexpr,
+                              SPLIT: tl.constexpr, AFFINE: tl.constexpr, SAME_WP: tl.constexpr, BLOCK_P: tl.constexpr,
                               BLOCK_C: tl.constexpr, BF16_RN: tl.constexpr):
             # positions walk the padded (H, WP) grid: unit stride on the row-major side (whose pad columns receive
-            # zeros), channels at unit stride on the channels_last side (whose pad columns do not exist)
+            # zeros), channels at unit stride on the channels_last side (whose pad columns do not exist).
+            # SPLIT: channel c's row-major plane is plane[c] >= 0 of the R a row-major image holds, or else plane
+            # -1 - plane[c] of ``rest``'s C - R (rows at a stride of WPR), scaled on the way there (AFFINE); a
+            # pointer per channel into either, so that an element costs what it costs without the split.
+            # HWP = H * WP and HWPR = H * WPR, the plane sizes, as arguments: Triton then knows when they are
+            # multiples of 16 (56 x 56, 28 x 32), and so that each program's row-major accesses are aligned vectors.
             n = tl.program_id(2).to(tl.int64)
             p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
             c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
             h, w = p // WP, p % WP
-            in_grid = (p < H * WP)[:, None] & (c < C)[None, :]
+            in_grid = (p < HWP)[:, None] & (c < C)[None, :]
             real = in_grid & (w < W)[:, None]
             at_cl = n * H * W * C + (h * W + w)[:, None] * C + c[None, :]
-            at_rows = n * C * H * WP + c[None, :] * H * WP + p[:, None]
+            rows = dst if TO_ROWS else src
+            if SPLIT:
+                t = tl.load(plane + c, mask=c < C, other=0)
+                g = tl.where(t < 0, -1 - t, 0)
+                planes = tl.where(t >= 0, rows + n * R * HWP + t * HWP, rest + n * (C - R) * HWPR + g * HWPR)
+                if SAME_WP:
+                    rows_at = planes[None, :] + p[:, None]
+                else:
+                    rows_at = planes[None, :] + tl.where((t >= 0)[None, :], p[:, None], (h * (HWPR // H) + w)[:, None])
+            else:
+                rows_at = rows + n * C * HWP + c[None, :] * HWP + p[:, None]
             if TO_ROWS:   # (in dst's dtype: the copy may also cast, as autocast would have before it)
                 v = tl.load(src + at_cl, mask=real, other=0.0)
                 v = _to_bf16_rn(v.to(tl.float32)) if BF16_RN else v.to(dst.dtype.element_ty)
-                tl.store(dst + at_rows, v, mask=in_grid)
+                if AFFINE:   # the passed-through channels' scale and shift, on the cast value (1 and 0 elsewhere)
+                    a = tl.load(scale + g, mask=(c < C) & (t < 0), other=1.0).to(tl.float32)
+                    b = tl.load(shift + g, mask=(c < C) & (t < 0), other=0.0).to(tl.float32)
+                    u = v.to(tl.float32) * a[None, :] + b[None, :]
+                    v = _to_bf16_rn(u) if BF16_RN else u.to(dst.dtype.element_ty)
+                tl.store(rows_at, v, mask=in_grid)
             else:
-                tl.store(dst + at_cl, tl.load(src + at_rows, mask=real), mask=real)
+                tl.store(dst + at_cl, tl.load(rows_at, mask=real), mask=real)
 
         _padded = _padded_rows_copy
     return _padded
@@ -115,16 +137,61 @@ def from_padded_rows(t: torch.Tensor, memory_format: torch.memory_format) -> tor
     return out
 
 
-def _launch_padded(src: torch.Tensor, dst: torch.Tensor, h: int, w: int, wp: int, to_rows: bool) -> None:
+def split_rows(t: torch.Tensor, plane: torch.Tensor, count: int, align: int, dtype: torch.dtype,
+               affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channels_last ``t`` (N, C, H, W) as two row-major copies in ``dtype`` (one pass: the copy casts), rows every
+    ``align`` bytes (views of zero-padded buffers, as :func:`padded_rows`): (N, count, H, W), channel c at plane
+    ``plane[c]`` where that is >= 0, and (N, C - count, H, W), channel c at plane ``g = -1 - plane[c]`` otherwise,
+    as ``t[:, c] * scale[g] + shift[g]`` with ``affine = (scale, shift)`` (on the cast value, in fp32). ``plane``:
+    (C,) int32 on t's device. Where Triton runs (as the other copies); :func:`merge_rows` puts them back."""
+    n, c, h, w = t.shape
+    wp = -(-w * dtype.itemsize // align) * align // dtype.itemsize
+    mine = t.new_empty((n, count, h, wp), dtype=dtype)
+    rest = t.new_empty((n, c - count, h, wp), dtype=dtype)
+    scale, shift = affine if affine is not None else (None, None)
+    _launch_padded(t, mine, h, w, wp, to_rows=True, split=(plane, rest, wp, count, scale, shift))
+    return mine[..., :w], rest[..., :w]
+
+
+def merge_rows(mine: torch.Tensor, rest: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
+    """The channels_last (N, C, H, W) tensor whose channel c is plane ``plane[c]`` of the row-major ``mine`` (N, R,
+    H, W) where that is >= 0, else plane ``-1 - plane[c]`` of the row-major ``rest`` (N, C - R, H, W) (same dtype)."""
+    n, r, h, w = mine.shape
+    c = r + rest.shape[1]
+    if mine.stride(-1) != 1 or mine.stride(1) != h * mine.stride(2) or mine.stride(0) != r * mine.stride(1):
+        mine = mine.contiguous()
+    if rest.stride(-1) != 1 or rest.stride(1) != h * rest.stride(2) or rest.stride(0) != (c - r) * rest.stride(1):
+        rest = rest.contiguous()
+    out = torch.empty((n, c, h, w), dtype=mine.dtype, device=mine.device, memory_format=torch.channels_last)
+    _launch_padded(mine, out, h, w, mine.stride(2), to_rows=False, split=(plane, rest, rest.stride(2), r, None, None))
+    return out
+
+
+def _tile(positions: int) -> tuple[int, int, int]:
+    """(positions, channels, warps) of a padded copy's program: 128 x 32 (fastest at 56 px on the H200), fewer
+    positions and more channels for small planes (a 7 x 7 plane in a 64-position tile)."""
+    block_p = min(128, max(16, 1 << (positions - 1).bit_length()))
+    return block_p, min(128, 4096 // block_p), 4
+
+
+def _launch_padded(src: torch.Tensor, dst: torch.Tensor, h: int, w: int, wp: int, to_rows: bool,
+                   split: tuple | None = None) -> None:
+    """split: (plane, rest, WPR, R, scale, shift) of :func:`split_rows` / :func:`merge_rows`, or None."""
     from largekernel.ops._launch import cdiv, launch, on_device
 
-    n, c = src.shape[:2]
-    block_p, block_c = 64, 64
+    n, c = (src if to_rows else dst).shape[:2]
+    block_p, block_c, warps = PADDED_TILE or _tile(h * wp)
     # -> bf16 under the interpreter, whose cast truncates: rounded to nearest as on the GPU
-    bf16_rn = triton_interpreting() and src.dtype in (torch.float32, torch.float16) and dst.dtype == torch.bfloat16
+    bf16_rn = (triton_interpreting() and dst.dtype == torch.bfloat16
+               and src.dtype in (torch.float32, torch.float16))
+    plane, rest, wpr, r, scale, shift = split if split is not None else (src, src, wp, c, None, None)
+    affine = scale is not None
+    if not affine:
+        scale = shift = src
     with on_device(src):
-        launch(_padded_kernel(), (cdiv(h * wp, block_p), cdiv(c, block_c), n), src, dst, h, w, wp, c,
-               TO_ROWS=to_rows, BLOCK_P=block_p, BLOCK_C=block_c, BF16_RN=bf16_rn, num_warps=4)
+        launch(_padded_kernel(), (cdiv(h * wp, block_p), cdiv(c, block_c), n), src, dst, h, w, wp, c, h * wp, plane,
+               rest, h * wpr, r, scale, shift, TO_ROWS=to_rows, SPLIT=split is not None, AFFINE=affine,
+               SAME_WP=wpr == wp, BLOCK_P=block_p, BLOCK_C=block_c, BF16_RN=bf16_rn, num_warps=warps)
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
