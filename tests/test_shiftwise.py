@@ -371,6 +371,23 @@ def test_model_reparameterize_and_dense_deploy():
     assert ((bands(x) - ref).abs().max() / ref.abs().max()) <= 1e-5
 
 
+def test_dense_deploy_builds_and_counts_without_storage():
+    """Both deploy kinds on a model built on the 'meta' device (as the FLOP counters build them) run (shapes only),
+    and count the MACs of the same model built with storage."""
+    from largekernel.analysis.complexity import count_macs
+
+    with torch.device("meta"):
+        cross, square = (timm.create_model("shiftwise_v2_test").eval() for _ in range(2))
+    cross.to_dense("cross")
+    square.to_dense("square")
+    assert cross(torch.empty(1, 3, 64, 64, device="meta")).shape == (1, 1000)
+    assert isinstance(cross.stages[0][0].large_kernel, PartialDepthwiseConv2d)
+    real = timm.create_model("shiftwise_v2_test").eval()
+    real.to_dense("cross")
+    assert square(torch.empty(1, 3, 64, 64, device="meta")).shape == (1, 1000)
+    assert count_macs(cross, 64) == count_macs(real, 64)
+
+
 @pytest.mark.parametrize("kind", ["square", "cross"])
 def test_block_dense_deploy_folds_every_term_float64(kind):
     """The block-level deploy (one conv over all channels, permutation moved into SE / pwconv1, FFN tail folded)

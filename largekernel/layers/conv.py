@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from largekernel.ops import cross_depthwise_conv2d, depthwise_conv2d, depthwise_path, get_backend
+from largekernel.ops.depthwise import has_values
 
 
 def _pair(k: int | tuple[int, int]) -> tuple[int, int]:
@@ -93,16 +94,16 @@ class PartialDepthwiseConv2d(nn.Module):
                  rest_scale: torch.Tensor | None = None, rest_shift: torch.Tensor | None = None) -> None:
         super().__init__()
         width = conv.dense_h.weight.shape[0] if isinstance(conv, CrossDepthwiseConv2d) else conv.weight.shape[0]
-        index = channels.detach().long().cpu()
-        if (index.dim() != 1 or index.numel() != width or index.unique().numel() != width
-                or not 0 <= int(index.min()) <= int(index.max()) < in_channels):
+        index = channels.detach().long()
+        if index.dim() != 1 or index.numel() != width or (has_values(index) and (
+                index.unique().numel() != width or not 0 <= int(index.min()) <= int(index.max()) < in_channels)):
             raise ValueError(f"channels must be {width} distinct indices in [0, {in_channels}), one per kernel of "
                              f"conv, got {tuple(channels.shape)}")
         if (rest_scale is None) != (rest_shift is None):
             raise ValueError("rest_scale and rest_shift come together")
         self.in_channels = in_channels
         self.conv = conv
-        self.register_buffer("channels", index.to(channels.device))
+        self.register_buffer("channels", index)
         if rest_scale is not None:
             for name, t in (("rest_scale", rest_scale), ("rest_shift", rest_shift)):
                 if tuple(t.shape) != (in_channels - width,):

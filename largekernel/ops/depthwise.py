@@ -150,6 +150,13 @@ def _defer_cast(x: torch.Tensor, grad: bool) -> tuple[torch.Tensor | None, torch
 _CHANNEL_TABLES: dict[int, tuple] = {}
 
 
+def has_values(t: torch.Tensor) -> bool:
+    """Whether t holds data (not a 'meta' or fake tensor: models built for counting)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type != "meta" and not is_fake(t)
+
+
 def _channel_table(channels: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(plane (C,) int32: channel c's index in ``channels`` or ``-1 - its rank among the others``; the others (C - R,)
     ascending), checked and built once per ``channels`` tensor (and again if it is changed in place)."""
@@ -162,6 +169,8 @@ def _channel_table(channels: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.
         raise ValueError(f"channels must be a 1-d tensor of 1..{c} channel indices, got {channels.dtype} "
                          f"{tuple(channels.shape)}")
     long = channels.long()
+    if not has_values(channels):   # (models built without storage, for counting: shapes only)
+        return long.new_empty(c, dtype=torch.int32), long.new_empty(c - r)
     if int(long.min()) < 0 or int(long.max()) >= c or long.unique().numel() != r:
         raise ValueError(f"channels must be distinct indices in [0, {c})")
     mine = torch.zeros(c, dtype=torch.bool, device=channels.device).index_fill_(0, long, True)
@@ -174,7 +183,7 @@ def _channel_table(channels: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.
     return tables
 
 
-def on_channels(x: torch.Tensor, channels: torch.Tensor, rest: tuple[torch.Tensor, torch.Tensor] | None, conv,
+def _on_channels(x: torch.Tensor, channels: torch.Tensor, rest: tuple[torch.Tensor, torch.Tensor] | None, conv,
                 params: tuple, count: int, align: int | None = None) -> torch.Tensor:
     """``conv`` (a depthwise op on (N, R, H, W)) on x's channels ``channels``, the other channels passed through
     (``x * scale + shift`` with ``rest = (scale, shift)``, or unchanged); ``params``: conv's tensors (for autograd and
@@ -184,10 +193,11 @@ def on_channels(x: torch.Tensor, channels: torch.Tensor, rest: tuple[torch.Tenso
     casts under autocast, sets the passed-through channels aside and gives rows every ``align`` bytes, default
     the element size) and one copy back that puts the other channels in place: conv's kernels see R planes only.
     Otherwise a gather, conv, and scatter."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if channels.numel() != count:
+        raise ValueError(f"channels lists {channels.numel()} channels but the kernel has {count}")
     c = x.shape[1]
-    if x.dim() != 4 or channels.numel() != count:
-        raise ValueError(f"channels lists {channels.numel()} channels but the kernel has {count}; x must be "
-                         f"(N, C, H, W), got {tuple(x.shape)}")
     if rest is not None and any(tuple(t.shape) != (c - count,) for t in rest):
         raise ValueError(f"rest must be (scale, shift) of shape ({c - count},) each, got "
                          f"{[tuple(t.shape) for t in rest]}")
@@ -234,10 +244,10 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     ``channels`` (R,) int: the kernel applies to these channels of x only (weight (R, 1, kh, kw), bias (R,), output
     channel ``channels[j]``); every other channel passes through, as ``x[:, c] * scale + shift`` with ``rest =
     (scale, shift)`` ((C - R,) each, the other channels in ascending order) or unchanged (``rest=None``): a conv
-    with 1 x 1 kernels there (the shift-wise layers' ghost channels, :func:`on_channels`).
+    with 1 x 1 kernels there (the shift-wise layers' ghost channels; see ``_on_channels`` for how it runs).
     """
     if channels is not None:
-        return on_channels(x, channels, rest, lambda planes: depthwise_conv2d(planes, weight, bias),
+        return _on_channels(x, channels, rest, lambda planes: depthwise_conv2d(planes, weight, bias),
                            (weight, bias), weight.shape[0])
     _check(x, weight, bias)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
@@ -278,7 +288,7 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
     if channels is not None:
         # (rows at TMA's 16-byte strides where its kernels may run: then the copy is the one they read)
         align = TMA_ALIGN if _cross_tma(x, _autocast_dtype(x) or x.dtype) else None
-        return on_channels(x, channels, rest,
+        return _on_channels(x, channels, rest,
                            lambda planes: cross_depthwise_conv2d(planes, horizontal, vertical, bias),
                            (horizontal, vertical, bias), horizontal.shape[0], align)
     _check(x, horizontal, bias)
