@@ -18,7 +18,7 @@ import time
 import timm
 import torch
 from _timing import cuda_graph_time  # benchmarks/ is the script directory
-from models import deploy_form
+from models import SW_FORMS, deploy_form
 
 MIXERS = ("large_kernel", "dwconv")
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--res", type=int, default=224)
     p.add_argument("--sw-impl", nargs="+", default=["shiftadd"], choices=["shiftadd", "bands"])
-    p.add_argument("--sw-deploy", nargs="+", default=["mixed"], choices=["merged", "square", "cross", "mixed"])
+    p.add_argument("--sw-deploy", nargs="+", default=["mixed"], choices=SW_FORMS)
     args = p.parse_args(argv)
     torch.backends.cudnn.benchmark = True
     import largekernel.models  # noqa: F401  (registers our models with timm)

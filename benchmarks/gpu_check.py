@@ -417,6 +417,60 @@ def check_cross_fused(report: bool = True) -> list[dict]:
     return rows
 
 
+def check_partial() -> list[dict]:
+    """The copies around the kernels at SW-tiny's stage shapes (fp32 channels_last in, bf16 planes): ``padded_rows``
+    and the split into convolved and passed-through planes bit for bit against PyTorch's cast and indexing, both back
+    again bit for bit; then the partial ops (``channels=``, ``rest=``) under autocast against float64 convs of the
+    listed channels and the scale and shift of the others."""
+    from largekernel.ops import cross_depthwise_conv2d, depthwise_conv2d
+    from largekernel.ops.depthwise import _channel_table
+    from largekernel.ops.layout import from_padded_rows, merge_rows, padded_rows, split_rows, to_memory_format
+
+    rows = []
+    for c, hw, k, d in ((80, 56, 3, 51), (160, 28, 3, 53), (320, 14, 27, 27), (640, 7, 13, 13)):
+        r = int(c * 0.77) // 2 * 2
+        channels = torch.randperm(c, device="cuda")[:r].sort().values
+        others = torch.tensor(sorted(set(range(c)) - set(channels.tolist())), device="cuda")
+        plane, _ = _channel_table(channels, c)
+        x = torch.randn(8, c, hw, hw, device="cuda").contiguous(memory_format=torch.channels_last)
+        xb = x.bfloat16()
+        scale, shift = torch.randn(c - r, device="cuda"), torch.randn(c - r, device="cuda")
+        for align in (2, 16):
+            planes = padded_rows(x, align, torch.bfloat16)
+            back = (from_padded_rows(planes, torch.channels_last) if planes.stride(2) != hw else
+                    to_memory_format(planes, torch.channels_last))
+            mine, rest = split_rows(x, plane, r, align, torch.bfloat16)
+            merged = merge_rows(mine, rest, plane)
+            _, scaled = split_rows(x, plane, r, align, torch.bfloat16, (scale, shift))
+            want = (xb[:, others].float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).bfloat16()
+            ok = (torch.equal(planes, xb) and torch.equal(back, xb) and torch.equal(mine, xb[:, channels])
+                  and torch.equal(rest, xb[:, others]) and torch.equal(merged, xb) and torch.equal(scaled, want)
+                  and merged.is_contiguous(memory_format=torch.channels_last))
+            rows.append(dict(check="copies", shape=(8, c, hw, hw), align=align, ok=bool(ok)))
+        xd = xb.double()
+        ref = xd.clone()
+        ref[:, others] = xd[:, others] * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+        if k == 3:
+            h, v = torch.randn(r, 1, k, d, device="cuda") / d ** 0.5, torch.randn(r, 1, d, k, device="cuda") / d ** 0.5
+            b = torch.randn(r, device="cuda")
+            ref[:, channels] = (F.conv2d(xd[:, channels], h.bfloat16().double(), b.bfloat16().double(), padding="same",
+                                         groups=r)
+                                + F.conv2d(xd[:, channels], v.bfloat16().double(), padding="same", groups=r))
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                y = cross_depthwise_conv2d(x, h, v, b, channels=channels, rest=(scale, shift))
+        else:
+            w, b = torch.randn(r, 1, k, k, device="cuda") / k, torch.randn(r, device="cuda")
+            ref[:, channels] = F.conv2d(xd[:, channels], w.bfloat16().double(), b.bfloat16().double(),
+                                        padding="same", groups=r)
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                y = depthwise_conv2d(x, w, b, channels=channels, rest=(scale, shift))
+        err = rel(y, ref)
+        rows.append(dict(check="partial", shape=(8, c, hw, hw, k, d), y=err,
+                         ok=bool(err <= 1e-2 and y.dtype == torch.bfloat16
+                                 and y.is_contiguous(memory_format=torch.channels_last))))
+    return rows
+
+
 def check_layers() -> list[dict]:
     """The layout copies and the cross-shaped depthwise layer on the GPU: ``to_memory_format`` bit for bit against
     PyTorch's copy; ``CrossDepthwiseConv2d`` on channels_last inputs (its CUDA-only path: one row-major copy for both
@@ -457,6 +511,7 @@ def check_layers() -> list[dict]:
         ok = all(e <= tol for e in errs.values()) and y.is_contiguous(memory_format=torch.channels_last)
         rows.append(dict(check="cross_dw", dtype=str(dt), ok=bool(ok), **errs))
     rows += check_cross_fused(report=False)
+    rows += check_partial()
     for r in rows:
         print(("OK  " if r["ok"] else "FAIL"), r, flush=True)
     return rows
@@ -519,7 +574,8 @@ def main() -> None:
     ap.add_argument("--memory-h", type=lambda v: [int(h) for h in v.split(",")], default=None,
                     help="--memory: only these plane sizes (e.g. 56,28)")
     ap.add_argument("--memory-dtypes", default="bfloat16,float32", help="--memory: these dtypes")
-    ap.add_argument("--layers", action="store_true", help="only the layout-copy and cross-layer checks")
+    ap.add_argument("--layers", action="store_true",
+                    help="only the layout-copy, cross-layer and partial-conv (ghost channels) checks")
     ap.add_argument("--cross", action="store_true", help="only the fused cross kernel's checks")
     ap.add_argument("--shapes", default="all", help="'quick' = the 4 stage shapes")
     ap.add_argument("--sweep-shapes", default="512/14/27,1024/7/13,256/28/29", help="C/H/K list for --sweep")

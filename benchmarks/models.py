@@ -41,12 +41,17 @@ def is_ours(name: str) -> bool:
     return any(name.split(".")[0] in timm.list_models(module=m) for m in OUR_MODULES)
 
 
+SW_FORMS = ("merged", "square", "cross", "mixed", "mixed-split")
+
+
 def sw_deploy(model: torch.nn.Module, kind: str) -> None:
-    """Shift-wise deploy form: 'merged' (fused shift-add), 'square' / 'cross' dense depthwise convs, or 'mixed'
-    (cross on the two high-resolution stages, square on the others: the fastest inference form of each SW-tiny
-    stage in the layer benchmark, docs/performance.md)."""
+    """Shift-wise deploy form: 'merged' (fused shift-add), 'square' / 'cross' dense depthwise convs, 'mixed' (cross on
+    the two high-resolution stages, square on the others: the fastest inference form of each SW-tiny stage in the
+    layer benchmark, docs/performance.md) or 'mixed-split' (the same, the ghost channels skipping the conv at every
+    stage, not only in the cross form)."""
     if kind != "merged":
-        model.to_dense(("cross", "cross", "square", "square") if kind == "mixed" else kind)
+        kinds = ("cross", "cross", "square", "square") if kind.startswith("mixed") else kind
+        model.to_dense(kinds, split_ghosts=True if kind == "mixed-split" else None)
 
 
 def deploy_form(name: str, model: torch.nn.Module, sw_form: str = "merged") -> torch.nn.Module:
@@ -233,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="> 1: build every model first, then time them in turn this many times (median over rounds)")
     p.add_argument("--sw-impl", nargs="+", default=["shiftadd"], choices=["shiftadd", "bands"],
                    help="shift-wise models: how the trainable layers compute (one run per value)")
-    p.add_argument("--sw-deploy", default="merged", choices=["merged", "square", "cross", "mixed"],
+    p.add_argument("--sw-deploy", default="merged", choices=SW_FORMS,
                    help="shift-wise models: inference form")
     p.add_argument("--layouts", nargs="+", default=["channels_last"], choices=["channels_last", "NCHW"],
                    help="memory layouts to run every model in")

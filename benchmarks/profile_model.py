@@ -12,7 +12,7 @@ import argparse
 
 import timm
 import torch
-from models import deploy_form, infer_step, train_step  # benchmarks/ is the script directory
+from models import SW_FORMS, deploy_form, infer_step, train_step  # benchmarks/ is the script directory
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--sort", default="cuda", choices=["cuda", "cpu"], help="rank ops by total CUDA or self CPU time")
     ap.add_argument("--tuning", action="store_true", help="also print every depthwise pass's tuning log")
-    ap.add_argument("--sw-deploy", default="merged", choices=["merged", "square", "cross", "mixed"],
+    ap.add_argument("--sw-deploy", default="merged", choices=SW_FORMS,
                     help="shift-wise models: the deploy form profiled with --infer (see models.py)")
     args = ap.parse_args()
     fmt = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format

@@ -388,9 +388,10 @@ def test_dense_deploy_builds_and_counts_without_storage():
     assert count_macs(cross, 64) == count_macs(real, 64)
 
 
-@pytest.mark.parametrize("kind", ["square", "cross"])
-def test_block_dense_deploy_folds_every_term_float64(kind):
-    """The block-level deploy (one conv over all channels, permutation moved into SE / pwconv1, FFN tail folded)
+@pytest.mark.parametrize(("kind", "split"), [("square", None), ("cross", None), ("square", True), ("cross", False)])
+def test_block_dense_deploy_folds_every_term_float64(kind, split):
+    """The block-level deploy (one conv over all channels or over the rep channels beside the ghost channels' scale
+    and shift, permutation moved into SE / pwconv1, FFN tail folded)
     against the training-form block in eval mode, with every affine parameter random (the default layer scale
     of 1e-6 would hide errors in the FFN branch)."""
     torch.manual_seed(4)
@@ -404,13 +405,14 @@ def test_block_dense_deploy_folds_every_term_float64(kind):
     x = torch.randn(2, block.large_kernel.in_channels, 9, 11, dtype=torch.float64)
     block_rep = block.large_kernel.rep_idx.tolist()
     ref = block(x)
-    block.to_dense(kind)
-    if kind == "cross":   # the rep channels' cross, the ghost channels' scale and shift
+    block.to_dense(kind, split)
+    conv_type = CrossDepthwiseConv2d if kind == "cross" else DepthwiseConv2d
+    if split or (split is None and kind == "cross"):   # the rep channels' conv, the ghost channels' scale and shift
         assert isinstance(block.large_kernel, PartialDepthwiseConv2d)
-        assert isinstance(block.large_kernel.conv, CrossDepthwiseConv2d)
+        assert isinstance(block.large_kernel.conv, conv_type)
         assert block.large_kernel.channels.tolist() == block_rep
     else:
-        assert isinstance(block.large_kernel, DepthwiseConv2d)
+        assert isinstance(block.large_kernel, conv_type)
     assert isinstance(block.norm, nn.Identity) and block.gamma is None and len(block.pwconv2) == 2
     torch.testing.assert_close(block(x), ref, rtol=1e-10, atol=1e-10)
     block.to_dense(kind)   # idempotent

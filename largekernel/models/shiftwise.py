@@ -45,15 +45,16 @@ class ShiftWiseBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     @torch.no_grad()
-    def to_dense(self, kind: str = "square") -> None:
-        """Deploy the whole block, in place (inference only; exact in eval mode), with ``norm`` folded in:
-        ``kind="square"``: the shift-wise layer becomes one D x D :class:`DepthwiseConv2d` over all C channels in
-        input order (ghost channels: a centre tap); ``"cross"``: a :class:`PartialDepthwiseConv2d`, a
-        :class:`CrossDepthwiseConv2d` (k x D + D x k) on the rep channels only and a scale and shift on the ghost
-        channels (whose copies to and from row-major planes then cost what the full layer's do at 56 and 28 px,
-        but more at 14 and 7 px, where the square form runs: docs/performance.md, whole models v12). The layer's
-        output channel order (rep, then ghost channels) moves into the weights of ``se`` and ``pwconv1``, so no
-        channel gather or concatenation is left; GRN ``beta``, the last BN and the layer scale fold into
+    def to_dense(self, kind: str = "square", split_ghosts: bool | None = None) -> None:
+        """Deploy the whole block, in place (inference only; exact in eval mode), with ``norm`` folded in: the
+        shift-wise layer becomes one depthwise conv in input channel order, ``kind="square"`` a D x D
+        :class:`DepthwiseConv2d`, ``"cross"`` a :class:`CrossDepthwiseConv2d` (k x D + D x k). ``split_ghosts``:
+        the conv covers the rep channels only and the ghost channels get their scale and shift beside it
+        (:class:`PartialDepthwiseConv2d`), or (False) it covers all C channels, the ghost ones as a centre tap. Default
+        (None): split for "cross" only, as measured at 224 px (the split's copies cost what the full layer's do at 56
+        and 28 px, more at 14 and 7 px, where the square form runs: docs/performance.md, whole models v12). The
+        layer's output channel order (rep, then ghost channels) moves into the weights of ``se`` and ``pwconv1``, so
+        no channel gather or concatenation is left; GRN ``beta``, the last BN and the layer scale fold into
         ``pwconv2`` as in UniRepLKNet's deploy form. Idempotent."""
         sw = self.large_kernel
         if not isinstance(sw, ShiftwiseConv2d):
@@ -63,15 +64,29 @@ class ShiftWiseBlock(nn.Module):
         in_index = torch.cat([sw.rep_idx, sw.ghost_idx])   # output channel o reads input channel in_index[o]
         pos = torch.argsort(in_index)                        # ... and input channel c lands on output pos[c]
         scale, shift = fuse_bn(torch.ones_like(self.norm.weight), self.norm)
+        r, column = sw.rep_channels, scale.view(-1, 1, 1, 1)
         if kind == "square":
-            weight, bias, _ = sw.to_dense_kernel()
-            conv: nn.Module = DepthwiseConv2d.from_weights((scale.view(-1, 1, 1, 1) * weight)[pos],
-                                                           (scale * bias + shift)[pos])
-        else:   # (rep_idx ascending: rep output j sits at input channel rep_idx[j]; ghost output r + g at ghost_idx[g])
+            weight, bias = sw._rep_dense_kernel()   # (R, D, D), (R,)
+            weights = (weight.unsqueeze(1),)
+        else:
             horizontal, vertical, bias = sw.cross_kernels()
-            r, rep_scale = sw.rep_channels, scale[:sw.rep_channels].view(-1, 1, 1, 1)
-            rep_conv = CrossDepthwiseConv2d(rep_scale * horizontal, rep_scale * vertical, scale[:r] * bias + shift[:r])
-            conv = PartialDepthwiseConv2d(rep_conv, sw.rep_idx, sw.in_channels, scale[r:], shift[r:])
+            weights = (horizontal, vertical)
+        if kind == "cross" if split_ghosts is None else split_ghosts:
+            # (rep_idx ascending: rep output j sits at input channel rep_idx[j]; ghost output r + g at ghost_idx[g])
+            weights = tuple(column[:r] * w for w in weights)
+            rep_conv = (DepthwiseConv2d.from_weights(*weights, scale[:r] * bias + shift[:r]) if kind == "square" else
+                        CrossDepthwiseConv2d(*weights, scale[:r] * bias + shift[:r]))
+            conv: nn.Module = PartialDepthwiseConv2d(rep_conv, sw.rep_idx, sw.in_channels, scale[r:], shift[r:])
+        else:   # all C channels, input order: the ghost ones a centre tap (in the k x D kernel of a cross)
+            full = []
+            for i, w in enumerate(weights):
+                ghost = w.new_zeros(sw.ghost_channels, *w.shape[1:])
+                if i == 0:
+                    ghost[:, 0, w.shape[-2] // 2, w.shape[-1] // 2] = 1
+                full.append((column * torch.cat([w, ghost]))[pos])
+            bias = (scale * torch.cat([bias, bias.new_zeros(sw.ghost_channels)]) + shift)[pos]
+            conv = (DepthwiseConv2d.from_weights(full[0], bias) if kind == "square" else
+                    CrossDepthwiseConv2d(*full, bias))
         self.large_kernel = conv
         self.norm = nn.Identity()
         self.se.down.weight.copy_(self.se.down.weight[:, pos])
@@ -163,18 +178,18 @@ class ShiftWiseV2(StagedConvNet):
             if isinstance(m, ShiftwiseConv2d):
                 m.reparameterize()
 
-    def to_dense(self, kind: str | Sequence[str] = "square") -> None:
-        """Deploy every block with its shift-wise layer as one dense depthwise conv over all channels
-        (:meth:`ShiftWiseBlock.to_dense`): D x D (``"square"``) or a k x D + D x k pair (``"cross"``); a sequence
-        gives one kind per stage (at 224 px ``("cross", "cross", "square", "square")`` was the fastest on the
-        H100 and, with the fused cross kernel, on the H200: docs/performance.md, whole models v8). In place; inference
-        only (exact in eval mode)."""
+    def to_dense(self, kind: str | Sequence[str] = "square", split_ghosts: bool | None = None) -> None:
+        """Deploy every block with its shift-wise layer as one dense depthwise conv (:meth:`ShiftWiseBlock.to_dense`):
+        D x D (``"square"``) or a k x D + D x k pair (``"cross"``); a sequence gives one kind per stage (at 224 px
+        ``("cross", "cross", "square", "square")`` was the fastest on the H100 and, with the fused cross kernel, on the
+        H200: docs/performance.md, whole models v8); ``split_ghosts``: whether the ghost channels skip the conv (None:
+        in the cross form). In place; inference only (exact in eval mode)."""
         kinds = [kind] * len(self.stages) if isinstance(kind, str) else list(kind)
         if len(kinds) != len(self.stages):
             raise ValueError(f"to_dense needs one kind per stage ({len(self.stages)}), got {len(kinds)}")
         for stage, stage_kind in zip(self.stages, kinds):
             for block in stage:
-                block.to_dense(stage_kind)
+                block.to_dense(stage_kind, split_ghosts)
 
     # ---- timm surface -------------------------------------------------------------------------------------
     @torch.jit.ignore

@@ -61,16 +61,17 @@ def _padded_kernel():
         from largekernel.ops._dw_kernels import _to_bf16_rn
 
         @triton.jit
-        def _padded_rows_copy(src, dst, H, W, WP, C, HWP, plane, rest, HWPR, R, scale, shift, TO_ROWS: tl.constexpr,
-                              SPLIT: tl.constexpr, AFFINE: tl.constexpr, SAME_WP: tl.constexpr, BLOCK_P: tl.constexpr,
+        def _padded_rows_copy(src, dst, H, W, WP, C, HWQ, plane, rest, R, N, scale, shift, Q: tl.constexpr,
+                              TO_ROWS: tl.constexpr, SPLIT: tl.constexpr, AFFINE: tl.constexpr, BLOCK_P: tl.constexpr,
                               BLOCK_C: tl.constexpr, BF16_RN: tl.constexpr):
             # positions walk the padded (H, WP) grid: unit stride on the row-major side (whose pad columns receive
             # zeros), channels at unit stride on the channels_last side (whose pad columns do not exist).
-            # SPLIT: channel c's row-major plane is plane[c] >= 0 of the R a row-major image holds, or else plane
-            # -1 - plane[c] of ``rest``'s C - R (rows at a stride of WPR), scaled on the way there (AFFINE); a
-            # pointer per channel into either, so that an element costs what it costs without the split.
-            # HWP = H * WP and HWPR = H * WPR, the plane sizes, as arguments: Triton then knows when they are
-            # multiples of 16 (56 x 56, 28 x 32), and so that each program's row-major accesses are aligned vectors.
+            # The plane size H * WP is HWQ * Q, Q a power of two that divides it (up to 16): so Triton knows how far
+            # a program's row-major accesses are aligned, and moves them in vectors of up to Q elements.
+            # SPLIT, to rows: channel c of image n goes to plane n * R + plane[c] of dst where plane[c] >= 0, else,
+            # scaled on the way (AFFINE), to plane N * R + n * (C - R) + g, g = -1 - plane[c] (one buffer for both:
+            # one store per element). Back: from src's plane n * R + plane[c] or rest's n * (C - R) + g.
+            HWP = HWQ * Q
             n = tl.program_id(2).to(tl.int64)
             p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
             c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -78,28 +79,34 @@ def _padded_kernel():
             in_grid = (p < HWP)[:, None] & (c < C)[None, :]
             real = in_grid & (w < W)[:, None]
             at_cl = n * H * W * C + (h * W + w)[:, None] * C + c[None, :]
-            rows = dst if TO_ROWS else src
             if SPLIT:
                 t = tl.load(plane + c, mask=c < C, other=0)
-                g = tl.where(t < 0, -1 - t, 0)
-                planes = tl.where(t >= 0, rows + n * R * HWP + t * HWP, rest + n * (C - R) * HWPR + g * HWPR)
-                if SAME_WP:
-                    rows_at = planes[None, :] + p[:, None]
-                else:
-                    rows_at = planes[None, :] + tl.where((t >= 0)[None, :], p[:, None], (h * (HWPR // H) + w)[:, None])
-            else:
-                rows_at = rows + n * C * HWP + c[None, :] * HWP + p[:, None]
+                mine = t >= 0
+                g = tl.where(mine, 0, -1 - t)
             if TO_ROWS:   # (in dst's dtype: the copy may also cast, as autocast would have before it)
+                if SPLIT:
+                    at_rows = (tl.where(mine, n * R + t, N * R + n * (C - R) + g) * HWP)[None, :] + p[:, None]
+                else:
+                    at_rows = ((n * C + c) * HWP)[None, :] + p[:, None]
                 v = tl.load(src + at_cl, mask=real, other=0.0)
                 v = _to_bf16_rn(v.to(tl.float32)) if BF16_RN else v.to(dst.dtype.element_ty)
                 if AFFINE:   # the passed-through channels' scale and shift, on the cast value (1 and 0 elsewhere)
-                    a = tl.load(scale + g, mask=(c < C) & (t < 0), other=1.0).to(tl.float32)
-                    b = tl.load(shift + g, mask=(c < C) & (t < 0), other=0.0).to(tl.float32)
+                    a = tl.load(scale + g, mask=(c < C) & ~mine, other=1.0).to(tl.float32)
+                    b = tl.load(shift + g, mask=(c < C) & ~mine, other=0.0).to(tl.float32)
                     u = v.to(tl.float32) * a[None, :] + b[None, :]
                     v = _to_bf16_rn(u) if BF16_RN else u.to(dst.dtype.element_ty)
-                tl.store(rows_at, v, mask=in_grid)
+                tl.store(dst + at_rows, v, mask=in_grid)
+            # (back: the row-major side is read pad columns and all, masked by whole planes only, so that its loads
+            # are vectors as well; the pad columns' values are not stored)
+            elif SPLIT:   # two masked loads, each with its plane's alignment, rather than one through either
+                mine_at = ((n * R + tl.maximum(t, 0)) * HWP)[None, :] + p[:, None]
+                rest_at = ((n * (C - R) + g) * HWP)[None, :] + p[:, None]
+                v = tl.load(src + mine_at, mask=in_grid & mine[None, :])
+                u = tl.load(rest + rest_at, mask=in_grid & ~mine[None, :])
+                tl.store(dst + at_cl, tl.where(mine[None, :], v, u), mask=real)
             else:
-                tl.store(dst + at_cl, tl.load(rows_at, mask=real), mask=real)
+                at_rows = ((n * C + c) * HWP)[None, :] + p[:, None]
+                tl.store(dst + at_cl, tl.load(src + at_rows, mask=in_grid), mask=real)
 
         _padded = _padded_rows_copy
     return _padded
@@ -140,17 +147,17 @@ def from_padded_rows(t: torch.Tensor, memory_format: torch.memory_format) -> tor
 def split_rows(t: torch.Tensor, plane: torch.Tensor, count: int, align: int, dtype: torch.dtype,
                affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Channels_last ``t`` (N, C, H, W) as two row-major copies in ``dtype`` (one pass: the copy casts), rows every
-    ``align`` bytes (views of zero-padded buffers, as :func:`padded_rows`): (N, count, H, W), channel c at plane
+    ``align`` bytes (views of one zero-padded buffer, as :func:`padded_rows`): (N, count, H, W), channel c at plane
     ``plane[c]`` where that is >= 0, and (N, C - count, H, W), channel c at plane ``g = -1 - plane[c]`` otherwise,
     as ``t[:, c] * scale[g] + shift[g]`` with ``affine = (scale, shift)`` (on the cast value, in fp32). ``plane``:
     (C,) int32 on t's device. Where Triton runs (as the other copies); :func:`merge_rows` puts them back."""
     n, c, h, w = t.shape
     wp = -(-w * dtype.itemsize // align) * align // dtype.itemsize
-    mine = t.new_empty((n, count, h, wp), dtype=dtype)
-    rest = t.new_empty((n, c - count, h, wp), dtype=dtype)
+    buf = t.new_empty((n * c, h, wp), dtype=dtype)
     scale, shift = affine if affine is not None else (None, None)
-    _launch_padded(t, mine, h, w, wp, to_rows=True, split=(plane, rest, wp, count, scale, shift))
-    return mine[..., :w], rest[..., :w]
+    _launch_padded(t, buf, h, w, wp, to_rows=True, split=(plane, buf, count, scale, shift))
+    mine, rest = buf.split([n * count, n * (c - count)])
+    return mine.view(n, count, h, wp)[..., :w], rest.view(n, c - count, h, wp)[..., :w]
 
 
 def merge_rows(mine: torch.Tensor, rest: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
@@ -158,12 +165,14 @@ def merge_rows(mine: torch.Tensor, rest: torch.Tensor, plane: torch.Tensor) -> t
     H, W) where that is >= 0, else plane ``-1 - plane[c]`` of the row-major ``rest`` (N, C - R, H, W) (same dtype)."""
     n, r, h, w = mine.shape
     c = r + rest.shape[1]
-    if mine.stride(-1) != 1 or mine.stride(1) != h * mine.stride(2) or mine.stride(0) != r * mine.stride(1):
-        mine = mine.contiguous()
-    if rest.stride(-1) != 1 or rest.stride(1) != h * rest.stride(2) or rest.stride(0) != (c - r) * rest.stride(1):
-        rest = rest.contiguous()
+
+    def planes(t: torch.Tensor, wp: int) -> bool:
+        return t.stride(-1) == 1 and t.stride(-2) == wp and t.stride(1) == h * wp and t.stride(0) == t.shape[1] * h * wp
+
+    if not (planes(mine, mine.stride(2)) and planes(rest, mine.stride(2))):   # (rows padded alike, or not at all)
+        mine, rest = mine.contiguous(), rest.contiguous()
     out = torch.empty((n, c, h, w), dtype=mine.dtype, device=mine.device, memory_format=torch.channels_last)
-    _launch_padded(mine, out, h, w, mine.stride(2), to_rows=False, split=(plane, rest, rest.stride(2), r, None, None))
+    _launch_padded(mine, out, h, w, mine.stride(2), to_rows=False, split=(plane, rest, r, None, None))
     return out
 
 
@@ -176,7 +185,7 @@ def _tile(positions: int) -> tuple[int, int, int]:
 
 def _launch_padded(src: torch.Tensor, dst: torch.Tensor, h: int, w: int, wp: int, to_rows: bool,
                    split: tuple | None = None) -> None:
-    """split: (plane, rest, WPR, R, scale, shift) of :func:`split_rows` / :func:`merge_rows`, or None."""
+    """split: (plane, rest, R, scale, shift) of :func:`split_rows` / :func:`merge_rows`, or None."""
     from largekernel.ops._launch import cdiv, launch, on_device
 
     n, c = (src if to_rows else dst).shape[:2]
@@ -184,14 +193,15 @@ def _launch_padded(src: torch.Tensor, dst: torch.Tensor, h: int, w: int, wp: int
     # -> bf16 under the interpreter, whose cast truncates: rounded to nearest as on the GPU
     bf16_rn = (triton_interpreting() and dst.dtype == torch.bfloat16
                and src.dtype in (torch.float32, torch.float16))
-    plane, rest, wpr, r, scale, shift = split if split is not None else (src, src, wp, c, None, None)
+    plane, rest, r, scale, shift = split if split is not None else (src, src, c, None, None)
     affine = scale is not None
     if not affine:
         scale = shift = src
+    q = min(16, (h * wp) & -(h * wp))   # the largest power of two (up to 16) dividing the plane size
     with on_device(src):
-        launch(_padded_kernel(), (cdiv(h * wp, block_p), cdiv(c, block_c), n), src, dst, h, w, wp, c, h * wp, plane,
-               rest, h * wpr, r, scale, shift, TO_ROWS=to_rows, SPLIT=split is not None, AFFINE=affine,
-               SAME_WP=wpr == wp, BLOCK_P=block_p, BLOCK_C=block_c, BF16_RN=bf16_rn, num_warps=warps)
+        launch(_padded_kernel(), (cdiv(h * wp, block_p), cdiv(c, block_c), n), src, dst, h, w, wp, c, h * wp // q,
+               plane, rest, r, n, scale, shift, Q=q, TO_ROWS=to_rows, SPLIT=split is not None, AFFINE=affine,
+               BLOCK_P=block_p, BLOCK_C=block_c, BF16_RN=bf16_rn, num_warps=warps)
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
