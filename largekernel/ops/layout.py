@@ -62,8 +62,8 @@ def _padded_kernel():
 
         @triton.jit
         def _padded_rows_copy(src, dst, H, W, WP, C, HWQ, plane, rest, R, N, scale, shift, Q: tl.constexpr,
-                              TO_ROWS: tl.constexpr, SPLIT: tl.constexpr, AFFINE: tl.constexpr, BLOCK_P: tl.constexpr,
-                              BLOCK_C: tl.constexpr, BF16_RN: tl.constexpr):
+                              PADDED: tl.constexpr, TO_ROWS: tl.constexpr, SPLIT: tl.constexpr, AFFINE: tl.constexpr,
+                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BF16_RN: tl.constexpr):
             # positions walk the padded (H, WP) grid: unit stride on the row-major side (whose pad columns receive
             # zeros), channels at unit stride on the channels_last side (whose pad columns do not exist).
             # The plane size H * WP is HWQ * Q, Q a power of two that divides it (up to 16): so Triton knows how far
@@ -96,17 +96,17 @@ def _padded_kernel():
                     u = v.to(tl.float32) * a[None, :] + b[None, :]
                     v = _to_bf16_rn(u) if BF16_RN else u.to(dst.dtype.element_ty)
                 tl.store(dst + at_rows, v, mask=in_grid)
-            # (back: the row-major side is read pad columns and all, masked by whole planes only, so that its loads
-            # are vectors as well; the pad columns' values are not stored)
+            # (back, from unpadded rows: masked by whole planes, the same mask as by real positions there, in a form
+            # Triton sees constant along p, so that the loads are vectors as well)
             elif SPLIT:   # two masked loads, each with its plane's alignment, rather than one through either
                 mine_at = ((n * R + tl.maximum(t, 0)) * HWP)[None, :] + p[:, None]
                 rest_at = ((n * (C - R) + g) * HWP)[None, :] + p[:, None]
-                v = tl.load(src + mine_at, mask=in_grid & mine[None, :])
-                u = tl.load(rest + rest_at, mask=in_grid & ~mine[None, :])
+                v = tl.load(src + mine_at, mask=(real if PADDED else in_grid) & mine[None, :])
+                u = tl.load(rest + rest_at, mask=(real if PADDED else in_grid) & ~mine[None, :])
                 tl.store(dst + at_cl, tl.where(mine[None, :], v, u), mask=real)
             else:
                 at_rows = ((n * C + c) * HWP)[None, :] + p[:, None]
-                tl.store(dst + at_cl, tl.load(src + at_rows, mask=in_grid), mask=real)
+                tl.store(dst + at_cl, tl.load(src + at_rows, mask=real if PADDED else in_grid), mask=real)
 
         _padded = _padded_rows_copy
     return _padded
@@ -200,8 +200,8 @@ def _launch_padded(src: torch.Tensor, dst: torch.Tensor, h: int, w: int, wp: int
     q = min(16, (h * wp) & -(h * wp))   # the largest power of two (up to 16) dividing the plane size
     with on_device(src):
         launch(_padded_kernel(), (cdiv(h * wp, block_p), cdiv(c, block_c), n), src, dst, h, w, wp, c, h * wp // q,
-               plane, rest, r, n, scale, shift, Q=q, TO_ROWS=to_rows, SPLIT=split is not None, AFFINE=affine,
-               BLOCK_P=block_p, BLOCK_C=block_c, BF16_RN=bf16_rn, num_warps=warps)
+               plane, rest, r, n, scale, shift, Q=q, PADDED=wp != w, TO_ROWS=to_rows, SPLIT=split is not None,
+               AFFINE=affine, BLOCK_P=block_p, BLOCK_C=block_c, BF16_RN=bf16_rn, num_warps=warps)
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
