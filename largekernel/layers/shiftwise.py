@@ -305,7 +305,7 @@ class ShiftwiseConv2d(nn.Module):
         ``out[:, o] = conv2d_same(x[:, in_index[o]], weight[o]) + bias[o]``; identity and ghost channels are
         a centre tap of 1. The rep channels come first (official order), so ``in_index = cat(rep, ghost)``.
         """
-        rep_w, rep_b = self._rep_dense_kernel()
+        rep_w, rep_b = self.rep_dense_kernel()
         d = self.dense_size
         ghost_w = rep_w.new_zeros(self.ghost_channels, d, d)
         ghost_w[:, d // 2, d // 2] = 1
@@ -313,7 +313,8 @@ class ShiftwiseConv2d(nn.Module):
         bias = torch.cat([rep_b, rep_b.new_zeros(self.ghost_channels)])
         return weight, bias, torch.cat([self.rep_idx, self.ghost_idx])
 
-    def _rep_dense_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def rep_dense_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode dense kernel (R, D, D) and bias (R,) of the rep channels alone (official output order)."""
         if self.form == "dense":
             return self.dense.weight[:, 0].clone(), self.dense.bias.clone()
         horizontal, vertical, bias = self.cross_kernels()
@@ -335,7 +336,7 @@ class ShiftwiseConv2d(nn.Module):
             if self.form == "dense":
                 raise ValueError("a square dense layer cannot be converted to the cross form")
         if kind == "square":
-            weight, bias = self._rep_dense_kernel()
+            weight, bias = self.rep_dense_kernel()
             built = {"dense": DepthwiseConv2d.from_weights(weight.unsqueeze(1), bias)}
         else:
             horizontal, vertical, bias = self.cross_kernels()

@@ -66,7 +66,7 @@ class ShiftWiseBlock(nn.Module):
         scale, shift = fuse_bn(torch.ones_like(self.norm.weight), self.norm)
         r, column = sw.rep_channels, scale.view(-1, 1, 1, 1)
         if kind == "square":
-            weight, bias = sw._rep_dense_kernel()   # (R, D, D), (R,)
+            weight, bias = sw.rep_dense_kernel()   # (R, D, D), (R,)
             weights = (weight.unsqueeze(1),)
         else:
             horizontal, vertical, bias = sw.cross_kernels()
