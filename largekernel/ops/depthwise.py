@@ -208,9 +208,9 @@ def _on_channels(x: torch.Tensor, channels: torch.Tensor, rest: tuple[torch.Tens
             and not torch.compiler.is_compiling()):
         mine, passed = split_rows(x, plane, count, align or dtype.itemsize, dtype, rest)
         return merge_rows(conv(mine), passed, plane)
-    x = x.to(dtype)
+    x, index = x.to(dtype), channels.long()
     out = x.clone()   # (in x's layout; index_copy's own result is NCHW)
-    out.index_copy_(1, channels.long(), conv(x.index_select(1, channels.long())))
+    out.index_copy_(1, index, conv(x.index_select(1, index)))
     if rest is not None:
         scale, shift = (t.to(torch.float32 if dtype != torch.float64 else dtype).view(1, -1, 1, 1) for t in rest)
         out.index_copy_(1, others, (x.index_select(1, others).to(scale.dtype) * scale + shift).to(dtype))
@@ -353,7 +353,7 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
 def _cross_tma(x: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether the fused cross kernel's TMA configurations are among the candidates for x in ``dtype``: Hopper,
     16-bit, planes of 32 px and more."""
-    if x.device.type not in ("cuda", "meta") or torch.empty((), dtype=dtype).element_size() != 2:
+    if x.device.type not in ("cuda", "meta") or dtype.itemsize != 2:
         return False
     hopper = x.device.type == "meta" or torch.cuda.get_device_capability(x.device)[0] >= 9   # (meta: compile tests)
     return hopper and max(x.shape[-2:]) > 16
