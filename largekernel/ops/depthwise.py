@@ -133,6 +133,11 @@ def _autocast(*tensors: torch.Tensor | None) -> tuple:
     return tuple(t.to(dt) if t is not None else None for t in tensors)
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a call on these tensors (None passes)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _defer_cast(x: torch.Tensor, grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(source, x). Under autocast, for a call without autograd on a channels_last input where Triton runs, the cast
     of x is left to the row-major copy that our kernels make anyway (one pass instead of two): x becomes an unfilled
@@ -203,7 +208,7 @@ def _on_channels(x: torch.Tensor, channels: torch.Tensor, rest: tuple[torch.Tens
                          f"{[tuple(t.shape) for t in rest]}")
     plane, others = _channel_table(channels, c)
     dtype = _autocast_dtype(x) or x.dtype
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params, *(rest or ())))
+    grad = _needs_grad(x, *params, *(rest or ()))
     if (not grad and dtype in _DTYPES and _triton_runs_on(x) and memory_format_of(x) == torch.channels_last
             and not torch.compiler.is_compiling()):
         mine, passed = split_rows(x, plane, count, align or dtype.itemsize, dtype, rest)
@@ -250,7 +255,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         return _on_channels(x, channels, rest, lambda planes: depthwise_conv2d(planes, weight, bias),
                            (weight, bias), weight.shape[0])
     _check(x, weight, bias)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    grad = _needs_grad(x, weight, bias)
     source, x = _defer_cast(x, grad)
     x, weight, bias = _autocast(x, weight, bias)
     path = depthwise_path(x, weight, bias)
@@ -293,7 +298,7 @@ def cross_depthwise_conv2d(x: torch.Tensor, horizontal: torch.Tensor, vertical: 
                            (horizontal, vertical, bias), horizontal.shape[0], align)
     _check(x, horizontal, bias)
     _check(x, vertical, None)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, horizontal, vertical, bias))
+    grad = _needs_grad(x, horizontal, vertical, bias)
     # (under autocast: the row-major copies cast x on the way; every use of x's values goes through inputs())
     source, x = _defer_cast(x, grad)
     x, horizontal, vertical, bias = _autocast(x, horizontal, vertical, bias)

@@ -112,6 +112,12 @@ def _padded_kernel():
     return _padded
 
 
+def _row_planes(t: torch.Tensor, wp: int) -> bool:
+    """Whether 4-d ``t`` views row-major planes with rows ``wp`` elements apart, planes and images packed."""
+    _, c, h, _ = t.shape
+    return t.stride(-1) == 1 and t.stride(-2) == wp and t.stride(1) == h * wp and t.stride(0) == c * h * wp
+
+
 def padded_rows(t: torch.Tensor, align: int = 16, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A row-major copy of 4-d ``t`` whose rows start every ``align`` bytes: a (N, C, H, W) view of a zero-padded
     (N, C, H, WP) buffer (the tensor memory accelerator addresses rows at 16-byte strides only), in ``dtype``
@@ -120,8 +126,7 @@ def padded_rows(t: torch.Tensor, align: int = 16, dtype: torch.dtype | None = No
     n, c, h, w = t.shape
     dtype = dtype or t.dtype
     wp = -(-w * dtype.itemsize // align) * align // dtype.itemsize
-    if (dtype == t.dtype and t.stride(-1) == 1 and t.stride(-2) == wp and t.stride(1) == h * wp
-            and t.stride(0) == c * h * wp and t.data_ptr() % align == 0):
+    if dtype == t.dtype and _row_planes(t, wp) and t.data_ptr() % align == 0:
         return t
     out = t.new_empty((n, c, h, wp), dtype=dtype)
     if not (FAST_TRANSPOSE and memory_format_of(t) == torch.channels_last and _copy_kernel_fits(t, out[0].numel())):
@@ -166,10 +171,7 @@ def merge_rows(mine: torch.Tensor, rest: torch.Tensor, plane: torch.Tensor) -> t
     n, r, h, w = mine.shape
     c = r + rest.shape[1]
 
-    def planes(t: torch.Tensor, wp: int) -> bool:
-        return t.stride(-1) == 1 and t.stride(-2) == wp and t.stride(1) == h * wp and t.stride(0) == t.shape[1] * h * wp
-
-    if not (planes(mine, mine.stride(2)) and planes(rest, mine.stride(2))):   # (rows padded alike, or not at all)
+    if not (_row_planes(mine, mine.stride(2)) and _row_planes(rest, mine.stride(2))):   # (rows padded alike, or not)
         mine, rest = mine.contiguous(), rest.contiguous()
     out = torch.empty((n, c, h, w), dtype=mine.dtype, device=mine.device, memory_format=torch.channels_last)
     _launch_padded(mine, out, h, w, mine.stride(2), to_rows=False, split=(plane, rest, r, None, None))
