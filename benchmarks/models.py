@@ -41,17 +41,17 @@ def is_ours(name: str) -> bool:
     return any(name.split(".")[0] in timm.list_models(module=m) for m in OUR_MODULES)
 
 
-SW_FORMS = ("merged", "square", "cross", "mixed", "mixed-split")
+SW_FORMS = ("merged", "square", "cross", "mixed", "mixed-full")
 
 
 def sw_deploy(model: torch.nn.Module, kind: str) -> None:
     """Shift-wise deploy form: 'merged' (fused shift-add), 'square' / 'cross' dense depthwise convs, 'mixed' (cross on
     the two high-resolution stages, square on the others: the fastest inference form of each SW-tiny stage in the
-    layer benchmark, docs/performance.md) or 'mixed-split' (the same, the ghost channels skipping the conv at every
-    stage, not only in the cross form)."""
+    layer benchmark, docs/performance.md); the ghost channels skip the conv, except in 'mixed-full' (the same
+    forms, every conv on all channels)."""
     if kind != "merged":
         kinds = ("cross", "cross", "square", "square") if kind.startswith("mixed") else kind
-        model.to_dense(kinds, split_ghosts=True if kind == "mixed-split" else None)
+        model.to_dense(kinds, split_ghosts=kind != "mixed-full")
 
 
 def deploy_form(name: str, model: torch.nn.Module, sw_form: str = "merged") -> torch.nn.Module:

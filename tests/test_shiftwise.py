@@ -359,9 +359,9 @@ def test_model_reparameterize_and_dense_deploy():
     mixed = largekernel.reparameterize(model)
     kinds = ["cross"] + ["square"] * (len(mixed.stages) - 1)
     mixed.to_dense(kinds)
-    forms = [{type(block.large_kernel) for block in stage} for stage in mixed.stages]
-    assert forms == [{PartialDepthwiseConv2d}] + [{DepthwiseConv2d}] * (len(mixed.stages) - 1)
-    assert all(isinstance(block.large_kernel.conv, CrossDepthwiseConv2d) for block in mixed.stages[0])
+    forms = [{type(block.large_kernel.conv) for block in stage} for stage in mixed.stages]
+    assert forms == [{CrossDepthwiseConv2d}] + [{DepthwiseConv2d}] * (len(mixed.stages) - 1)
+    assert all(isinstance(block.large_kernel, PartialDepthwiseConv2d) for stage in mixed.stages for block in stage)
     assert not any(isinstance(m, (ShiftwiseConv2d, nn.BatchNorm2d)) for m in mixed.stages.modules())
     assert ((mixed(x) - ref).abs().max() / ref.abs().max()) <= 1e-5
     with pytest.raises(ValueError, match="one kind per stage"):
@@ -388,7 +388,7 @@ def test_dense_deploy_builds_and_counts_without_storage():
     assert count_macs(cross, 64) == count_macs(real, 64)
 
 
-@pytest.mark.parametrize(("kind", "split"), [("square", None), ("cross", None), ("square", True), ("cross", False)])
+@pytest.mark.parametrize(("kind", "split"), [("square", True), ("cross", True), ("square", False), ("cross", False)])
 def test_block_dense_deploy_folds_every_term_float64(kind, split):
     """The block-level deploy (one conv over all channels or over the rep channels beside the ghost channels' scale
     and shift, permutation moved into SE / pwconv1, FFN tail folded)
@@ -407,7 +407,7 @@ def test_block_dense_deploy_folds_every_term_float64(kind, split):
     ref = block(x)
     block.to_dense(kind, split)
     conv_type = CrossDepthwiseConv2d if kind == "cross" else DepthwiseConv2d
-    if split or (split is None and kind == "cross"):   # the rep channels' conv, the ghost channels' scale and shift
+    if split:   # the rep channels' conv, the ghost channels' scale and shift
         assert isinstance(block.large_kernel, PartialDepthwiseConv2d)
         assert isinstance(block.large_kernel.conv, conv_type)
         assert block.large_kernel.channels.tolist() == block_rep

@@ -45,14 +45,14 @@ class ShiftWiseBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     @torch.no_grad()
-    def to_dense(self, kind: str = "square", split_ghosts: bool | None = None) -> None:
+    def to_dense(self, kind: str = "square", split_ghosts: bool = True) -> None:
         """Deploy the whole block, in place (inference only; exact in eval mode), with ``norm`` folded in: the
         shift-wise layer becomes one depthwise conv in input channel order, ``kind="square"`` a D x D
         :class:`DepthwiseConv2d`, ``"cross"`` a :class:`CrossDepthwiseConv2d` (k x D + D x k). ``split_ghosts``:
         the conv covers the rep channels only and the ghost channels get their scale and shift beside it
-        (:class:`PartialDepthwiseConv2d`), or (False) it covers all C channels, the ghost ones as a centre tap. Default
-        (None): split for "cross" only, as measured at 224 px (the split's copies cost what the full layer's do at 56
-        and 28 px, more at 14 and 7 px, where the square form runs: docs/performance.md, whole models v12). The
+        (:class:`PartialDepthwiseConv2d`, the default: faster in both forms at 56, 28 and 14 px, slightly slower at
+        7 px on the H200, docs/performance.md, whole models v13), or (False) it covers all C channels, the ghost ones
+        as a centre tap. The
         layer's output channel order (rep, then ghost channels) moves into the weights of ``se`` and ``pwconv1``, so
         no channel gather or concatenation is left; GRN ``beta``, the last BN and the layer scale fold into
         ``pwconv2`` as in UniRepLKNet's deploy form. Idempotent."""
@@ -71,7 +71,7 @@ class ShiftWiseBlock(nn.Module):
         else:
             horizontal, vertical, bias = sw.cross_kernels()
             weights = (horizontal, vertical)
-        if kind == "cross" if split_ghosts is None else split_ghosts:
+        if split_ghosts:
             # (rep_idx ascending: rep output j sits at input channel rep_idx[j]; ghost output r + g at ghost_idx[g])
             weights = tuple(column[:r] * w for w in weights)
             rep_conv = (DepthwiseConv2d.from_weights(*weights, scale[:r] * bias + shift[:r]) if kind == "square" else
@@ -178,12 +178,12 @@ class ShiftWiseV2(StagedConvNet):
             if isinstance(m, ShiftwiseConv2d):
                 m.reparameterize()
 
-    def to_dense(self, kind: str | Sequence[str] = "square", split_ghosts: bool | None = None) -> None:
+    def to_dense(self, kind: str | Sequence[str] = "square", split_ghosts: bool = True) -> None:
         """Deploy every block with its shift-wise layer as one dense depthwise conv (:meth:`ShiftWiseBlock.to_dense`):
         D x D (``"square"``) or a k x D + D x k pair (``"cross"``); a sequence gives one kind per stage (at 224 px
         ``("cross", "cross", "square", "square")`` was the fastest on the H100 and, with the fused cross kernel, on the
-        H200: docs/performance.md, whole models v8); ``split_ghosts``: whether the ghost channels skip the conv (None:
-        in the cross form). In place; inference only (exact in eval mode)."""
+        H200: docs/performance.md, whole models v8); ``split_ghosts``: whether the ghost channels skip the conv. In
+        place; inference only (exact in eval mode)."""
         kinds = [kind] * len(self.stages) if isinstance(kind, str) else list(kind)
         if len(kinds) != len(self.stages):
             raise ValueError(f"to_dense needs one kind per stage ({len(self.stages)}), got {len(kinds)}")
