@@ -186,3 +186,35 @@ def test_fp32_precision_environment(env, expected):
                           "print(d.FP32_PRECISION, ','.join(d.FP32_SPLITS))"],
                          env={**clean, **env}, capture_output=True, text=True, check=True).stdout
     assert out.rstrip("\n") == expected
+
+
+@pytest.mark.parametrize(("h", "w", "kh", "kw"), [(6, 6, 5, 5), (5, 7, 4, 6), (4, 5, 7, 9)])
+def test_plane_operator_is_the_conv_as_a_matrix(h, w, kh, kw):
+    """Each channel's dense (HW x HW) operator, applied as a plain matrix product, is F.conv2d 'same' in float64
+    (odd, even and plane-covering kernels); its zero padding to a multiple of 16 is zero."""
+    from largekernel.ops._dw_kernels import plane_operator
+    from largekernel.ops.depthwise import _pads
+
+    torch.manual_seed(0)
+    x, weight = torch.randn(3, 4, h, w, dtype=torch.float64), torch.randn(4, kh, kw, dtype=torch.float64)
+    op = plane_operator(weight, h, w, *_pads(kh, kw))
+    p = h * w
+    assert op.shape == (4, -(-p // 16) * 16, -(-p // 16) * 16)
+    assert not op[:, p:].any() and not op[:, :, p:].any()
+    y = torch.einsum("nci,cio->nco", x.reshape(3, 4, p), op[:, :p, :p]).reshape(3, 4, h, w)
+    torch.testing.assert_close(y, F.conv2d(x, weight.unsqueeze(1), padding="same", groups=4), rtol=1e-12, atol=1e-12)
+
+
+def test_dense_plane_operator_only_where_it_fits():
+    """The dense plane-operator GEMM is a candidate for packed 2-byte planes of at most 256 pixels with a batch whose
+    activations outweigh a quarter of the operator, nowhere else."""
+    from largekernel.ops.depthwise import _dense_fits
+
+    def planes(n, c, h, w, dtype=torch.bfloat16):
+        return torch.empty(n, c, h, w, dtype=dtype, device="meta")
+
+    assert _dense_fits(planes(128, 246, 14, 14)) and _dense_fits(planes(64, 640, 7, 7))
+    assert not _dense_fits(planes(128, 246, 14, 14, torch.float32))      # fp32: not offered
+    assert not _dense_fits(planes(128, 160, 28, 28))                      # 784 pixels: operator too large
+    assert not _dense_fits(planes(1, 246, 14, 14))                        # one image: the operator dominates
+    assert not _dense_fits(planes(128, 246, 14, 14).contiguous(memory_format=torch.channels_last))

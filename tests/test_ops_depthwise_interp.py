@@ -379,6 +379,71 @@ def _partial_channels_match(torch, F) -> dict:
     return out
 
 
+def _plane_operator_matches(torch, F) -> dict:
+    """Inference on small planes through the dense plane-operator GEMM (forced): 2-byte types, odd / even /
+    beyond-reach kernels, a channels_last fp32 input under autocast, a conv on some channels only; against float64
+    F.conv2d of the same (rounded) operands. Then the operator cache: the same operator on a second call, a new one
+    once the weight is changed in place (and the output follows it), none for a call with autograd."""
+    import largekernel.ops.depthwise as dw
+    from largekernel.ops import depthwise_conv2d
+
+    def rel(y, ref):
+        return float((y.double() - ref).norm() / ref.norm()) if torch.isfinite(y).all() else float("nan")
+
+    def operator_of(w):
+        return next((hit[2] for hit in dw._PLANE_OPERATORS.values() if hit[0]() is w), None)
+
+    out = {}
+    dw.FWD_CFG = dict(dense=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    try:
+        for name, n, c, h, w, kh, kw, dtype in (("odd_bf16", 16, 3, 6, 6, 5, 5, torch.bfloat16),
+                                                ("even_rect_fp16", 20, 2, 5, 7, 4, 6, torch.float16),
+                                                ("beyond_reach_bf16", 16, 2, 4, 5, 13, 11, torch.bfloat16)):
+            x = torch.randn(n, c, h, w).to(dtype)
+            wt, b = (torch.randn(c, 1, kh, kw) / kh).to(dtype), torch.randn(c).to(dtype)
+            with torch.no_grad():
+                y = depthwise_conv2d(x, wt, b)
+            ref = F.conv2d(x.double(), wt.double(), b.double(), padding="same", groups=c)
+            out[name] = dict(rel=rel(y, ref), operator=operator_of(wt) is not None)
+        # fp32 channels_last under autocast, all channels and some (the split copies feed the GEMM R planes)
+        x = torch.randn(16, 5, 6, 7).contiguous(memory_format=torch.channels_last)
+        wt, b = torch.randn(5, 1, 7, 5) / 7, torch.randn(5)
+        wr, br, channels = wt[:3].clone(), b[:3].clone(), torch.tensor([4, 0, 2])
+        scale, shift = torch.randn(2), torch.randn(2)
+        xd = x.bfloat16().double()
+        ref = F.conv2d(xd, wt.bfloat16().double(), b.bfloat16().double(), padding="same", groups=5)
+        part = xd.clone()
+        part[:, channels] = F.conv2d(xd[:, channels], wr.bfloat16().double(), br.bfloat16().double(), padding="same",
+                                     groups=3)
+        part[:, [1, 3]] = xd[:, [1, 3]] * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = depthwise_conv2d(x, wt, b)
+            yp = depthwise_conv2d(x, wr, br, channels=channels, rest=(scale, shift))
+        out["autocast_cl"] = dict(rel=rel(y, ref), operator=operator_of(wt) is not None
+                                  and y.is_contiguous(memory_format=torch.channels_last))
+        out["partial_cl"] = dict(rel=rel(yp, part), operator=operator_of(wr) is not None
+                                 and yp.is_contiguous(memory_format=torch.channels_last))
+        # the cache: kept while the weight is unchanged, rebuilt after an in-place change, untouched with autograd
+        x = torch.randn(16, 3, 6, 6).bfloat16()
+        wt, b = torch.randn(3, 1, 5, 5).bfloat16(), torch.randn(3).bfloat16()
+        with torch.no_grad():
+            depthwise_conv2d(x, wt, b)
+            first = operator_of(wt)
+            depthwise_conv2d(x, wt, b)
+            kept = operator_of(wt) is first
+            wt.mul_(-0.5)
+            y = depthwise_conv2d(x, wt, b)
+        ref = F.conv2d(x.double(), wt.double(), b.double(), padding="same", groups=3)
+        dw.FWD_CFG = {}
+        trained = torch.randn(3, 1, 5, 5).bfloat16().requires_grad_()
+        depthwise_conv2d(x, trained, b).sum().backward()
+        out["cache"] = dict(rel=rel(y, ref), operator=kept and operator_of(wt) is not first
+                            and operator_of(trained) is None and trained.grad is not None)
+    finally:
+        dw.FWD_CFG = {}
+    return out
+
+
 def _main() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
@@ -394,7 +459,8 @@ def _main() -> None:
     dw.POISON = True
     results = {"seed": seed}
     mine = shard_of(_ALL_CASES + [(None, "band_copies"), (None, "plane_band_reads"), (None, "layout_copies"),
-                                  (None, "cross"), (None, "autocast"), (None, "partial")])
+                                  (None, "cross"), (None, "autocast"), (None, "partial"),
+                                  (None, "plane_operator")])
     for variant, case in mine:
         if variant is None or (variant, case) in VARIANT_CASES:
             continue
@@ -441,6 +507,8 @@ def _main() -> None:
         results["autocast"] = _autocast_cast_in_copy(torch, F)
     if (None, "partial") in mine:
         results["partial"] = _partial_channels_match(torch, F)
+    if (None, "plane_operator") in mine:
+        results["plane_operator"] = _plane_operator_matches(torch, F)
     print(json.dumps(results))
 
 
@@ -510,6 +578,13 @@ def test_partial_channels_match_float64(results):
         else:
             assert v["layout_kept"] and v["dtype"] and v["copies"] and v["rel"] <= v["tol"], (name, v, results["seed"])
             assert v.get("grad_rel", 0.0) <= v["tol"], (name, v, results["seed"])
+
+
+def test_dense_plane_operator_matches_float64(results):
+    r = results["plane_operator"]
+    assert len(r) == 6, r
+    for name, v in r.items():
+        assert v["operator"] and v["rel"] <= TOL["bfloat16"], (name, v, results["seed"])
 
 
 if __name__ == "__main__":

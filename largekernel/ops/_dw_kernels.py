@@ -15,7 +15,9 @@ Both kernels run on the tensor cores (``tl.dot``) with operands built on the fly
   programs; each writes an fp32 partial that a tiny sum finishes (deterministic, no atomics).
 * small planes: the forward / input grad as one (batch x HW) @ (HW x HW) GEMM per channel (``_dw_plane_kernel``,
   ``_dw_plane_bands_kernel``), the weight grad from the batch's Gram matrix per channel (``_dw_wgrad_gram_kernel``,
-  7x7 and 8x8) or per output row (``_dw_wgrad_plane_kernel``, up to 16x16).
+  7x7 and 8x8) or per output row (``_dw_wgrad_plane_kernel``, up to 16x16). Inference on planes of up to 256
+  pixels may also keep each channel's conv as a dense (HW x HW) matrix and run the plain batched GEMM on it
+  (``_dw_dense_plane_kernel``; the operator is built once per weight, ``plane_operator``).
 
 fp32 inputs use error-compensated splits on the tensor cores, picked per pass by the tuner: ``input_precision=``
 ``'tf32x3'`` / ``'bf16x6'`` (~1e-7 relative) or ``'bf16x3'`` (~5e-6), or our own bf16x3 where an operand can be split
@@ -591,6 +593,65 @@ def _dw_plane_bands_kernel(x_ptr, q_ptr, q2_ptr, b_ptr, y_ptr,
         acc += tl.load(b_ptr + c).to(tl.float32)
     y_ptrs = y_ptr + c.to(tl.int64) * syc + m.to(tl.int64)[:, None] * syn + (oy * syh + ox * syw)[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & ((oy < H) & (ox < W))[None, :])
+
+
+@triton.jit
+def _dw_dense_plane_kernel(x_ptr, op_ptr, b_ptr, y_ptr, N, C, PQ, KP, NP, Q: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           PRECISION: tl.constexpr, CAST_F32: tl.constexpr):
+    """Program (output positions, images, c): y[n, c] = x[n, c] @ op[c] + bias[c] over packed row-major planes of
+    P = PQ * Q positions (Q a power of two dividing P, so that Triton knows how far rows are aligned), op (C, KP, NP)
+    the channel's conv as a dense (P x P) matrix zero-padded to multiples of 16 (``plane_operator``)."""
+    P = PQ * Q
+    c = tl.program_id(2)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.arange(0, BLOCK_K)
+    m_ok = m < N
+    x_rows = x_ptr + (m.to(tl.int64) * C + c) * P
+    op_c = op_ptr + c.to(tl.int64) * KP * NP
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, P, BLOCK_K):
+        p = k0 + k
+        a = tl.load(x_rows[:, None] + p[None, :], mask=m_ok[:, None] & (p < P)[None, :], other=0.0)
+        b = tl.load(op_c + p[:, None] * NP + o[None, :], mask=(p < KP)[:, None] & (o < NP)[None, :], other=0.0)
+        acc = _mma(a, b, acc, PRECISION, CAST_F32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c).to(tl.float32)
+    y_rows = y_ptr + (m.to(tl.int64) * C + c) * P
+    tl.store(y_rows[:, None] + o[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (o < P)[None, :])
+
+
+def plane_operator(w, H: int, W: int, ph: int, pw: int):
+    """The 'same'-style conv of an (H, W) plane with each channel's kernel of w (C, kh, kw) (top / left padding
+    (ph, pw)) as a matrix: op[c, i, o] = w[c, yi - yo + ph, xi - xo + pw] for input / output positions i = yi * W +
+    xi, o = yo * W + xo (0 where the tap is off the kernel), zero-padded to (C, P16, P16), P16 = H * W rounded up to
+    16. Exact copies of the taps; C * P16^2 elements (SW-tiny's 14 x 14 stage, C = 246: 21 MB in bf16)."""
+    import torch
+
+    C, kh, kw = w.shape
+    P = H * W
+    p16 = cdiv(P, 16) * 16
+    i = torch.arange(P, device=w.device)
+    dy = (i // W)[:, None] - (i // W)[None, :] + ph
+    dx = (i % W)[:, None] - (i % W)[None, :] + pw
+    on = (dy >= 0) & (dy < kh) & (dx >= 0) & (dx < kw)
+    op = w.new_zeros((C, p16, p16))
+    op[:, :P, :P] = torch.where(on, w[:, dy.clamp(0, kh - 1), dx.clamp(0, kw - 1)], 0)
+    return op
+
+
+def launch_dense_plane(x, op, bias, y, cfg: dict, precision: str, cast_f32: bool) -> None:
+    """y = x (N, C, H, W), packed row-major planes, through each channel's dense operator op (``plane_operator``),
+    plus bias."""
+    N, C, H, W = x.shape
+    P = H * W
+    q = min(16, P & -P)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    launch(_dw_dense_plane_kernel, (cdiv(P, bn), cdiv(N, bm), C), x, op, bias if bias is not None else op, y,
+           N, C, P // q, op.shape[1], op.shape[2], Q=q, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn,
+           BLOCK_K=cfg["BLOCK_K"], PRECISION=precision, CAST_F32=cast_f32, num_warps=cfg.get("num_warps", 4),
+           num_stages=cfg.get("num_stages", 2))
 
 
 def _taps(w, flip: bool, transpose: bool) -> tuple[int, int, int, int, int]:

@@ -153,6 +153,19 @@ def _defer_cast(x: torch.Tensor, grad: bool) -> tuple[torch.Tensor | None, torch
 
 
 _CHANNEL_TABLES: dict[int, tuple] = {}
+_PLANE_OPERATORS: dict[int, tuple] = {}
+
+
+def _cached(store: dict, t: torch.Tensor, signature: tuple, build):
+    """``build()``, kept in ``store`` for tensor ``t`` while t lives and ``signature`` (which includes t's version
+    counter: an in-place change rebuilds) stays the same; one entry per tensor."""
+    key = id(t)
+    hit = store.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == signature:
+        return hit[2]
+    value = build()
+    store[key] = (weakref.ref(t, lambda _: store.pop(key, None)), signature, value)
+    return value
 
 
 def has_values(t: torch.Tensor) -> bool:
@@ -165,10 +178,11 @@ def has_values(t: torch.Tensor) -> bool:
 def _channel_table(channels: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(plane (C,) int32: channel c's index in ``channels`` or ``-1 - its rank among the others``; the others (C - R,)
     ascending), checked and built once per ``channels`` tensor (and again if it is changed in place)."""
-    key = id(channels)
-    hit = _CHANNEL_TABLES.get(key)
-    if hit is not None and hit[0]() is channels and hit[1] == (channels._version, c, channels.device):
-        return hit[2]
+    return _cached(_CHANNEL_TABLES, channels, (channels._version, c, channels.device),
+                   lambda: _build_channel_table(channels, c))
+
+
+def _build_channel_table(channels: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     r = channels.numel()
     if channels.dim() != 1 or channels.dtype not in (torch.int32, torch.int64) or not 0 < r <= c:
         raise ValueError(f"channels must be a 1-d tensor of 1..{c} channel indices, got {channels.dtype} "
@@ -182,10 +196,7 @@ def _channel_table(channels: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.
     index = torch.zeros(c, dtype=torch.long, device=channels.device).index_copy_(
         0, long, torch.arange(r, device=channels.device))
     plane = torch.where(mine, index, -torch.cumsum(~mine, 0)).to(torch.int32)
-    tables = plane, (~mine).nonzero()[:, 0]
-    _CHANNEL_TABLES[key] = (weakref.ref(channels, lambda _: _CHANNEL_TABLES.pop(key, None)),
-                            (channels._version, c, channels.device), tables)
-    return tables
+    return plane, (~mine).nonzero()[:, 0]
 
 
 def _on_channels(x: torch.Tensor, channels: torch.Tensor, rest: tuple[torch.Tensor, torch.Tensor] | None, conv,
@@ -250,10 +261,19 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     channel ``channels[j]``); every other channel passes through, as ``x[:, c] * scale + shift`` with ``rest =
     (scale, shift)`` ((C - R,) each, the other channels in ascending order) or unchanged (``rest=None``): a conv
     with 1 x 1 kernels there (the shift-wise layers' ghost channels; see ``_on_channels`` for how it runs).
+
+    Inference calls (no autograd) on small planes may keep a dense form of the kernel per ``weight`` tensor
+    (:data:`PLANE_OPERATOR`), rebuilt when ``weight`` changes in place.
     """
     if channels is not None:
         return _on_channels(x, channels, rest, lambda planes: depthwise_conv2d(planes, weight, bias),
                            (weight, bias), weight.shape[0])
+    return _depthwise(x, weight, bias, weight)
+
+
+def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor:
+    """:func:`depthwise_conv2d` on all channels; ``key``: the caller's weight tensor, which a cached plane operator
+    belongs to (``weight`` may be a cast of it)."""
     _check(x, weight, bias)
     grad = _needs_grad(x, weight, bias)
     source, x = _defer_cast(x, grad)
@@ -262,13 +282,16 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if source is not None:   # the row-major copy casts; the result goes back to channels_last
         if path != "triton":
             return _native(source.to(x.dtype), weight, bias, path)
-        out = depthwise_conv2d(padded_rows(source, x.element_size(), x.dtype), weight, bias)
+        out = _depthwise(padded_rows(source, x.element_size(), x.dtype), weight, bias, key)
         return to_memory_format(out, torch.channels_last)
     if path == "triton":
         # (our kernels only: the native path keeps the kernel as given, which is also what FLOP counters see)
         weight = crop_to_reach(weight, x.shape[-2], x.shape[-1])
         if torch.compiler.is_compiling():   # the registered op: traced as one node, no graph break
             return torch.ops.largekernel.depthwise_conv2d(x, weight, bias)
+        if not grad:   # inference: the forward alone, which may use the weight's cached plane operator
+            with on_device(x):
+                return _triton_forward(x, weight, bias, key)
         # eager: the same kernels through a plain autograd.Function; the custom op's Python wrapper costs
         # ~0.4 ms per forward+backward on the H100 host (torch 2.11, profiled), more than the 7x7 kernels
         return _DepthwiseConv2dFunction.apply(x, weight, bias)
@@ -409,12 +432,49 @@ POISON = False   # tests: fill kernel outputs with NaN before the launch so unwr
 # whole-plane GEMM with its band copies in the output's last images (fp32: copies of the kernel's bf16 parts)
 INTERP_VARIANT = 0
 PLANE_MAX = 1024   # planes up to this many pixels also try the whole-plane GEMM (28x28 and below)
+# Inference on planes up to DENSE_PLANE_MAX pixels (16 x 16) in 2-byte types also tries a plain batched GEMM on each
+# channel's kernel as a dense (HW x HW) matrix, kept per weight tensor (memory: SW-tiny at 224 px holds ~0.4 GB of
+# them, UniRepLKNet-T ~0.27 GB). LARGEKERNEL_PLANE_OPERATOR=0 turns it off.
+DENSE_PLANE_MAX = 256
+PLANE_OPERATOR = os.environ.get("LARGEKERNEL_PLANE_OPERATOR", "1") == "1"
 _TUNED: dict = {}
 _TUNING_LOG: dict = {}
 
 
 def _bw(W: int) -> int:
     return min(64, max(16, 1 << (W - 1).bit_length()))
+
+
+def _dense_fits(x: torch.Tensor) -> bool:
+    """Whether the dense plane-operator GEMM is a candidate for row-major x: 2-byte types, packed planes of at most
+    DENSE_PLANE_MAX pixels, and a batch whose activations are at least a quarter of the operator's size (which every
+    image's GEMM reads: C * P16^2 elements against N * C * P)."""
+    n, _, h, w = x.shape
+    p16 = -(-h * w // 16) * 16
+    return (PLANE_OPERATOR and x.element_size() == 2 and h * w <= DENSE_PLANE_MAX and x.is_contiguous()
+            and 4 * n * h * w >= p16 * p16)
+
+
+def _dense_candidates(x: torch.Tensor) -> list[dict]:
+    """Tiles of the dense plane-operator GEMM (the H200 sweep at 14 x 14 and 7 x 7, docs/performance.md v13)."""
+    if x.device.type == "cpu":
+        return [dict(dense=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)]
+    widest = next_pow2(x.shape[2] * x.shape[3])
+    return [dict(dense=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+            for bm, bn, bk, nw, ns in ((128, 256, 64, 8, 3), (64, 256, 32, 4, 3), (64, 128, 32, 8, 3),
+                                       (128, 128, 32, 8, 3), (64, 64, 32, 4, 2), (64, 64, 64, 4, 2))
+            if bn <= widest]
+
+
+def _plane_operator(key: torch.Tensor, weight: torch.Tensor, ph: int, pw: int, h: int, w: int) -> torch.Tensor:
+    """``weight``'s plane operator on (h, w) planes (``_dw_kernels.plane_operator``), kept for ``key`` while it
+    lives and is not changed in place (one per weight: a new plane size or dtype replaces it)."""
+    from largekernel.ops import _dw_kernels as K
+
+    c, _, kh, kw = weight.shape
+    signature = (key._version, weight.dtype, weight.device, kh, kw, ph, pw, h, w)
+    return _cached(_PLANE_OPERATORS, key, signature,
+                   lambda: K.plane_operator(weight.reshape(c, kh, kw), h, w, ph, pw))
 
 
 def _fwd_candidates(x: torch.Tensor, kh: int, kw: int, bands: bool = True) -> list[dict]:
@@ -638,14 +698,20 @@ def _alloc_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_pass(cand: dict, src: torch.Tensor, w: torch.Tensor, bias, out: torch.Tensor, ph: int, pw: int,
-               flip: bool = False):
+               flip: bool = False, operator=None):
     """out = 'same'-style conv of src with w (C, 1, kh, kw) (flipped if flip: the input grad), top/left
-    padding (ph, pw)."""
+    padding (ph, pw); ``operator()``: w's plane operator, for the candidates that read it."""
     from largekernel.ops import _dw_kernels as K
 
     C, _, kh, kw = w.shape
     if cand.get("native"):   # odd kernels only: then (ph, pw) is the centred 'same' padding
         out.copy_(F.conv2d(src, w.flip(-2, -1) if flip else w, bias, padding="same", groups=C))
+        return
+    if cand.get("dense"):
+        if operator is None:
+            raise ValueError("the dense plane-operator configuration needs an inference call on a small plane")
+        K.launch_dense_plane(src, operator(), bias.contiguous() if bias is not None else None, out, cand,
+                             _precision(src.dtype, cand), src.device.type == "cpu")
         return
     K.launch_fwd(rowmajor(src), w.reshape(C, kh, kw).contiguous(),
                  bias.contiguous() if bias is not None else None, out, ph, pw, cand,
@@ -665,7 +731,10 @@ def _wgrad_pass(cand: dict, x: torch.Tensor, g: torch.Tensor, weight: torch.Tens
     return dw.reshape(C, 1, kh, kw).to(weight.dtype)
 
 
-def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    key: torch.Tensor | None = None) -> torch.Tensor:
+    """The forward on our kernels; ``key`` (inference calls): the tensor a plane operator of ``weight`` is cached
+    for, which makes the dense plane-operator configurations candidates where they fit (``_dense_fits``)."""
     kh, kw = weight.shape[-2:]
     ph, pw = _pads(kh, kw)
     # The kernels want unit stride along W. A channels_last input is computed on a row-major copy into a row-major
@@ -673,11 +742,15 @@ def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     # (RepLKNet-31B stage 1, batch 128, H100: 3.1 ms per call with channels_last stores vs ~1.4 ms row-major).
     src = rowmajor(x)
     y = _alloc_like(src)
-    cand = _pick("fwd", x, kh, kw, lambda: _fwd_candidates(x, kh, kw),
-                 lambda c: _conv_pass(c, src, weight, bias, y, ph, pw))
+    operator = None
+    if key is not None and _dense_fits(src):
+        operator = lambda: _plane_operator(key, weight, ph, pw, *x.shape[-2:])  # noqa: E731
+    cand = _pick("fwd" if operator is None else "fwd-infer", x, kh, kw,
+                 lambda: _fwd_candidates(x, kh, kw) + (_dense_candidates(x) if operator else []),
+                 lambda c: _conv_pass(c, src, weight, bias, y, ph, pw, operator=operator))
     if cand.get("native"):
         return F.conv2d(x, weight, bias, padding="same", groups=weight.shape[0])
-    _conv_pass(cand, src, weight, bias, y, ph, pw)
+    _conv_pass(cand, src, weight, bias, y, ph, pw, operator=operator)
     return y if src is x else to_memory_format(y, memory_format_of(x))
 
 
