@@ -743,7 +743,7 @@ def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     src = rowmajor(x)
     y = _alloc_like(src)
     operator = None
-    if key is not None and _dense_fits(src):
+    if key is not None and not key.is_inference() and _dense_fits(src):   # (inference tensors have no version)
         operator = lambda: _plane_operator(key, weight, ph, pw, *x.shape[-2:])  # noqa: E731
     cand = _pick("fwd" if operator is None else "fwd-infer", x, kh, kw,
                  lambda: _fwd_candidates(x, kh, kw) + (_dense_candidates(x) if operator else []),
