@@ -163,3 +163,22 @@ def test_sparse_hook_keeps_masks(tmp_path):
         if t.name not in result.sparsity.dense_names:
             assert torch.all(t.param.detach()[(t.mask.expand_as(t.param) == 0)] == 0)
     assert load_state(tmp_path / "last.pth")["sparse"]["steps"] == 3
+
+
+def test_evaluate_reports_accuracy_and_frees_plane_operators():
+    """``evaluate`` counts top-1 against labels it was given (a model that always answers class 1: exactly the
+    share of 1s) and afterwards drops the plane operators that inference kept (the weights change after it)."""
+    import largekernel.ops.depthwise as dw
+    from largekernel.train import evaluate
+
+    class AlwaysOne(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([0.0, 5.0]).expand(len(x), 2)
+
+    weight = torch.zeros(1)
+    dw._cached(dw._PLANE_OPERATORS, weight, (0,), lambda: torch.zeros(4))
+    assert dw._PLANE_OPERATORS
+    labels = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1])
+    res = evaluate(AlwaysOne(), [(torch.zeros(4, 3), labels[:4]), (torch.zeros(4, 3), labels[4:])])
+    assert res["n"] == 8 and res["top1"] == 75.0 and "top5" not in res
+    assert not dw._PLANE_OPERATORS

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from largekernel.ops import clear_plane_operators
 from largekernel.train.checkpoint import (
     create_model,
     load_into,
@@ -145,6 +146,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp: 
         correct5 += (top == y[:, None]).any(1).sum().item()
         n += len(y)
     model.train(was_training)
+    clear_plane_operators()   # (the weights may change after this evaluation: free what inference kept for them)
     if n == 0:
         raise ValueError("evaluation set is empty")
     res = {"loss": loss_sum / n, "top1": 100.0 * correct1 / n, "n": n}
