@@ -137,6 +137,30 @@ def test_shift_add_reference_matches_the_scatter_definition():
         shift_add(y, pad_hv, ident, 5)
 
 
+def test_count_matrices_as_products_give_the_shift_add():
+    """The tensor-core kernels' count matrices, used in plain float64 products (out0 = Y @ Mh, out1^T = Y^T @ Mv on
+    the zero-padded P x P grid, outputs at offset e), equal the shift-add reference; built once per table tensor."""
+    from largekernel.ops._triton_shiftadd import count_matrices
+    from largekernel.ops.shiftadd import shift_add_reference
+
+    gen = torch.Generator().manual_seed(5)
+    b, r, nk, g, e, h, w, p = 2, 3, 4, 3, 1, 9, 13, 16
+    y = torch.randn(b, r * nk, h + 2 * e, w + 2 * e, dtype=torch.float64, generator=gen)
+    pad_hv = torch.randint(-12, 12, (r * nk, 2 * g), generator=gen, dtype=torch.int32)
+    ident = (torch.randint(0, nk, (r, g), generator=gen) + torch.arange(r)[:, None] * nk).int()
+    want = shift_add_reference(y, pad_hv, ident, e)
+    mats = count_matrices(pad_hv, nk, e, p, torch.float64)
+    assert mats.shape == (r, nk, 2, p, p) and mats.dtype == torch.float64
+    grid = F.pad(y, [0, p - (w + 2 * e), 0, p - (h + 2 * e)]).reshape(b, r, nk, p, p)
+    out0 = torch.einsum("brjuk,rjkn->brun", grid, mats[:, :, 0])[..., e:h + e, e:w + e]
+    out1 = torch.einsum("brjkv,rjkn->brnv", grid, mats[:, :, 1])[..., e:h + e, e:w + e]
+    torch.testing.assert_close(out0, want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out1, want[1], rtol=1e-12, atol=1e-12)
+    assert count_matrices(pad_hv, nk, e, p, torch.float64) is mats   # cached for this table
+    pad_hv.add_(1)                                                   # an in-place change rebuilds
+    assert not torch.equal(count_matrices(pad_hv, nk, e, p, torch.float64), mats)
+
+
 @pytest.mark.parametrize("cfg", random_configs(10))
 @pytest.mark.parametrize("impl", ["shiftadd", "bands"])
 def test_dense_equivalence_float64(cfg, impl):

@@ -25,7 +25,7 @@ TOL = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 1e-2}
 CAND_CASES = [OP_CASES[0], OP_CASES[2], OP_CASES[4], OP_CASES[5],
               ("dot32_f32", 2, 2, 3, 2, 1, 26, 29, "float32", "random"),
               ("dot64_f64", 1, 1, 4, 3, 1, 56, 50, "float64", "random")]
-N_CANDIDATES = 12  # == largekernel.ops._triton_shiftadd.N_CANDIDATES (checked in the subprocess)
+N_CANDIDATES = 16  # == largekernel.ops._triton_shiftadd.N_CANDIDATES (checked in the subprocess)
 
 
 def _op_case(case, torch, with_eval=False):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 
 import torch
 
@@ -69,3 +70,15 @@ def launch(kernel, grid: tuple, *args: object, **meta: object) -> None:
         names = getattr(kernel, "arg_names", None)
         if names is not None and all(n in meta for n in names[len(args):]):
             _COMPILED[key] = (compiled, tuple(meta[n] for n in names[len(args):]))
+
+
+def cached(store: dict, t: torch.Tensor, signature: tuple, build):
+    """``build()``, kept in ``store`` for tensor ``t`` while t lives and ``signature`` (which includes t's version
+    counter: an in-place change rebuilds) stays the same; one entry per tensor."""
+    key = id(t)
+    hit = store.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == signature:
+        return hit[2]
+    value = build()
+    store[key] = (weakref.ref(t, lambda _: store.pop(key, None)), signature, value)
+    return value

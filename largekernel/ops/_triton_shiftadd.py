@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from largekernel.ops._launch import cdiv, launch, next_pow2
+from largekernel.ops._launch import cached, cdiv, launch, next_pow2
 
 
 @triton.jit
@@ -348,15 +348,17 @@ def _bwd_flat(gout_ptr, pad_ptr, ident_ptr, gy_ptr, R, term_stride, n_planes, n_
 
 @triton.jit
 def _dot1(a, m, acc, DATA_LEFT: tl.constexpr, EMULATE: tl.constexpr):
+    # (if / else, not an early return: the compiler also builds the code after a constexpr-taken return)
     if EMULATE:  # Triton's interpreter mishandles bf16 dots: the same (exactly representable) values in fp32
-        a = a.to(acc.dtype)
-        m = m.to(acc.dtype)
         if DATA_LEFT:
-            return tl.dot(a, m, acc, input_precision="ieee")
-        return tl.dot(m, a, acc, input_precision="ieee")
-    if DATA_LEFT:
-        return tl.dot(a, m, acc)
-    return tl.dot(m, a, acc)
+            acc = tl.dot(a.to(acc.dtype), m.to(acc.dtype), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(m.to(acc.dtype), a.to(acc.dtype), acc, input_precision="ieee")
+    elif DATA_LEFT:
+        acc = tl.dot(a, m, acc)
+    else:
+        acc = tl.dot(m, a, acc)
+    return acc
 
 
 @triton.jit
@@ -613,22 +615,247 @@ def _bwd_dotb(gout_ptr, pad_ptr, ident_ptr, gy_ptr, R, term_stride, B,
     tl.store(gy, acc.to(gy_ptr.dtype.element_ty), mask=inside)
 
 
+# "tc": the tensor-core kernels with the count matrices built once per table on the host side
+# (:func:`count_matrices`, kept per ``pad_hv`` tensor) instead of per program, and NB images of one channel
+# stacked along the product's rows. All of a program's [NB, P, P] tiles index the padded plane (u, v), the output
+# sitting at (u - e, v - e); the matrices carry that offset: M[c, j, d][k, n] = #{g: n - k == pad_hv[c*nk+j, d*G+g]
+# + e}. Forward: out0 = Y @ Mh (rows (b, u), contracting v), out1 transposed = Y^T @ Mv (rows (b, v), contracting
+# u), so one load of each y plane feeds both directions. Backward: gy = G0 @ Mh^T + (G1^T @ Mv^T)^T, the three
+# gradient planes loaded once per program and the nk input planes written from it.
+
+
+@triton.jit
+def _tc_coords(B, NB: tl.constexpr, P: tl.constexpr):
+    """Program -> channel c, its first image b0, its NB images b [NB, 1, 1] (clamped) and their mask, padded rows
+    u [1, P, 1] and columns v [1, 1, P]. Programs of one channel are adjacent: they share its matrices in L2."""
+    pid = tl.program_id(0)
+    n_bg = (B + NB - 1) // NB
+    c = pid // n_bg
+    b0 = (pid % n_bg) * NB
+    b = b0 + tl.arange(0, NB)[:, None, None]
+    b_ok = b < B
+    return c, b0, tl.minimum(b, B - 1), b_ok, tl.arange(0, P)[None, :, None], tl.arange(0, P)[None, None, :]
+
+
+@triton.jit
+def _rows(t, NB: tl.constexpr, P: tl.constexpr):
+    return tl.reshape(t, (NB * P, P))
+
+
+@triton.jit
+def _planes(t, NB: tl.constexpr, P: tl.constexpr, TRANS: tl.constexpr):
+    t = tl.reshape(t, (NB, P, P))
+    if TRANS:
+        t = tl.permute(t, (0, 2, 1))
+    return t
+
+
+@triton.jit
+def _grid_2d(b0, B, NB: tl.constexpr, P: tl.constexpr):
+    """The [NB*P, P] product grid of images b0..b0+NB: rows (image, r) [NB*P, 1], columns [1, P], each row's image
+    (clamped) and whether it exists."""
+    rows = tl.arange(0, NB * P)[:, None]
+    b_r = b0 + rows // P
+    return rows % P, tl.arange(0, P)[None, :], tl.minimum(b_r, B - 1), b_r < B
+
+
+@triton.jit
+def _products_2d(y_ptr, mat, b0, c, R, B, NK: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                 NB: tl.constexpr, P: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
+    """The two shifted terms as [NB*P, P] products: acc0[(b, u), n] (out0 at (u-e, n-e)) and acc1[(b, v), n] (out1
+    at (n-e, v-e)). Each plane is loaded directly as the products' operand (the compiler stages such loads in
+    shared memory ahead of use): once for one image (the second operand is its transpose), else twice (the second
+    load an L1/L2 hit)."""
+    HP: tl.constexpr = H + 2 * E
+    WP: tl.constexpr = W + 2 * E
+    PLANE: tl.constexpr = HP * WP
+    r, cols, b_r, ok = _grid_2d(b0, B, NB, P)
+    base = y_ptr + (b_r * R + c).to(tl.int64) * (NK * PLANE)
+    p_0 = base + (r * WP + cols)
+    m_0 = ok & (r < HP) & (cols < WP)
+    p_1 = base + (cols * WP + r)
+    m_1 = ok & (r < WP) & (cols < HP)
+    acc0 = tl.zeros((NB * P, P), dtype=tl.float64 if F64 else tl.float32)
+    acc1 = acc0
+    for j in range(NK):
+        a0 = tl.load(p_0 + j * PLANE, mask=m_0, other=0.0)
+        if NB == 1:
+            a1 = tl.trans(a0)
+        else:
+            a1 = tl.load(p_1 + j * PLANE, mask=m_1, other=0.0)
+        mh = tl.load(mat + (2 * j) * (P * P))
+        mv = tl.load(mat + (2 * j + 1) * (P * P))
+        acc0 = _dot_data(a0, mh, acc0, True, F64, SPLIT, EMULATE)
+        acc1 = _dot_data(a1, mv, acc1, True, F64, SPLIT, EMULATE)
+    return acc0, acc1
+
+
+@triton.jit
+def _gather_tc(y_ptr, mat_ptr, ident_ptr, b0, b, b_ok, c, R, B, u, v,
+               NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+               NB: tl.constexpr, P: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
+               TWO: tl.constexpr):
+    """The three forward terms of channel c for the NB images b, as [NB, P, P] tiles of the padded grid.
+    TWO: the products of :func:`_products_2d`; else each plane loaded once as [NB, P, P] and permuted."""
+    HP: tl.constexpr = H + 2 * E
+    WP: tl.constexpr = W + 2 * E
+    PLANE: tl.constexpr = HP * WP
+    mat = mat_ptr + c.to(tl.int64) * (NK * 2 * P * P) + (tl.arange(0, P)[:, None] * P + tl.arange(0, P)[None, :])
+    acc0 = tl.zeros((NB * P, P), dtype=tl.float64 if F64 else tl.float32)
+    acc1 = acc0
+    if TWO:
+        acc0, acc1 = _products_2d(y_ptr, mat, b0, c, R, B, NK, E, H, W, NB, P, F64, SPLIT, EMULATE)
+    else:
+        p_y = y_ptr + (b * R + c).to(tl.int64) * (NK * PLANE) + (u * WP + v)
+        m_y = b_ok & (u < HP) & (v < WP)
+        for j in range(NK):
+            yj = tl.load(p_y + j * PLANE, mask=m_y, other=0.0)
+            mh = tl.load(mat + (2 * j) * (P * P))
+            mv = tl.load(mat + (2 * j + 1) * (P * P))
+            acc0 = _dot_data(_rows(yj, NB, P), mh, acc0, True, F64, SPLIT, EMULATE)
+            acc1 = _dot_data(_rows(tl.permute(yj, (0, 2, 1)), NB, P), mv, acc1, True, F64, SPLIT, EMULATE)
+    off = u * WP + v
+    inside = b_ok & (u >= E) & (u < H + E) & (v >= E) & (v < W + E)
+    y_b = y_ptr + (b * R).to(tl.int64) * (NK * PLANE) + off
+    acc2 = tl.zeros((NB, P, P), dtype=acc0.dtype)
+    for g in tl.static_range(G):
+        k = tl.load(ident_ptr + c * G + g)
+        acc2 += tl.load(y_b + k.to(tl.int64) * PLANE, mask=inside, other=0.0).to(acc2.dtype)
+    return _planes(acc0, NB, P, False), _planes(acc1, NB, P, True), acc2, inside
+
+
+@triton.jit
+def _fwd_tc(y_ptr, mat_ptr, ident_ptr, out_ptr, R, term_stride, B,
+            NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+            P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
+            TWO: tl.constexpr):
+    c, b0, b, b_ok, u, v = _tc_coords(B, NB, P)
+    if TWO:  # stored straight from the [NB*P, P] products (no layout conversion)
+        HP: tl.constexpr = H + 2 * E
+        WP: tl.constexpr = W + 2 * E
+        mat = mat_ptr + c.to(tl.int64) * (NK * 2 * P * P) + (tl.arange(0, P)[:, None] * P + tl.arange(0, P)[None, :])
+        acc0, acc1 = _products_2d(y_ptr, mat, b0, c, R, B, NK, E, H, W, NB, P, F64, SPLIT, EMULATE)
+        r, cols, b_r, ok = _grid_2d(b0, B, NB, P)
+        o_c = out_ptr + (b_r * R + c).to(tl.int64) * (H * W)
+        ty = out_ptr.dtype.element_ty
+        in0 = ok & (r >= E) & (r < H + E) & (cols >= E) & (cols < W + E)
+        tl.store(o_c + ((r - E) * W + (cols - E)), acc0.to(ty), mask=in0)
+        in1 = ok & (cols >= E) & (cols < H + E) & (r >= E) & (r < W + E)
+        tl.store(o_c + term_stride + ((cols - E) * W + (r - E)), acc1.to(ty), mask=in1)
+        y_b = y_ptr + (b_r * R).to(tl.int64) * (NK * HP * WP) + (r * WP + cols)
+        acc2 = tl.zeros((NB * P, P), dtype=acc0.dtype)
+        for g in tl.static_range(G):
+            k = tl.load(ident_ptr + c * G + g)
+            acc2 += tl.load(y_b + k.to(tl.int64) * (HP * WP), mask=in0, other=0.0).to(acc2.dtype)
+        tl.store(o_c + 2 * term_stride + ((r - E) * W + (cols - E)), acc2.to(ty), mask=in0)
+    else:
+        acc0, acc1, acc2, inside = _gather_tc(y_ptr, mat_ptr, ident_ptr, b0, b, b_ok, c, R, B, u, v, NK, G, E, H, W,
+                                              NB, P, F64, SPLIT, EMULATE, TWO)
+        hs = tl.minimum(tl.maximum(u - E, 0), H - 1)
+        ws = tl.minimum(tl.maximum(v - E, 0), W - 1)
+        out = out_ptr + (b * R + c).to(tl.int64) * (H * W) + (hs * W + ws)
+        _store_terms(out, term_stride, acc0, acc1, acc2, inside)
+
+
+@triton.jit
+def _eval_tc(y_ptr, mat_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, R, C, B,
+             NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+             P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
+            TWO: tl.constexpr):
+    c, b0, b, b_ok, u, v = _tc_coords(B, NB, P)
+    acc0, acc1, acc2, inside = _gather_tc(y_ptr, mat_ptr, ident_ptr, b0, b, b_ok, c, R, B, u, v, NK, G, E, H, W,
+                                          NB, P, F64, SPLIT, EMULATE, TWO)
+    _eval_epilogue(acc0, acc1, acc2, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, b * R + c, R, C,
+                   tl.minimum(tl.maximum(u - E, 0), H - 1), tl.minimum(tl.maximum(v - E, 0), W - 1), inside, H, W)
+
+
+@triton.jit
+def _bwd_tc(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
+            NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+            P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
+            TWO: tl.constexpr):
+    """Gradient of the nk y planes of channel c for NB images: G0[u, n] = gout0[u-e, n-e], G1t[v, n] =
+    gout1[n-e, v-e] (a transposed load), G2[u, v] = gout2[u-e, v-e]; plane j = G0 @ Mh_j^T + (G1t @ Mv_j^T)^T
+    + hits_j * G2, hits_j = #{g: idx_identity[c, g] == c*nk + j}."""
+    HP: tl.constexpr = H + 2 * E
+    WP: tl.constexpr = W + 2 * E
+    c, _, b, b_ok, u, v = _tc_coords(B, NB, P)
+    g_c = gout_ptr + (b * R + c).to(tl.int64) * (H * W)
+    inside = b_ok & (u >= E) & (u < H + E) & (v >= E) & (v < W + E)
+    hs = tl.minimum(tl.maximum(u - E, 0), H - 1)
+    ws = tl.minimum(tl.maximum(v - E, 0), W - 1)
+    g0 = tl.load(g_c + (hs * W + ws), mask=inside, other=0.0)
+    inside_t = b_ok & (u >= E) & (u < W + E) & (v >= E) & (v < H + E)  # rows index columns and vice versa
+    g1t = tl.load(g_c + term_stride + (tl.minimum(tl.maximum(v - E, 0), H - 1) * W
+                                       + tl.minimum(tl.maximum(u - E, 0), W - 1)), mask=inside_t, other=0.0)
+    g2 = tl.load(g_c + 2 * term_stride + (hs * W + ws), mask=inside, other=0.0).to(tl.float64 if F64 else tl.float32)
+    a0 = _rows(g0, NB, P)
+    a1 = _rows(g1t, NB, P)
+    # the matrices transposed: element [r, q] of the tile is M[q, r]
+    mat_t = mat_ptr + c.to(tl.int64) * (NK * 2 * P * P) + (tl.arange(0, P)[None, :] * P + tl.arange(0, P)[:, None])
+    p_gy = gy_ptr + ((b * R + c) * NK).to(tl.int64) * (HP * WP) + (u * WP + v)
+    m_gy = b_ok & (u < HP) & (v < WP)
+    zero = tl.zeros((NB * P, P), dtype=tl.float64 if F64 else tl.float32)
+    for j in range(NK):
+        mh_t = tl.load(mat_t + (2 * j) * (P * P))
+        mv_t = tl.load(mat_t + (2 * j + 1) * (P * P))
+        acc = _planes(_dot_data(a0, mh_t, zero, True, F64, SPLIT, EMULATE), NB, P, False)
+        acc += _planes(_dot_data(a1, mv_t, zero, True, F64, SPLIT, EMULATE), NB, P, True)
+        hits = 0
+        for g in tl.static_range(G):
+            hits += (tl.load(ident_ptr + c * G + g) == c * NK + j).to(tl.int32)
+        acc += hits.to(acc.dtype) * g2
+        tl.store(p_gy + j * (HP * WP), acc.to(gy_ptr.dtype.element_ty), mask=m_gy)
+
+
+def count_matrices(pad_hv: torch.Tensor, nk: int, extra_pad: int, p: int, dtype: torch.dtype) -> torch.Tensor:
+    """The "tc" kernels' count matrices (R, nk, 2, P, P) for the shift table ``pad_hv`` (R*nk, 2G): entry [c, j, d,
+    k, n] = #{g: n - k == pad_hv[c*nk + j, d*G + g] + extra_pad} (small integers, exact in ``dtype``). Built once
+    per table tensor (and again after an in-place change)."""
+    def build():
+        g = pad_hv.shape[1] // 2
+        shifts = pad_hv.reshape(-1, nk, 2, g).to(torch.int32) + extra_pad
+        ar = torch.arange(p, device=pad_hv.device, dtype=torch.int32)
+        diff = ar[None, :] - ar[:, None]   # [k, n] = n - k
+        mats = torch.zeros((*shifts.shape[:3], p, p), device=pad_hv.device, dtype=dtype)
+        for i in range(g):
+            mats += (diff == shifts[..., i, None, None]).to(dtype)
+        return mats
+
+    signature = (pad_hv._version, nk, extra_pad, p, dtype, pad_hv.device)
+    if pad_hv.is_cuda and torch.cuda.is_current_stream_capturing():
+        hit = _COUNT_MATRICES.get(id(pad_hv))
+        if hit is not None and hit[0]() is pad_hv and hit[1] == signature:
+            return hit[2]
+        # built inside a CUDA graph: the values exist only once the graph replays, so never reused outside it (and
+        # kept alive for it)
+        _BUILT_IN_CAPTURE.append(build())
+        return _BUILT_IN_CAPTURE[-1]
+    return cached(_COUNT_MATRICES, pad_hv, signature, build)
+
+
+_COUNT_MATRICES: dict = {}
+_BUILT_IN_CAPTURE: list = []
+
+
 # Tuner candidates (kind, a, b, num_warps) for planes of h x w; the first is the default. kind "plane": the
 # runtime-shape kernels above with a [a=BLOCK_H, b=BLOCK_W] tile; "tile": the constexpr-shape kernels with that
-# tile; "flat": a = NPL planes of b = BLOCK flattened positions per program. A whole plane per program (up to
-# 4096 elements) fetches each plane once, its shifted re-reads hitting L1; row strips / chunks trade that for
-# less padding waste and more programs. On CUDA the fastest candidate is chosen once per (kernel, shape, dtype) by
-# timing them on the real arguments (every kernel here overwrites its whole output, so re-running it is
-# harmless); LARGEKERNEL_TUNE=0 keeps the default. ``FORCE = i`` runs candidate i (tests, benchmark sweeps).
+# tile; "flat": a = NPL planes of b = BLOCK flattened positions per program; "dot" / "dotb" / "tc" / "tc2": the
+# tensor-core kernels, a = P (the padded plane's tile side), b = NB images per program ("dot": one). A whole plane
+# per program (up to 4096 elements) fetches each plane once, its shifted re-reads hitting L1; row strips / chunks
+# trade that for less padding waste and more programs. On CUDA the fastest candidate is chosen once per (kernel,
+# shape, dtype) by timing them on the real arguments (every kernel here overwrites its whole output, so re-running
+# it is harmless); LARGEKERNEL_TUNE=0 keeps the default. ``FORCE = i`` runs candidate i (tests, benchmark sweeps).
 TUNE = os.environ.get("LARGEKERNEL_TUNE", "1") == "1"
 FORCE: int | None = None
-# Every candidate passed the GPU check of `benchmarks/shiftadd.py --sweep --quick` (H100, fp32, the four SW-tiny
-# stage shapes, 2026-11-23) besides the interpreter tests, so the CUDA tuner considers them all;
+# Every candidate passed the GPU check of `benchmarks/shiftadd.py --sweep` (candidates 0-9: H100, fp32, 2026-11-23;
+# 10-15: H200, bf16 and fp32, 2026-12-03/04; the four SW-tiny stage shapes) besides the interpreter tests, so the
+# CUDA tuner considers them all;
 # LARGEKERNEL_SHIFTADD_CANDIDATES=verified restricts it to candidate 0, the first one checked on a GPU.
 TUNE_ALL = os.environ.get("LARGEKERNEL_SHIFTADD_CANDIDATES", "all") == "all"
 GPU_VERIFIED = 1
 _TUNED: dict = {}
-N_CANDIDATES = 12
+N_CANDIDATES = 16
 
 
 def _warps(n: int, per_thread: int) -> int:
@@ -677,6 +904,13 @@ def candidates(h: int, w: int, pad: int = 0) -> list[tuple[str, int, int, int]]:
         cands += [("dotb", p, 4, 4), ("dotb", p, 8, 8)]
     else:
         cands += [("tile", strip, bw, _warps(strip * bw, 8)), ("flat", 1, chunk, _warps(chunk, 8))]
+    if p <= 64:  # precomputed count matrices, NB images (128 or 256 product rows) per program
+        nb = max(1, 128 // p)
+        cands += [("tc", p, nb, 4), ("tc2", p, nb, 4), ("tc2", p, nb, 8), ("tc2", p, max(1, nb // 2), 4)]
+    else:
+        cands += [("tile", bh, bw, _warps(bh * bw, 2)), ("tile+pf", bh, bw, _warps(bh * bw, 2)),
+                  ("flat+pf", max(1, 256 // chunk), chunk, _warps(max(256, chunk), 2)),
+                  ("flat", max(1, 256 // chunk), chunk, _warps(max(256, chunk), 2))]
     assert len(cands) == N_CANDIDATES
     return cands
 
@@ -689,6 +923,11 @@ def candidate_name(cand: tuple[str, int, int, int]) -> str:
 def _dot_consts(dtype: torch.dtype) -> dict:
     # fp32 data is split into bf16 parts; bf16/fp16 go to the tensor cores as they are; fp64 uses fp64 dots
     return dict(SPLIT=dtype == torch.float32, EMULATE=os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+def _matrix_dtype(dtype: torch.dtype) -> torch.dtype:
+    # the count matrices' type: the tensor cores' operand type (bf16 also for fp32 data, split into bf16 parts)
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.bfloat16
 
 
 def _launch(key: tuple, h: int, w: int, run, device: torch.device, pad: int = 0) -> None:
@@ -726,12 +965,17 @@ def _launch(key: tuple, h: int, w: int, run, device: torch.device, pad: int = 0)
 
 def _run_candidate(cand: tuple, kernels: tuple, lead: tuple, plane_args: tuple, extra: tuple, planes: int,
                    grid_h: int, grid_w: int, h: int, w: int, consts: dict, dtype: torch.dtype, batch: int) -> None:
-    """Launch one candidate of a shift-add pass. kernels = its (plane, tile, dot, flat, dotb) kernels; every launch
+    """Launch one candidate of a shift-add pass. kernels = its (plane, tile, dot, flat, dotb, tc) kernels; every launch
     takes ``lead`` first, the "plane" kernel then ``plane_args`` and its tile counts, the others ``extra`` then
     their own counts; tiles cover grid_h x grid_w per plane (the output plane of that pass), ``planes`` of them,
     ``planes // batch`` per image."""
     kind, a, bb, warps = cand
-    k_plane, k_tile, k_dot, k_flat, k_dotb = kernels
+    k_plane, k_tile, k_dot, k_flat, k_dotb, k_tc = kernels
+    if kind.startswith("tc"):   # a = P, bb = NB images per program; the count matrices replace pad_hv
+        mats = count_matrices(lead[1], consts["NK"], consts["E"], a, _matrix_dtype(dtype))
+        launch(k_tc, (cdiv(batch, bb) * lead[2].shape[0],), lead[0], mats, *lead[2:], *extra, batch, H=h, W=w,
+               P=a, NB=bb, num_warps=warps, TWO=kind == "tc2", **consts, **_dot_consts(dtype))
+        return
     if kind == "dotb":   # a = P, bb = NB images per program
         launch(k_dotb, (cdiv(batch, bb) * (planes // batch),), *lead, *extra, batch, H=h, W=w, P=a, NB=bb,
                num_warps=warps, **consts, **_dot_consts(dtype))
@@ -765,7 +1009,7 @@ def shift_add_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch
     planes, ts = b * r, b * r * h * w
 
     def run(cand):
-        _run_candidate(cand, (_shift_add_fwd, _fwd_tile, _fwd_dot, _fwd_flat, _fwd_dotb),
+        _run_candidate(cand, (_shift_add_fwd, _fwd_tile, _fwd_dot, _fwd_flat, _fwd_dotb, _fwd_tc),
                        (y, pad_hv, idx_identity, out, r), (h, w, hp, wp, ts), (ts,), planes, h, w, h, w, consts,
                        y.dtype, b)
 
@@ -785,7 +1029,7 @@ def shift_add_backward(gout: torch.Tensor, pad_hv: torch.Tensor, idx_identity: t
     planes, ts = b * r * nk, b * r * h * w
 
     def run(cand):
-        _run_candidate(cand, (_shift_add_bwd, _bwd_tile, _bwd_dot, _bwd_flat, _bwd_dotb),
+        _run_candidate(cand, (_shift_add_bwd, _bwd_tile, _bwd_dot, _bwd_flat, _bwd_dotb, _bwd_tc),
                        (gout, pad_hv, idx_identity, gy, r), (h, w, hp, wp, ts), (ts,), planes, hp, wp, h, w, consts,
                        gout.dtype, b)
 
@@ -811,7 +1055,7 @@ def shift_add_eval_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: 
     planes = b * r
 
     def run(cand):
-        _run_candidate(cand, (_shift_add_eval, _eval_tile, _eval_dot, _eval_flat, _eval_dotb), (*tabs, r, c),
+        _run_candidate(cand, (_shift_add_eval, _eval_tile, _eval_dot, _eval_flat, _eval_dotb, _eval_tc), (*tabs, r, c),
                        (h, w, hp, wp), (), planes, h, w, h, w, consts, y.dtype, b)
 
     _launch(("eval", b, r, c, h, w, nk, g, extra_pad, y.dtype, x.dtype), h, w, run, y.device, extra_pad)

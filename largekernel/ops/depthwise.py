@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import weakref
 
 import torch
 import torch.nn.functional as F
 
-from largekernel.ops._launch import TMA_ALIGN, next_pow2, on_device
+from largekernel.ops._launch import TMA_ALIGN, cached, next_pow2, on_device
 from largekernel.ops.dispatch import get_backend, triton_interpreting
 from largekernel.ops.layout import (
     from_padded_rows,
@@ -156,18 +155,6 @@ _CHANNEL_TABLES: dict[int, tuple] = {}
 _PLANE_OPERATORS: dict[int, tuple] = {}
 
 
-def _cached(store: dict, t: torch.Tensor, signature: tuple, build):
-    """``build()``, kept in ``store`` for tensor ``t`` while t lives and ``signature`` (which includes t's version
-    counter: an in-place change rebuilds) stays the same; one entry per tensor."""
-    key = id(t)
-    hit = store.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == signature:
-        return hit[2]
-    value = build()
-    store[key] = (weakref.ref(t, lambda _: store.pop(key, None)), signature, value)
-    return value
-
-
 def has_values(t: torch.Tensor) -> bool:
     """Whether t holds data (not a 'meta' or fake tensor: models built for counting)."""
     from torch._subclasses.fake_tensor import is_fake
@@ -178,7 +165,7 @@ def has_values(t: torch.Tensor) -> bool:
 def _channel_table(channels: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(plane (C,) int32: channel c's index in ``channels`` or ``-1 - its rank among the others``; the others (C - R,)
     ascending), checked and built once per ``channels`` tensor (and again if it is changed in place)."""
-    return _cached(_CHANNEL_TABLES, channels, (channels._version, c, channels.device),
+    return cached(_CHANNEL_TABLES, channels, (channels._version, c, channels.device),
                    lambda: _build_channel_table(channels, c))
 
 
@@ -473,7 +460,7 @@ def _plane_operator(key: torch.Tensor, weight: torch.Tensor, ph: int, pw: int, h
 
     c, _, kh, kw = weight.shape
     signature = (key._version, weight.dtype, weight.device, kh, kw, ph, pw, h, w)
-    return _cached(_PLANE_OPERATORS, key, signature,
+    return cached(_PLANE_OPERATORS, key, signature,
                    lambda: K.plane_operator(weight.reshape(c, kh, kw), h, w, ph, pw))
 
 
