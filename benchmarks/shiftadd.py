@@ -286,7 +286,10 @@ def main() -> None:
         for c, hw, big, small in SHAPES:
             row = bench_shape(c, hw, big, small, batch, dtype, device)
             rows.append(row)
-            print(".", end="", flush=True)
+            # each stage as soon as it is measured (a call cut short by its time limit keeps what it printed)
+            print(f"\n{row['dtype']} C{c} H{hw}: fwd {row['sa_fwd_ms']:.3f} ms ({row['sa_fwd_pct_copy']:.0f}% copy), "
+                  f"bwd {row['sa_bwd_ms']:.3f} ms ({row['sa_bwd_pct_copy']:.0f}%); layer ms "
+                  + ", ".join(f"{col} {row[col + '_ms']:.3f}" for col in LAYER_COLS), flush=True)
     result["rows"] = rows
     print(f"\nshift-add op, batch {batch} (GB/s = HBM bytes / time; %copy of the measured copy bandwidth)")
     print(f"{'dtype':9}{'C':>5}{'H':>4}{'K':>4}{'MB':>8}{'copy GB/s':>10}{'fwd ms':>8}{'fwd GB/s':>9}{'%copy':>6}"

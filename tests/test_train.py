@@ -176,7 +176,7 @@ def test_evaluate_reports_accuracy_and_frees_plane_operators():
             return torch.tensor([0.0, 5.0]).expand(len(x), 2)
 
     weight = torch.zeros(1)
-    dw._cached(dw._PLANE_OPERATORS, weight, (0,), lambda: torch.zeros(4))
+    dw.cached(dw._PLANE_OPERATORS, weight, (0,), lambda: torch.zeros(4))
     assert dw._PLANE_OPERATORS
     labels = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1])
     res = evaluate(AlwaysOne(), [(torch.zeros(4, 3), labels[:4]), (torch.zeros(4, 3), labels[4:])])
