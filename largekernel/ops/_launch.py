@@ -72,13 +72,15 @@ def launch(kernel, grid: tuple, *args: object, **meta: object) -> None:
             _COMPILED[key] = (compiled, tuple(meta[n] for n in names[len(args):]))
 
 
-def cached(store: dict, t: torch.Tensor, signature: tuple, build):
+def cached(store: dict, t: torch.Tensor, signature: tuple, build, keep: bool = True):
     """``build()``, kept in ``store`` for tensor ``t`` while t lives and ``signature`` (which includes t's version
-    counter: an in-place change rebuilds) stays the same; one entry per tensor."""
+    counter: an in-place change rebuilds) stays the same; one entry per tensor. ``keep=False``: a miss is built but
+    not stored (an existing entry is still returned)."""
     key = id(t)
     hit = store.get(key)
     if hit is not None and hit[0]() is t and hit[1] == signature:
         return hit[2]
     value = build()
-    store[key] = (weakref.ref(t, lambda _: store.pop(key, None)), signature, value)
+    if keep:
+        store[key] = (weakref.ref(t, lambda _: store.pop(key, None)), signature, value)
     return value

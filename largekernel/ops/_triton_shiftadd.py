@@ -392,6 +392,17 @@ def _count_matrix(diff, tab, G: tl.constexpr, SIGN: tl.constexpr):
 
 
 @triton.jit
+def _identity_term(p_b, ident_ptr, c, mask, dtype: tl.constexpr, G: tl.constexpr, PLANE: tl.constexpr):
+    """The identity term of channel c: the sum of its G planes idx_identity[c, g] (global plane indices c*nk + r)
+    at the pointers ``p_b`` into plane 0 of the image, as ``dtype``; zero where ``mask`` is false."""
+    acc = tl.zeros(p_b.shape, dtype=dtype)
+    for g in tl.static_range(G):
+        k = tl.load(ident_ptr + c * G + g)
+        acc += tl.load(p_b + k.to(tl.int64) * PLANE, mask=mask, other=0.0).to(dtype)
+    return acc
+
+
+@triton.jit
 def _gather_dot(y_ptr, pad_ptr, ident_ptr, bc, c, r, q,
                 NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                 F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
@@ -419,12 +430,8 @@ def _gather_dot(y_ptr, pad_ptr, ident_ptr, bc, c, r, q,
         acc0 = _dot_data(yh, mh.to(tl.float32), acc0, True, F64, SPLIT, EMULATE)
         acc1 = _dot_data(yv, mv.to(tl.float32), acc1, False, F64, SPLIT, EMULATE)
     inside = (r < H) & (q < W)
-    y_b = y_ptr + (bc - c).to(tl.int64) * (NK * PLANE)
-    acc2 = tl.zeros((r + q).shape, dtype=acc0.dtype)
-    for g in tl.static_range(G):
-        k = tl.load(ident_ptr + c * G + g)
-        acc2 += tl.load(y_b + k.to(tl.int64) * PLANE + ((r + E) * WP + (q + E)), mask=inside, other=0.0).to(acc2.dtype)
-    return acc0, acc1, acc2, inside
+    p_b = y_ptr + (bc - c).to(tl.int64) * (NK * PLANE) + ((r + E) * WP + (q + E))
+    return acc0, acc1, _identity_term(p_b, ident_ptr, c, inside, acc0.dtype, G, PLANE), inside
 
 
 @triton.jit
@@ -530,12 +537,8 @@ def _gather_dotb(y_ptr, pad_ptr, ident_ptr, b, b_ok, c, R, r, q,
         acc0 = _dot_data(yh, mh, acc0, True, F64, SPLIT, EMULATE)
         acc1 = _dot_data(yv, mv, acc1, False, F64, SPLIT, EMULATE)
     inside = b_ok & (r < H) & (q < W)
-    y_b = y_ptr + (b * R).to(tl.int64) * (NK * PLANE)
-    acc2 = tl.zeros((NB, P, P), dtype=acc0.dtype)
-    for g in tl.static_range(G):
-        k = tl.load(ident_ptr + c * G + g)
-        acc2 += tl.load(y_b + k.to(tl.int64) * PLANE + ((r + E) * WP + (q + E)), mask=inside, other=0.0).to(acc2.dtype)
-    return acc0, acc1, acc2, inside
+    p_b = y_ptr + (b * R).to(tl.int64) * (NK * PLANE) + ((r + E) * WP + (q + E))
+    return acc0, acc1, _identity_term(p_b, ident_ptr, c, inside, acc0.dtype, G, PLANE), inside
 
 
 @triton.jit
@@ -651,6 +654,15 @@ def _planes(t, NB: tl.constexpr, P: tl.constexpr, TRANS: tl.constexpr):
 
 
 @triton.jit
+def _channel_mats(mat_ptr, c, NK: tl.constexpr, P: tl.constexpr, TRANS: tl.constexpr):
+    """Pointers [P, P] to channel c's first count matrix (matrix i of small kernel j at offset (2j + i) * P * P);
+    TRANS: element [r, q] points at M[q, r]."""
+    k = tl.arange(0, P)[:, None]
+    n = tl.arange(0, P)[None, :]
+    return mat_ptr + c.to(tl.int64) * (NK * 2 * P * P) + ((n * P + k) if TRANS else (k * P + n))
+
+
+@triton.jit
 def _grid_2d(b0, B, NB: tl.constexpr, P: tl.constexpr):
     """The [NB*P, P] product grid of images b0..b0+NB: rows (image, r) [NB*P, 1], columns [1, P], each row's image
     (clamped) and whether it exists."""
@@ -700,12 +712,12 @@ def _gather_tc(y_ptr, mat_ptr, ident_ptr, b0, b, b_ok, c, R, B, u, v,
     HP: tl.constexpr = H + 2 * E
     WP: tl.constexpr = W + 2 * E
     PLANE: tl.constexpr = HP * WP
-    mat = mat_ptr + c.to(tl.int64) * (NK * 2 * P * P) + (tl.arange(0, P)[:, None] * P + tl.arange(0, P)[None, :])
-    acc0 = tl.zeros((NB * P, P), dtype=tl.float64 if F64 else tl.float32)
-    acc1 = acc0
+    mat = _channel_mats(mat_ptr, c, NK, P, False)
     if TWO:
         acc0, acc1 = _products_2d(y_ptr, mat, b0, c, R, B, NK, E, H, W, NB, P, F64, SPLIT, EMULATE)
     else:
+        acc0 = tl.zeros((NB * P, P), dtype=tl.float64 if F64 else tl.float32)
+        acc1 = acc0
         p_y = y_ptr + (b * R + c).to(tl.int64) * (NK * PLANE) + (u * WP + v)
         m_y = b_ok & (u < HP) & (v < WP)
         for j in range(NK):
@@ -714,13 +726,9 @@ def _gather_tc(y_ptr, mat_ptr, ident_ptr, b0, b, b_ok, c, R, B, u, v,
             mv = tl.load(mat + (2 * j + 1) * (P * P))
             acc0 = _dot_data(_rows(yj, NB, P), mh, acc0, True, F64, SPLIT, EMULATE)
             acc1 = _dot_data(_rows(tl.permute(yj, (0, 2, 1)), NB, P), mv, acc1, True, F64, SPLIT, EMULATE)
-    off = u * WP + v
     inside = b_ok & (u >= E) & (u < H + E) & (v >= E) & (v < W + E)
-    y_b = y_ptr + (b * R).to(tl.int64) * (NK * PLANE) + off
-    acc2 = tl.zeros((NB, P, P), dtype=acc0.dtype)
-    for g in tl.static_range(G):
-        k = tl.load(ident_ptr + c * G + g)
-        acc2 += tl.load(y_b + k.to(tl.int64) * PLANE, mask=inside, other=0.0).to(acc2.dtype)
+    p_b = y_ptr + (b * R).to(tl.int64) * (NK * PLANE) + (u * WP + v)
+    acc2 = _identity_term(p_b, ident_ptr, c, inside, acc0.dtype, G, PLANE)
     return _planes(acc0, NB, P, False), _planes(acc1, NB, P, True), acc2, inside
 
 
@@ -733,7 +741,7 @@ def _fwd_tc(y_ptr, mat_ptr, ident_ptr, out_ptr, R, term_stride, B,
     if TWO:  # stored straight from the [NB*P, P] products (no layout conversion)
         HP: tl.constexpr = H + 2 * E
         WP: tl.constexpr = W + 2 * E
-        mat = mat_ptr + c.to(tl.int64) * (NK * 2 * P * P) + (tl.arange(0, P)[:, None] * P + tl.arange(0, P)[None, :])
+        mat = _channel_mats(mat_ptr, c, NK, P, False)
         acc0, acc1 = _products_2d(y_ptr, mat, b0, c, R, B, NK, E, H, W, NB, P, F64, SPLIT, EMULATE)
         r, cols, b_r, ok = _grid_2d(b0, B, NB, P)
         o_c = out_ptr + (b_r * R + c).to(tl.int64) * (H * W)
@@ -742,11 +750,8 @@ def _fwd_tc(y_ptr, mat_ptr, ident_ptr, out_ptr, R, term_stride, B,
         tl.store(o_c + ((r - E) * W + (cols - E)), acc0.to(ty), mask=in0)
         in1 = ok & (cols >= E) & (cols < H + E) & (r >= E) & (r < W + E)
         tl.store(o_c + term_stride + ((cols - E) * W + (r - E)), acc1.to(ty), mask=in1)
-        y_b = y_ptr + (b_r * R).to(tl.int64) * (NK * HP * WP) + (r * WP + cols)
-        acc2 = tl.zeros((NB * P, P), dtype=acc0.dtype)
-        for g in tl.static_range(G):
-            k = tl.load(ident_ptr + c * G + g)
-            acc2 += tl.load(y_b + k.to(tl.int64) * (HP * WP), mask=in0, other=0.0).to(acc2.dtype)
+        p_b = y_ptr + (b_r * R).to(tl.int64) * (NK * HP * WP) + (r * WP + cols)
+        acc2 = _identity_term(p_b, ident_ptr, c, in0, acc0.dtype, G, HP * WP)
         tl.store(o_c + 2 * term_stride + ((r - E) * W + (cols - E)), acc2.to(ty), mask=in0)
     else:
         acc0, acc1, acc2, inside = _gather_tc(y_ptr, mat_ptr, ident_ptr, b0, b, b_ok, c, R, B, u, v, NK, G, E, H, W,
@@ -761,7 +766,7 @@ def _fwd_tc(y_ptr, mat_ptr, ident_ptr, out_ptr, R, term_stride, B,
 def _eval_tc(y_ptr, mat_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, R, C, B,
              NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
              P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
-            TWO: tl.constexpr):
+             TWO: tl.constexpr):
     c, b0, b, b_ok, u, v = _tc_coords(B, NB, P)
     acc0, acc1, acc2, inside = _gather_tc(y_ptr, mat_ptr, ident_ptr, b0, b, b_ok, c, R, B, u, v, NK, G, E, H, W,
                                           NB, P, F64, SPLIT, EMULATE, TWO)
@@ -776,7 +781,8 @@ def _bwd_tc(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
             TWO: tl.constexpr):
     """Gradient of the nk y planes of channel c for NB images: G0[u, n] = gout0[u-e, n-e], G1t[v, n] =
     gout1[n-e, v-e] (a transposed load), G2[u, v] = gout2[u-e, v-e]; plane j = G0 @ Mh_j^T + (G1t @ Mv_j^T)^T
-    + hits_j * G2, hits_j = #{g: idx_identity[c, g] == c*nk + j}."""
+    + hits_j * G2, hits_j = #{g: idx_identity[c, g] == c*nk + j}. (TWO: a forward variant; "tc" and "tc2" share
+    this kernel.)"""
     HP: tl.constexpr = H + 2 * E
     WP: tl.constexpr = W + 2 * E
     c, _, b, b_ok, u, v = _tc_coords(B, NB, P)
@@ -791,8 +797,7 @@ def _bwd_tc(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
     g2 = tl.load(g_c + 2 * term_stride + (hs * W + ws), mask=inside, other=0.0).to(tl.float64 if F64 else tl.float32)
     a0 = _rows(g0, NB, P)
     a1 = _rows(g1t, NB, P)
-    # the matrices transposed: element [r, q] of the tile is M[q, r]
-    mat_t = mat_ptr + c.to(tl.int64) * (NK * 2 * P * P) + (tl.arange(0, P)[None, :] * P + tl.arange(0, P)[:, None])
+    mat_t = _channel_mats(mat_ptr, c, NK, P, True)
     p_gy = gy_ptr + ((b * R + c) * NK).to(tl.int64) * (HP * WP) + (u * WP + v)
     m_gy = b_ok & (u < HP) & (v < WP)
     zero = tl.zeros((NB * P, P), dtype=tl.float64 if F64 else tl.float32)
@@ -822,16 +827,15 @@ def count_matrices(pad_hv: torch.Tensor, nk: int, extra_pad: int, p: int, dtype:
             mats += (diff == shifts[..., i, None, None]).to(dtype)
         return mats
 
-    signature = (pad_hv._version, nk, extra_pad, p, dtype, pad_hv.device)
-    if pad_hv.is_cuda and torch.cuda.is_current_stream_capturing():
-        hit = _COUNT_MATRICES.get(id(pad_hv))
-        if hit is not None and hit[0]() is pad_hv and hit[1] == signature:
-            return hit[2]
+    def build_in_capture():
         # built inside a CUDA graph: the values exist only once the graph replays, so never reused outside it (and
         # kept alive for it)
         _BUILT_IN_CAPTURE.append(build())
         return _BUILT_IN_CAPTURE[-1]
-    return cached(_COUNT_MATRICES, pad_hv, signature, build)
+
+    capturing = pad_hv.is_cuda and torch.cuda.is_current_stream_capturing()
+    return cached(_COUNT_MATRICES, pad_hv, (pad_hv._version, nk, extra_pad, p, dtype, pad_hv.device),
+                  build_in_capture if capturing else build, keep=not capturing)
 
 
 _COUNT_MATRICES: dict = {}

@@ -166,7 +166,7 @@ def _channel_table(channels: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.
     """(plane (C,) int32: channel c's index in ``channels`` or ``-1 - its rank among the others``; the others (C - R,)
     ascending), checked and built once per ``channels`` tensor (and again if it is changed in place)."""
     return cached(_CHANNEL_TABLES, channels, (channels._version, c, channels.device),
-                   lambda: _build_channel_table(channels, c))
+                  lambda: _build_channel_table(channels, c))
 
 
 def _build_channel_table(channels: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -461,7 +461,7 @@ def _plane_operator(key: torch.Tensor, weight: torch.Tensor, ph: int, pw: int, h
     c, _, kh, kw = weight.shape
     signature = (key._version, weight.dtype, weight.device, kh, kw, ph, pw, h, w)
     return cached(_PLANE_OPERATORS, key, signature,
-                   lambda: K.plane_operator(weight.reshape(c, kh, kw), h, w, ph, pw))
+                  lambda: K.plane_operator(weight.reshape(c, kh, kw), h, w, ph, pw))
 
 
 def clear_plane_operators() -> None:
