@@ -7,9 +7,10 @@ Shapes: the four SW-tiny stages at 224 (C 80/160/320/640 at 56/28/14/7, kernels 
 ratio 0.23, N_rep 4). For each:
 
 * shift-add forward / backward (Triton) and the PyTorch reference: HBM bytes = read y (B, R*nk, H+2, W+2) +
-  write the three terms (3, B, R, H, W) (backward: the reverse); GB/s and % of the measured device-to-device
-  copy bandwidth (``clone`` of y: bytes read + written) and of the 2.96 TB/s H100 anchor; the fused inference
-  epilogue (``shift_add_eval``: read y and x, write the (B, C, H, W) output).
+  write the three terms (3, B, R, H, W) (backward: the reverse), y in the layer's training layout (rows padded to
+  the tensor-core tile, ``shift_add_col_pad``; the pad columns' bytes are not counted); GB/s and % of the
+  measured device-to-device copy bandwidth (``clone`` of y: bytes read + written) and of the 2.96 TB/s H100
+  anchor; the fused inference epilogue (``shift_add_eval``: read y and x, write the (B, C, H, W) output).
 * the SW layer, inference (eval, no grad): merged form with the fused shift-add pass, the ``bands``
   implementation (k x D + D x k depthwise convs built from the small kernels), and the deploy forms
   ``to_dense("square")`` (one D x D depthwise conv) and ``to_dense("cross")`` (k x D + D x k convs), all
@@ -33,12 +34,13 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 from _timing import cuda_time  # benchmarks/ is the script directory
 
 import largekernel.ops._triton_shiftadd as kernels
 from largekernel.layers.shiftwise import ShiftwiseConv2d
 from largekernel.ops.dispatch import use_backend
-from largekernel.ops.shiftadd import shift_add, shift_add_reference
+from largekernel.ops.shiftadd import shift_add, shift_add_col_pad, shift_add_reference
 
 COPY_ANCHOR_GBS = 2960.0
 # (C, H=W, big kernel, small kernel): SW-tiny stages
@@ -71,6 +73,8 @@ def bench_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.
     r, nk, e = layer.rep_channels, layer.nk, layer.extra_pad
     esize = torch.finfo(dtype).bits // 8
     y = torch.randn(batch, r * nk, hw + 2 * e, hw + 2 * e, device=device, dtype=dtype)
+    cp = shift_add_col_pad(hw + 2 * e)   # the training layout: rows padded to the tensor-core tile
+    y_rows = F.pad(y, (cp, cp))
     gout = torch.randn(3, batch, r, hw, hw, device=device, dtype=dtype)
     pad, ident = layer.pad_hv, layer.idx_identity
     moved = (y.numel() + gout.numel()) * esize
@@ -82,8 +86,8 @@ def bench_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.
 
     fwd = torch.ops.largekernel.shift_add
     bwd = torch.ops.largekernel.shift_add_backward
-    row["sa_fwd_ms"] = cuda_time(lambda: fwd(y, pad, ident, e))
-    row["sa_bwd_ms"] = cuda_time(lambda: bwd(gout, pad, ident, e))
+    row["sa_fwd_ms"] = cuda_time(lambda: fwd(y_rows, pad, ident, e, cp))
+    row["sa_bwd_ms"] = cuda_time(lambda: bwd(gout, pad, ident, e, cp))
     # fused inference epilogue: reads y and x, writes the (B, C, H, W) output
     x = torch.randn(batch, c, hw, hw, device=device, dtype=dtype)
     scale, bias = torch.rand(3, r, device=device), torch.rand(r, device=device)
@@ -138,15 +142,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def sweep_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.dtype, device: torch.device,
-                deadline: float, cands: list | None = None) -> dict:
-    """Every candidate of the forward, backward and eval kernels on one stage, timed and checked."""
+                deadline: float, cands: list | None = None, padded: bool = True) -> dict:
+    """Every candidate of the forward, backward and eval kernels on one stage, timed and checked. ``padded``: the
+    forward reads (and the backward writes) y in the layer's training layout, rows padded to the tensor-core
+    tile (:func:`shift_add_col_pad`); the bytes counted are those of the plain y all the same."""
     layer = ShiftwiseConv2d(c, big, small, ghost_ratio=0.23, n_path=2, n_rep=4)
     r, nk, e = layer.rep_channels, layer.nk, layer.extra_pad
     esize = torch.finfo(dtype).bits // 8
     pad = layer.pad_hv.to(device=device, dtype=torch.int32).contiguous()
     ident = layer.idx_identity.to(device=device, dtype=torch.int32).contiguous()
     rep_idx, ghost_idx = layer.rep_idx.to(device), layer.ghost_idx.to(device)
-    y = torch.randn(batch, r * nk, hw + 2 * e, hw + 2 * e, device=device, dtype=dtype)
+    cp = shift_add_col_pad(hw + 2 * e) if padded else 0
+    y_rows = torch.randn(batch, r * nk, hw + 2 * e, hw + 2 * e + 2 * cp, device=device, dtype=dtype)
+    if cp:
+        y_rows[..., :cp] = 0
+        y_rows[..., -cp:] = 0
+    y = y_rows[..., cp:cp + hw + 2 * e].contiguous()   # plain rows: the references and the fused eval pass
     gout = torch.randn(3, batch, r, hw, hw, device=device, dtype=dtype)
     x = torch.randn(batch, c, hw, hw, device=device, dtype=dtype)
     scale, bias = torch.rand(3, r, device=device), torch.rand(r, device=device)
@@ -160,8 +171,8 @@ def sweep_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.
     del yr
     moved = (y.numel() + gout.numel()) * esize
     calls = {
-        "fwd": (lambda: kernels.shift_add_forward(y, pad, ident, e), t_ref, moved),
-        "bwd": (lambda: kernels.shift_add_backward(gout, pad, ident, e), gy_ref, moved),
+        "fwd": (lambda: kernels.shift_add_forward(y_rows, pad, ident, e, cp), t_ref, moved),
+        "bwd": (lambda: kernels.shift_add_backward(gout, pad, ident, e, cp), F.pad(gy_ref, (cp, cp)), moved),
         "eval": (lambda: kernels.shift_add_eval_forward(y, pad, ident, e, scale, bias, x, rep_idx, ghost_idx),
                  ev_ref, (y.numel() + 2 * x.numel()) * esize),
     }
@@ -169,8 +180,8 @@ def sweep_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.
     copy_ms = cuda_time(lambda: y.clone(), min_runs=10, budget_ms=100)
     copy_gbs = 2 * y.numel() * esize / copy_ms / 1e6
     row = {"C": c, "H": hw, "K": big, "R": r, "nk": nk, "dtype": str(dtype).split(".")[-1], "batch": batch,
-           "copy_ms": copy_ms, "copy_GBs": copy_gbs, "cands": [], "tuned": {}}
-    fwd_cands, bwd_cands = kernels.candidates(hw, hw, e), kernels.candidates(hw + 2 * e, hw + 2 * e)
+           "col_pad": cp, "copy_ms": copy_ms, "copy_GBs": copy_gbs, "cands": [], "tuned": {}}
+    fwd_cands, bwd_cands = kernels.candidates(hw, hw, e, cp), kernels.candidates(hw + 2 * e, hw + 2 * e, 0, cp)
     for index in list(cands if cands is not None else range(kernels.N_CANDIDATES)) + [None]:
         entry = {"index": index}
         if index is not None:
@@ -194,8 +205,8 @@ def sweep_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.
         kernels.FORCE = None
         if index is None:
             g = ident.shape[1]
-            key_f = ("fwd", batch, r, hw, hw, nk, g, e, dtype)
-            key_b = ("bwd", batch, r, hw, hw, nk, g, e, dtype)
+            key_f = ("fwd", batch, r, hw, hw, nk, g, e, dtype, cp)
+            key_b = ("bwd", batch, r, hw, hw, nk, g, e, dtype, cp)
             key_e = ("eval", batch, r, c, hw, hw, nk, g, e, dtype, dtype)
             for op, key in (("fwd", key_f), ("bwd", key_b), ("eval", key_e)):
                 pick = kernels._TUNED.get(key)
@@ -208,8 +219,8 @@ def sweep_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.
 
 def print_sweep(rows: list[dict]) -> None:
     for row in rows:
-        print(f"\n{row['dtype']} C{row['C']} H{row['H']} K{row['K']} R{row['R']} nk{row['nk']} batch {row['batch']}: "
-              f"copy {row['copy_ms']:.3f} ms = {row['copy_GBs']:.0f} GB/s")
+        print(f"\n{row['dtype']} C{row['C']} H{row['H']} K{row['K']} R{row['R']} nk{row['nk']} batch {row['batch']} "
+              f"col_pad {row['col_pad']}: copy {row['copy_ms']:.3f} ms = {row['copy_GBs']:.0f} GB/s")
         best = {}
         for op in SWEEP_OPS:
             ok = [e for e in row["cands"] if "ms" in e[op] and e[op]["ok"]]
@@ -239,7 +250,8 @@ def run_sweep(args, device: torch.device, batch: int, dtypes: list) -> None:
     for dtype in dtypes:
         for c, hw, big, small in SHAPES:
             result["rows"].append(sweep_shape(c, hw, big, small, batch, dtype, device, deadline,
-                                              [int(i) for i in args.cands.split(",")] if args.cands else None))
+                                              [int(i) for i in args.cands.split(",")] if args.cands else None,
+                                              not args.plain_rows))
             print(".", end="", flush=True)
             torch.cuda.empty_cache()
     result["seconds"] = time.time() - start
@@ -269,6 +281,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time every tuner candidate of the shift-add kernels")
     parser.add_argument("--time-limit", type=float, default=200.0, help="--sweep: skip what is left after this (s)")
     parser.add_argument("--cands", default=None, help="--sweep: comma-separated candidate indices (default: all)")
+    parser.add_argument("--plain-rows", action="store_true",
+                        help="--sweep: y rows without the training layout's pad columns")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/shiftadd.py needs a CUDA device")

@@ -22,9 +22,13 @@ TOL = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 1e-2}
 # run once per tuner candidate (``_triton_shiftadd.FORCE``), forward, backward and the fused eval epilogue:
 # small planes (several per "flat" program, plane count not a multiple of it), several tiles / strips / chunks per
 # plane (40 x 130), extra_pad 2, bf16, and planes that fill the "dot" kernels' 32- and 64-wide tiles
+# and y rows with pad columns (an 11th field, col_pad; nonzero values there, which the op must ignore): rows exactly
+# as wide as the "tc" tile (16) and narrower than it
 CAND_CASES = [OP_CASES[0], OP_CASES[2], OP_CASES[4], OP_CASES[5],
               ("dot32_f32", 2, 2, 3, 2, 1, 26, 29, "float32", "random"),
-              ("dot64_f64", 1, 1, 4, 3, 1, 56, 50, "float64", "random")]
+              ("dot64_f64", 1, 1, 4, 3, 1, 56, 50, "float64", "random"),
+              ("colpad_tile_f64", 2, 2, 3, 2, 1, 9, 10, "float64", "official", 2),
+              ("colpad_f32", 1, 3, 3, 2, 1, 12, 7, "float32", "random", 1)]
 N_CANDIDATES = 16  # == largekernel.ops._triton_shiftadd.N_CANDIDATES (checked in the subprocess)
 
 
@@ -32,7 +36,8 @@ def _op_case(case, torch, with_eval=False):
     from largekernel.layers.shiftwise import shiftwise_tables
     from largekernel.ops.shiftadd import shift_add, shift_add_path, shift_add_reference
 
-    name, b, r, nk, g, e, h, w, dtype, tables = case
+    name, b, r, nk, g, e, h, w, dtype, tables = case[:10]
+    cp = case[10] if len(case) > 10 else 0
     dt = getattr(torch, dtype)
     k = 2 * e + 1
     if tables == "official":
@@ -40,18 +45,20 @@ def _op_case(case, torch, with_eval=False):
     else:
         pad_hv = torch.randint(-(nk * k), nk * k, (r * nk, 2 * g), dtype=torch.int32)
         ident = (torch.randint(0, nk, (r, g)) + torch.arange(r)[:, None] * nk).int()
-    y = torch.randn(b, r * nk, h + 2 * e, w + 2 * e, dtype=dt, requires_grad=True)
-    out = shift_add(y, pad_hv, ident, e)
+    y = torch.randn(b, r * nk, h + 2 * e, w + 2 * e + 2 * cp, dtype=dt, requires_grad=True)
+    out = shift_add(y, pad_hv, ident, e, cp)
     gout = torch.randn_like(out)
     out.backward(gout)
-    yd = y.detach().double().requires_grad_()
+    # the reference sees only the data columns; its gradient is zero in the pad columns
+    yd = y.detach().double()[..., cp:cp + w + 2 * e].requires_grad_()
     ref = shift_add_reference(yd, pad_hv, ident, e)
     ref.backward(gout.double())
+    yd_grad = torch.nn.functional.pad(yd.grad, (cp, cp))
 
     def rel(a, want):
         return float((a.double() - want).norm() / want.norm()) if torch.isfinite(a).all() else float("nan")
 
-    result = {"path": shift_add_path(y), "y": rel(out, ref), "dy": rel(y.grad, yd.grad)}
+    result = {"path": shift_add_path(y), "y": rel(out, ref), "dy": rel(y.grad, yd_grad)}
     if with_eval:  # fused inference epilogue vs its formula on the float64 reference terms
         from largekernel.ops.shiftadd import shift_add_eval
 
@@ -60,7 +67,8 @@ def _op_case(case, torch, with_eval=False):
         perm = torch.randperm(r + n_ghost)
         rep_idx, ghost_idx = perm[:r], perm[r:]
         scale, bias = torch.randn(3, r, dtype=torch.float64), torch.randn(r, dtype=torch.float64)
-        got = shift_add_eval(y.detach(), pad_hv, ident, e, scale.to(dt), bias.to(dt), x, rep_idx, ghost_idx)
+        y_data = y.detach()[..., cp:cp + w + 2 * e].contiguous()  # the fused eval pass reads plain rows
+        got = shift_add_eval(y_data, pad_hv, ident, e, scale.to(dt), bias.to(dt), x, rep_idx, ghost_idx)
         xd = x.double()
         scale, bias = scale.to(dt).double(), bias.to(dt).double()  # the values the kernel sees
         want = (ref.detach() * scale.view(3, 1, r, 1, 1)).sum(0) + bias.view(1, r, 1, 1)

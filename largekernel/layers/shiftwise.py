@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from largekernel.layers.conv import DepthwiseConv2d
 from largekernel.ops import depthwise_conv2d
-from largekernel.ops.shiftadd import shift_add, shift_add_eval
+from largekernel.ops.shiftadd import shift_add, shift_add_col_pad, shift_add_eval, shift_add_path
 
 _SEED = 123
 _IMPLS = ("shiftadd", "bands")
@@ -368,12 +368,19 @@ class ShiftwiseConv2d(nn.Module):
                 t = [depthwise_conv2d(rep, kernel) for kernel in self.band_kernels()]
             else:
                 # NCHW: the shift-add reads y (nk times larger than rep) as planes; converting rep is cheaper
-                y = F.conv2d(rep.contiguous(), self.small_kernels(), None, 1, self.padding, 1, self.rep_channels)
                 if inference:  # one fused pass: three terms, BN affine, identity, ghost channels
+                    y = F.conv2d(rep.contiguous(), self.small_kernels(), None, 1, self.padding, 1,
+                                 self.rep_channels)
                     scale, bias = self.term_affine()
                     return shift_add_eval(y, self.pad_hv, self.idx_identity, self.extra_pad, scale, bias, x,
                                           self.rep_idx, self.ghost_idx)
-                t = shift_add(y, self.pad_hv, self.idx_identity, self.extra_pad).unbind(0)  # one stacked grad
+                # the fused kernels read y's rows whole when the conv pads them to the kernels' tile (zeros there)
+                col_pad = 0
+                if shift_add_path(rep) == "triton":
+                    col_pad = shift_add_col_pad(rep.shape[3] + 2 * self.extra_pad)
+                y = F.conv2d(rep.contiguous(), self.small_kernels(), None, 1, (self.padding, self.padding + col_pad),
+                             1, self.rep_channels)
+                t = shift_add(y, self.pad_hv, self.idx_identity, self.extra_pad, col_pad).unbind(0)  # one grad
             if form == "folded":
                 out = sum(t[i] * self.term_scale[i].view(1, -1, 1, 1) for i in range(3))
                 out = out + self.term_bias.view(1, -1, 1, 1)

@@ -673,20 +673,26 @@ def _grid_2d(b0, B, NB: tl.constexpr, P: tl.constexpr):
 
 @triton.jit
 def _products_2d(y_ptr, mat, b0, c, R, B, NK: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-                 NB: tl.constexpr, P: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
+                 NB: tl.constexpr, P: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
+                 CO: tl.constexpr):
     """The two shifted terms as [NB*P, P] products: acc0[(b, u), n] (out0 at (u-e, n-e)) and acc1[(b, v), n] (out1
-    at (n-e, v-e)). Each plane is loaded directly as the products' operand (the compiler stages such loads in
+    at (n-e, v-CO-e)). Each plane is loaded directly as the products' operand (the compiler stages such loads in
     shared memory ahead of use): once for one image (the second operand is its transpose), else twice (the second
-    load an L1/L2 hit)."""
+    load an L1/L2 hit). CO: the zero columns on each side of y's rows (rows of RS = W + 2e + 2*CO elements; with
+    RS == P whole rows are loaded unmasked, so a 16-byte-aligned RS gives 16-byte copies)."""
     HP: tl.constexpr = H + 2 * E
-    WP: tl.constexpr = W + 2 * E
-    PLANE: tl.constexpr = HP * WP
+    RS: tl.constexpr = W + 2 * E + 2 * CO
+    PLANE: tl.constexpr = HP * RS
     r, cols, b_r, ok = _grid_2d(b0, B, NB, P)
     base = y_ptr + (b_r * R + c).to(tl.int64) * (NK * PLANE)
-    p_0 = base + (r * WP + cols)
-    m_0 = ok & (r < HP) & (cols < WP)
-    p_1 = base + (cols * WP + r)
-    m_1 = ok & (r < WP) & (cols < HP)
+    p_0 = base + (r * RS + cols)
+    p_1 = base + (cols * RS + r)
+    if RS == P:
+        m_0 = ok & (r < HP)
+        m_1 = ok & (cols < HP)
+    else:
+        m_0 = ok & (r < HP) & (cols < RS)
+        m_1 = ok & (r < RS) & (cols < HP)
     acc0 = tl.zeros((NB * P, P), dtype=tl.float64 if F64 else tl.float32)
     acc1 = acc0
     for j in range(NK):
@@ -714,7 +720,7 @@ def _gather_tc(y_ptr, mat_ptr, ident_ptr, b0, b, b_ok, c, R, B, u, v,
     PLANE: tl.constexpr = HP * WP
     mat = _channel_mats(mat_ptr, c, NK, P, False)
     if TWO:
-        acc0, acc1 = _products_2d(y_ptr, mat, b0, c, R, B, NK, E, H, W, NB, P, F64, SPLIT, EMULATE)
+        acc0, acc1 = _products_2d(y_ptr, mat, b0, c, R, B, NK, E, H, W, NB, P, F64, SPLIT, EMULATE, 0)
     else:
         acc0 = tl.zeros((NB * P, P), dtype=tl.float64 if F64 else tl.float32)
         acc1 = acc0
@@ -736,22 +742,22 @@ def _gather_tc(y_ptr, mat_ptr, ident_ptr, b0, b, b_ok, c, R, B, u, v,
 def _fwd_tc(y_ptr, mat_ptr, ident_ptr, out_ptr, R, term_stride, B,
             NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
             P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
-            TWO: tl.constexpr):
+            TWO: tl.constexpr, CO: tl.constexpr):
     c, b0, b, b_ok, u, v = _tc_coords(B, NB, P)
     if TWO:  # stored straight from the [NB*P, P] products (no layout conversion)
         HP: tl.constexpr = H + 2 * E
-        WP: tl.constexpr = W + 2 * E
+        RS: tl.constexpr = W + 2 * E + 2 * CO
         mat = _channel_mats(mat_ptr, c, NK, P, False)
-        acc0, acc1 = _products_2d(y_ptr, mat, b0, c, R, B, NK, E, H, W, NB, P, F64, SPLIT, EMULATE)
+        acc0, acc1 = _products_2d(y_ptr, mat, b0, c, R, B, NK, E, H, W, NB, P, F64, SPLIT, EMULATE, CO)
         r, cols, b_r, ok = _grid_2d(b0, B, NB, P)
         o_c = out_ptr + (b_r * R + c).to(tl.int64) * (H * W)
         ty = out_ptr.dtype.element_ty
         in0 = ok & (r >= E) & (r < H + E) & (cols >= E) & (cols < W + E)
         tl.store(o_c + ((r - E) * W + (cols - E)), acc0.to(ty), mask=in0)
-        in1 = ok & (cols >= E) & (cols < H + E) & (r >= E) & (r < W + E)
-        tl.store(o_c + term_stride + ((cols - E) * W + (r - E)), acc1.to(ty), mask=in1)
-        p_b = y_ptr + (b_r * R).to(tl.int64) * (NK * HP * WP) + (r * WP + cols)
-        acc2 = _identity_term(p_b, ident_ptr, c, in0, acc0.dtype, G, HP * WP)
+        in1 = ok & (cols >= E) & (cols < H + E) & (r >= CO + E) & (r < CO + W + E)
+        tl.store(o_c + term_stride + ((cols - E) * W + (r - CO - E)), acc1.to(ty), mask=in1)
+        p_b = y_ptr + (b_r * R).to(tl.int64) * (NK * HP * RS) + (r * RS + cols + CO)
+        acc2 = _identity_term(p_b, ident_ptr, c, in0, acc0.dtype, G, HP * RS)
         tl.store(o_c + 2 * term_stride + ((r - E) * W + (cols - E)), acc2.to(ty), mask=in0)
     else:
         acc0, acc1, acc2, inside = _gather_tc(y_ptr, mat_ptr, ident_ptr, b0, b, b_ok, c, R, B, u, v, NK, G, E, H, W,
@@ -778,28 +784,35 @@ def _eval_tc(y_ptr, mat_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out
 def _bwd_tc(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
             NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
             P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
-            TWO: tl.constexpr):
+            TWO: tl.constexpr, CO: tl.constexpr):
     """Gradient of the nk y planes of channel c for NB images: G0[u, n] = gout0[u-e, n-e], G1t[v, n] =
-    gout1[n-e, v-e] (a transposed load), G2[u, v] = gout2[u-e, v-e]; plane j = G0 @ Mh_j^T + (G1t @ Mv_j^T)^T
-    + hits_j * G2, hits_j = #{g: idx_identity[c, g] == c*nk + j}. (TWO: a forward variant; "tc" and "tc2" share
-    this kernel.)"""
+    gout1[n-e, v-CO-e] (a transposed load), G2[u, v] = gout2[u-e, v-CO-e]; plane j = G0 @ Mh_j^T + (G1t @ Mv_j^T)^T
+    + hits_j * G2, hits_j = #{g: idx_identity[c, g] == c*nk + j}; the CO pad columns of each side of a row get
+    zeros (Mh_j's rows are zero there). (TWO: a forward variant; "tc" and "tc2" share this kernel.)"""
     HP: tl.constexpr = H + 2 * E
-    WP: tl.constexpr = W + 2 * E
+    RS: tl.constexpr = W + 2 * E + 2 * CO
     c, _, b, b_ok, u, v = _tc_coords(B, NB, P)
     g_c = gout_ptr + (b * R + c).to(tl.int64) * (H * W)
     inside = b_ok & (u >= E) & (u < H + E) & (v >= E) & (v < W + E)
     hs = tl.minimum(tl.maximum(u - E, 0), H - 1)
     ws = tl.minimum(tl.maximum(v - E, 0), W - 1)
     g0 = tl.load(g_c + (hs * W + ws), mask=inside, other=0.0)
-    inside_t = b_ok & (u >= E) & (u < W + E) & (v >= E) & (v < H + E)  # rows index columns and vice versa
+    # rows index (padded) columns and vice versa
+    inside_t = b_ok & (u >= CO + E) & (u < CO + W + E) & (v >= E) & (v < H + E)
     g1t = tl.load(g_c + term_stride + (tl.minimum(tl.maximum(v - E, 0), H - 1) * W
-                                       + tl.minimum(tl.maximum(u - E, 0), W - 1)), mask=inside_t, other=0.0)
-    g2 = tl.load(g_c + 2 * term_stride + (hs * W + ws), mask=inside, other=0.0).to(tl.float64 if F64 else tl.float32)
+                                       + tl.minimum(tl.maximum(u - CO - E, 0), W - 1)), mask=inside_t, other=0.0)
+    inside_2 = b_ok & (u >= E) & (u < H + E) & (v >= CO + E) & (v < CO + W + E)
+    ws_2 = tl.minimum(tl.maximum(v - CO - E, 0), W - 1)
+    g2 = tl.load(g_c + 2 * term_stride + (hs * W + ws_2), mask=inside_2, other=0.0)
+    g2 = g2.to(tl.float64 if F64 else tl.float32)
     a0 = _rows(g0, NB, P)
     a1 = _rows(g1t, NB, P)
     mat_t = _channel_mats(mat_ptr, c, NK, P, True)
-    p_gy = gy_ptr + ((b * R + c) * NK).to(tl.int64) * (HP * WP) + (u * WP + v)
-    m_gy = b_ok & (u < HP) & (v < WP)
+    p_gy = gy_ptr + ((b * R + c) * NK).to(tl.int64) * (HP * RS) + (u * RS + v)
+    if RS == P:
+        m_gy = b_ok & (u < HP)
+    else:
+        m_gy = b_ok & (u < HP) & (v < RS)
     zero = tl.zeros((NB * P, P), dtype=tl.float64 if F64 else tl.float32)
     for j in range(NK):
         mh_t = tl.load(mat_t + (2 * j) * (P * P))
@@ -810,13 +823,16 @@ def _bwd_tc(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
         for g in tl.static_range(G):
             hits += (tl.load(ident_ptr + c * G + g) == c * NK + j).to(tl.int32)
         acc += hits.to(acc.dtype) * g2
-        tl.store(p_gy + j * (HP * WP), acc.to(gy_ptr.dtype.element_ty), mask=m_gy)
+        tl.store(p_gy + j * (HP * RS), acc.to(gy_ptr.dtype.element_ty), mask=m_gy)
 
 
-def count_matrices(pad_hv: torch.Tensor, nk: int, extra_pad: int, p: int, dtype: torch.dtype) -> torch.Tensor:
+def count_matrices(pad_hv: torch.Tensor, nk: int, extra_pad: int, p: int, dtype: torch.dtype,
+                   col_pad: int = 0, width: int | None = None) -> torch.Tensor:
     """The "tc" kernels' count matrices (R, nk, 2, P, P) for the shift table ``pad_hv`` (R*nk, 2G): entry [c, j, d,
-    k, n] = #{g: n - k == pad_hv[c*nk + j, d*G + g] + extra_pad} (small integers, exact in ``dtype``). Built once
-    per table tensor (and again after an in-place change)."""
+    k, n] = #{g: n - k == pad_hv[c*nk + j, d*G + g] + extra_pad} (small integers, exact in ``dtype``). With
+    ``width`` (the rows' data columns, after ``col_pad`` zero columns), the horizontal matrices (d = 0) index the
+    padded row: entry [k, n] counts n - (k - col_pad), and rows k outside the data are zero. Built once per table
+    tensor (and again after an in-place change)."""
     def build():
         g = pad_hv.shape[1] // 2
         shifts = pad_hv.reshape(-1, nk, 2, g).to(torch.int32) + extra_pad
@@ -825,6 +841,10 @@ def count_matrices(pad_hv: torch.Tensor, nk: int, extra_pad: int, p: int, dtype:
         mats = torch.zeros((*shifts.shape[:3], p, p), device=pad_hv.device, dtype=dtype)
         for i in range(g):
             mats += (diff == shifts[..., i, None, None]).to(dtype)
+        if width is not None:
+            horizontal = torch.zeros_like(mats[:, :, 0])
+            horizontal[..., col_pad:col_pad + width, :] = mats[:, :, 0, :width]
+            mats[:, :, 0] = horizontal
         return mats
 
     def build_in_capture():
@@ -834,7 +854,8 @@ def count_matrices(pad_hv: torch.Tensor, nk: int, extra_pad: int, p: int, dtype:
         return _BUILT_IN_CAPTURE[-1]
 
     capturing = pad_hv.is_cuda and torch.cuda.is_current_stream_capturing()
-    return cached(_COUNT_MATRICES, pad_hv, (pad_hv._version, nk, extra_pad, p, dtype, pad_hv.device),
+    key = (pad_hv._version, nk, extra_pad, p, dtype, pad_hv.device, col_pad, width)
+    return cached(_COUNT_MATRICES, pad_hv, key,
                   build_in_capture if capturing else build, keep=not capturing)
 
 
@@ -881,9 +902,10 @@ def _flat_block(hw: int) -> int:
     return best
 
 
-def candidates(h: int, w: int, pad: int = 0) -> list[tuple[str, int, int, int]]:
+def candidates(h: int, w: int, pad: int = 0, col_pad: int = 0) -> list[tuple[str, int, int, int]]:
     """The N_CANDIDATES launch configurations for planes of h x w (list index = ``FORCE`` value); ``pad``: the
-    forward's extra_pad (its "dot" tile covers the padded input plane)."""
+    forward's extra_pad (its "dot" tile covers the padded input plane); ``col_pad``: the zero columns on each
+    side of y's rows (the "tc" tiles cover the whole row)."""
     bw = min(128, next_pow2(w))
     bh = min(next_pow2(h), max(1, 4096 // bw))
     strip = max(1, min(bh, 1024 // bw))
@@ -899,7 +921,7 @@ def candidates(h: int, w: int, pad: int = 0) -> list[tuple[str, int, int, int]]:
         ("flat+pf", max(1, 512 // chunk), chunk, _warps(max(512, chunk), 4)),
         ("flat+pf", max(1, 1024 // whole), whole, _warps(max(1024, whole), 4)),  # whole flattened plane(s)
     ]
-    p = max(16, next_pow2(max(h, w) + 2 * pad))
+    p = max(16, next_pow2(max(h, w + 2 * col_pad) + 2 * pad))
     if p <= 64:  # shifts as tensor-core products with count matrices; [P, P] tiles, so small planes only
         cands += [("dot", p, p, 1 if p == 16 else 4), ("dot", p, p, 2 if p == 16 else 8)]
     else:
@@ -934,9 +956,9 @@ def _matrix_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.bfloat16
 
 
-def _launch(key: tuple, h: int, w: int, run, device: torch.device, pad: int = 0) -> None:
+def _launch(key: tuple, h: int, w: int, run, device: torch.device, pad: int = 0, col_pad: int = 0) -> None:
     """Run ``run(candidate)`` with the forced, tuned or default candidate for planes of h x w."""
-    cands = candidates(h, w, pad)
+    cands = candidates(h, w, pad, col_pad)
     if FORCE is not None:
         return run(cands[FORCE])
     if not (TUNE and device.type == "cuda"):
@@ -968,17 +990,21 @@ def _launch(key: tuple, h: int, w: int, run, device: torch.device, pad: int = 0)
 
 
 def _run_candidate(cand: tuple, kernels: tuple, lead: tuple, plane_args: tuple, extra: tuple, planes: int,
-                   grid_h: int, grid_w: int, h: int, w: int, consts: dict, dtype: torch.dtype, batch: int) -> None:
+                   grid_h: int, grid_w: int, h: int, w: int, consts: dict, dtype: torch.dtype, batch: int,
+                   col_pad: int | None = None) -> None:
     """Launch one candidate of a shift-add pass. kernels = its (plane, tile, dot, flat, dotb, tc) kernels; every launch
     takes ``lead`` first, the "plane" kernel then ``plane_args`` and its tile counts, the others ``extra`` then
     their own counts; tiles cover grid_h x grid_w per plane (the output plane of that pass), ``planes`` of them,
-    ``planes // batch`` per image."""
+    ``planes // batch`` per image. ``col_pad``: y's zero columns per row side, for the "tc" kernels that take it
+    (None: a pass without it)."""
     kind, a, bb, warps = cand
     k_plane, k_tile, k_dot, k_flat, k_dotb, k_tc = kernels
     if kind.startswith("tc"):   # a = P, bb = NB images per program; the count matrices replace pad_hv
-        mats = count_matrices(lead[1], consts["NK"], consts["E"], a, _matrix_dtype(dtype))
+        width = None if not col_pad else w + 2 * consts["E"]
+        mats = count_matrices(lead[1], consts["NK"], consts["E"], a, _matrix_dtype(dtype), col_pad or 0, width)
+        co = {} if col_pad is None else {"CO": col_pad}
         launch(k_tc, (cdiv(batch, bb) * lead[2].shape[0],), lead[0], mats, *lead[2:], *extra, batch, H=h, W=w,
-               P=a, NB=bb, num_warps=warps, TWO=kind == "tc2", **consts, **_dot_consts(dtype))
+               P=a, NB=bb, num_warps=warps, TWO=kind == "tc2", **co, **consts, **_dot_consts(dtype))
         return
     if kind == "dotb":   # a = P, bb = NB images per program
         launch(k_dotb, (cdiv(batch, bb) * (planes // batch),), *lead, *extra, batch, H=h, W=w, P=a, NB=bb,
@@ -1001,43 +1027,60 @@ def _run_candidate(cand: tuple, kernels: tuple, lead: tuple, plane_args: tuple, 
                num_warps=warps, **consts, **pf)
 
 
+def _padded_rows(y_or_gy: torch.Tensor, col_pad: int) -> torch.Tensor:
+    """(..., Wp) -> (..., Wp + 2*col_pad) with zero columns on each side."""
+    return torch.nn.functional.pad(y_or_gy, (col_pad, col_pad))
+
+
 def shift_add_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor,
-                      extra_pad: int) -> torch.Tensor:
-    """y (B, R*nk, Hp, Wp) contiguous, int32 tables on y's device -> (3, B, R, H, W)."""
-    b, rnk, hp, wp = y.shape
+                      extra_pad: int, col_pad: int = 0) -> torch.Tensor:
+    """y (B, R*nk, Hp, Wp + 2*col_pad) contiguous (rows with ``col_pad`` zero columns on each side, which the
+    "tc2" kernels load as part of the row and the others skip through a copy), int32 tables on y's device ->
+    (3, B, R, H, W)."""
+    b, rnk, hp, rs = y.shape
     r, g = idx_identity.shape
     nk = rnk // r
+    wp = rs - 2 * col_pad
     h, w = hp - 2 * extra_pad, wp - 2 * extra_pad
     out = torch.empty((3, b, r, h, w), device=y.device, dtype=y.dtype)
     consts = dict(NK=nk, G=g, E=extra_pad, F64=y.dtype == torch.float64)
     planes, ts = b * r, b * r * h * w
+    kernels = (_shift_add_fwd, _fwd_tile, _fwd_dot, _fwd_flat, _fwd_dotb, _fwd_tc)
 
     def run(cand):
-        _run_candidate(cand, (_shift_add_fwd, _fwd_tile, _fwd_dot, _fwd_flat, _fwd_dotb, _fwd_tc),
-                       (y, pad_hv, idx_identity, out, r), (h, w, hp, wp, ts), (ts,), planes, h, w, h, w, consts,
-                       y.dtype, b)
+        yc, co = y, col_pad
+        if col_pad and cand[0] != "tc2":
+            yc, co = y[..., col_pad:col_pad + wp].contiguous(), 0
+        _run_candidate(cand, kernels, (yc, pad_hv, idx_identity, out, r), (h, w, hp, wp, ts), (ts,), planes, h, w,
+                       h, w, consts, y.dtype, b, co)
 
-    _launch(("fwd", b, r, h, w, nk, g, extra_pad, y.dtype), h, w, run, y.device, extra_pad)
+    _launch(("fwd", b, r, h, w, nk, g, extra_pad, y.dtype, col_pad), h, w, run, y.device, extra_pad, col_pad)
     return out
 
 
 def shift_add_backward(gout: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor,
-                       extra_pad: int) -> torch.Tensor:
-    """gout (3, B, R, H, W) contiguous -> grad of y (B, R*nk, H+2e, W+2e)."""
+                       extra_pad: int, col_pad: int = 0) -> torch.Tensor:
+    """gout (3, B, R, H, W) contiguous -> grad of y (B, R*nk, H+2e, W+2e + 2*col_pad), zero in the pad columns."""
     _, b, r, h, w = gout.shape
     g = idx_identity.shape[1]
     nk = pad_hv.shape[0] // r
     hp, wp = h + 2 * extra_pad, w + 2 * extra_pad
-    gy = torch.empty((b, r * nk, hp, wp), device=gout.device, dtype=gout.dtype)
+    gy = torch.empty((b, r * nk, hp, wp + 2 * col_pad), device=gout.device, dtype=gout.dtype)
     consts = dict(NK=nk, G=g, E=extra_pad, F64=gout.dtype == torch.float64)
     planes, ts = b * r * nk, b * r * h * w
+    kernels = (_shift_add_bwd, _bwd_tile, _bwd_dot, _bwd_flat, _bwd_dotb, _bwd_tc)
 
     def run(cand):
-        _run_candidate(cand, (_shift_add_bwd, _bwd_tile, _bwd_dot, _bwd_flat, _bwd_dotb, _bwd_tc),
-                       (gout, pad_hv, idx_identity, gy, r), (h, w, hp, wp, ts), (ts,), planes, hp, wp, h, w, consts,
-                       gout.dtype, b)
+        if col_pad and not cand[0].startswith("tc"):
+            inner = torch.empty((b, r * nk, hp, wp), device=gout.device, dtype=gout.dtype)
+            _run_candidate(cand, kernels, (gout, pad_hv, idx_identity, inner, r), (h, w, hp, wp, ts), (ts,), planes,
+                           hp, wp, h, w, consts, gout.dtype, b, 0)
+            gy.copy_(_padded_rows(inner, col_pad))
+            return
+        _run_candidate(cand, kernels, (gout, pad_hv, idx_identity, gy, r), (h, w, hp, wp, ts), (ts,), planes, hp, wp,
+                       h, w, consts, gout.dtype, b, col_pad)
 
-    _launch(("bwd", b, r, h, w, nk, g, extra_pad, gout.dtype), hp, wp, run, gout.device)
+    _launch(("bwd", b, r, h, w, nk, g, extra_pad, gout.dtype, col_pad), hp, wp, run, gout.device, 0, col_pad)
     return gy
 
 

@@ -10,6 +10,12 @@ G = N_rep index groups) the three outputs, each (B, R, H, W), are, for channel c
 
 with zeros wherever the read falls outside ``y``. Returned stacked as (3, B, R, H, W). This is the
 output-centric (gather) form of the official CUDA op's scatter; both directions are gathers, no atomics.
+
+``col_pad`` > 0: y's rows carry that many extra columns on each side, (B, R*nk, H+2e, W+2e + 2*col_pad), which the
+op ignores (the result is that of ``y[..., col_pad:-col_pad]``; their gradient is zero). The values there must be
+finite: the tensor-core kernels load whole rows and multiply those columns by zero. A producer that writes y with
+zero pad columns and a 16-byte-aligned row (the shift-wise layer's small conv, padded wider) gives those kernels
+16-byte copies.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from largekernel.ops.dispatch import get_backend, triton_usable
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor, extra_pad: int) -> tuple[int, int]:
+def _check(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor, extra_pad: int,
+           col_pad: int = 0) -> tuple[int, int]:
     if y.dim() != 4:
         raise ValueError(f"y must be (B, R*nk, H+2e, W+2e), got shape {tuple(y.shape)}")
     if idx_identity.dim() != 2 or pad_hv.dim() != 2:
@@ -33,8 +40,11 @@ def _check(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor, ex
     nk = y.shape[1] // r
     if tuple(pad_hv.shape) != (r * nk, 2 * g):
         raise ValueError(f"pad_hv must have shape {(r * nk, 2 * g)}, got {tuple(pad_hv.shape)}")
-    if extra_pad < 0 or y.shape[2] <= 2 * extra_pad or y.shape[3] <= 2 * extra_pad:
-        raise ValueError(f"extra_pad={extra_pad} does not fit y of spatial size {tuple(y.shape[2:])}")
+    if col_pad < 0 or y.shape[3] <= 2 * col_pad:
+        raise ValueError(f"col_pad={col_pad} does not fit y of spatial size {tuple(y.shape[2:])}")
+    if extra_pad < 0 or y.shape[2] <= 2 * extra_pad or y.shape[3] - 2 * col_pad <= 2 * extra_pad:
+        raise ValueError(f"extra_pad={extra_pad} does not fit y of spatial size {tuple(y.shape[2:])}"
+                         + (f" with col_pad={col_pad}" if col_pad else ""))
     return nk, g
 
 
@@ -48,9 +58,11 @@ def _window(z: torch.Tensor, row: int, col: int, h: int, w: int) -> torch.Tensor
 
 
 def shift_add_reference(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor,
-                        extra_pad: int) -> torch.Tensor:
+                        extra_pad: int, col_pad: int = 0) -> torch.Tensor:
     """Pure-PyTorch shift-add (differentiable by autograd); any shift tables. Returns (3, B, R, H, W)."""
-    nk, g = _check(y, pad_hv, idx_identity, extra_pad)
+    nk, g = _check(y, pad_hv, idx_identity, extra_pad, col_pad)
+    if col_pad:
+        y = y[..., col_pad:y.shape[3] - col_pad]
     b, _, hp, wp = y.shape
     r = idx_identity.shape[0]
     e = extra_pad
@@ -75,46 +87,59 @@ def shift_add_reference(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: tor
 
 
 @torch.library.custom_op("largekernel::shift_add", mutates_args=(),
-                         schema="(Tensor y, Tensor pad_hv, Tensor idx_identity, int extra_pad) -> Tensor")
-def _op_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor, extra_pad: int) -> torch.Tensor:
+                         schema="(Tensor y, Tensor pad_hv, Tensor idx_identity, int extra_pad, int col_pad=0) "
+                                "-> Tensor")
+def _op_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor, extra_pad: int,
+                col_pad: int = 0) -> torch.Tensor:
     from largekernel.ops._triton_shiftadd import shift_add_forward
 
-    return shift_add_forward(y.contiguous(), pad_hv, idx_identity, extra_pad)
+    return shift_add_forward(y.contiguous(), pad_hv, idx_identity, extra_pad, col_pad)
 
 
 @_op_forward.register_fake
-def _(y, pad_hv, idx_identity, extra_pad):
+def _(y, pad_hv, idx_identity, extra_pad, col_pad=0):
     b, _, hp, wp = y.shape
-    return y.new_empty((3, b, idx_identity.shape[0], hp - 2 * extra_pad, wp - 2 * extra_pad))
+    return y.new_empty((3, b, idx_identity.shape[0], hp - 2 * extra_pad, wp - 2 * extra_pad - 2 * col_pad))
 
 
 @torch.library.custom_op("largekernel::shift_add_backward", mutates_args=(),
-                         schema="(Tensor gout, Tensor pad_hv, Tensor idx_identity, int extra_pad) -> Tensor")
+                         schema="(Tensor gout, Tensor pad_hv, Tensor idx_identity, int extra_pad, int col_pad=0) "
+                                "-> Tensor")
 def _op_backward(gout: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor,
-                 extra_pad: int) -> torch.Tensor:
+                 extra_pad: int, col_pad: int = 0) -> torch.Tensor:
     from largekernel.ops._triton_shiftadd import shift_add_backward
 
-    return shift_add_backward(gout.contiguous(), pad_hv, idx_identity, extra_pad)
+    return shift_add_backward(gout.contiguous(), pad_hv, idx_identity, extra_pad, col_pad)
 
 
 @_op_backward.register_fake
-def _(gout, pad_hv, idx_identity, extra_pad):
+def _(gout, pad_hv, idx_identity, extra_pad, col_pad=0):
     _, b, r, h, w = gout.shape
-    return gout.new_empty((b, pad_hv.shape[0], h + 2 * extra_pad, w + 2 * extra_pad))
+    return gout.new_empty((b, pad_hv.shape[0], h + 2 * extra_pad, w + 2 * extra_pad + 2 * col_pad))
 
 
 def _setup_context(ctx, inputs, output):
-    _, pad_hv, idx_identity, extra_pad = inputs
+    _, pad_hv, idx_identity, extra_pad, col_pad = inputs
     ctx.save_for_backward(pad_hv, idx_identity)
     ctx.extra_pad = extra_pad
+    ctx.col_pad = col_pad
 
 
 def _backward(ctx, gout):
     pad_hv, idx_identity = ctx.saved_tensors
-    return torch.ops.largekernel.shift_add_backward(gout, pad_hv, idx_identity, ctx.extra_pad), None, None, None
+    gy = torch.ops.largekernel.shift_add_backward(gout, pad_hv, idx_identity, ctx.extra_pad, ctx.col_pad)
+    return gy, None, None, None, None
 
 
 _op_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def shift_add_col_pad(width: int) -> int:
+    """The pad columns per row side that make y's rows (``width`` = W + 2e) exactly as wide as the tensor-core
+    kernels' tile (a power of two, 16..64), so those kernels load whole rows with 16-byte copies; 0 where that
+    takes an odd number of columns, more than an eighth of the row, or the rows are wider than the tile."""
+    extra = max(16, 1 << (width - 1).bit_length()) - width
+    return extra // 2 if width + extra <= 64 and extra % 2 == 0 and extra <= width // 8 else 0
 
 
 def shift_add_path(y: torch.Tensor) -> str:
@@ -130,24 +155,25 @@ def shift_add_path(y: torch.Tensor) -> str:
     return "native"
 
 
-def shift_add(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor, extra_pad: int) -> torch.Tensor:
-    """Shift-add of the module docstring: y (B, R*nk, H+2e, W+2e) -> (3, B, R, H, W).
+def shift_add(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor, extra_pad: int,
+              col_pad: int = 0) -> torch.Tensor:
+    """Shift-add of the module docstring: y (B, R*nk, H+2e, W+2e + 2*col_pad) -> (3, B, R, H, W).
 
     Runs the fused Triton kernel (forward and backward, custom op ``largekernel::shift_add``) where
     :func:`shift_add_path` says so, else the PyTorch reference. The tables get no gradient.
     """
-    _check(y, pad_hv, idx_identity, extra_pad)
+    _check(y, pad_hv, idx_identity, extra_pad, col_pad)
     if y.is_meta or pad_hv.is_meta:  # shapes only (model summaries, FLOP counting on the meta device)
         b, _, hp, wp = y.shape
-        h, w = hp - 2 * extra_pad, wp - 2 * extra_pad
+        h, w = hp - 2 * extra_pad, wp - 2 * extra_pad - 2 * col_pad
         return y.new_empty((3, b, idx_identity.shape[0], h, w), device="meta")
     if shift_add_path(y) == "triton":
         pad_hv = pad_hv.to(device=y.device, dtype=torch.int32).contiguous()
         idx_identity = idx_identity.to(device=y.device, dtype=torch.int32).contiguous()
         if torch.compiler.is_compiling():
-            return torch.ops.largekernel.shift_add(y, pad_hv, idx_identity, extra_pad)
-        return _ShiftAddFunction.apply(y, pad_hv, idx_identity, extra_pad)   # eager: no custom-op dispatch cost
-    return shift_add_reference(y, pad_hv, idx_identity, extra_pad)
+            return torch.ops.largekernel.shift_add(y, pad_hv, idx_identity, extra_pad, col_pad)
+        return _ShiftAddFunction.apply(y, pad_hv, idx_identity, extra_pad, col_pad)   # eager: no custom-op cost
+    return shift_add_reference(y, pad_hv, idx_identity, extra_pad, col_pad)
 
 
 class _ShiftAddFunction(torch.autograd.Function):
@@ -155,19 +181,20 @@ class _ShiftAddFunction(torch.autograd.Function):
     which costs ~0.2 ms per call on the H100 host)."""
 
     @staticmethod
-    def forward(ctx, y, pad_hv, idx_identity, extra_pad):
+    def forward(ctx, y, pad_hv, idx_identity, extra_pad, col_pad):
         from largekernel.ops._triton_shiftadd import shift_add_forward
 
         ctx.save_for_backward(pad_hv, idx_identity)
-        ctx.extra_pad = extra_pad
-        return shift_add_forward(y.contiguous(), pad_hv, idx_identity, extra_pad)
+        ctx.extra_pad, ctx.col_pad = extra_pad, col_pad
+        return shift_add_forward(y.contiguous(), pad_hv, idx_identity, extra_pad, col_pad)
 
     @staticmethod
     def backward(ctx, gout):
         from largekernel.ops._triton_shiftadd import shift_add_backward
 
         pad_hv, idx_identity = ctx.saved_tensors
-        return shift_add_backward(gout.contiguous(), pad_hv, idx_identity, ctx.extra_pad), None, None, None
+        gy = shift_add_backward(gout.contiguous(), pad_hv, idx_identity, ctx.extra_pad, ctx.col_pad)
+        return gy, None, None, None, None
 
 
 @torch.library.custom_op("largekernel::shift_add_eval", mutates_args=(),
