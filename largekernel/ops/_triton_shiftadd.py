@@ -675,8 +675,8 @@ def _grid_2d(b0, B, NB: tl.constexpr, P: tl.constexpr):
 def _products_2d(y_ptr, mat, b0, c, R, B, NK: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                  NB: tl.constexpr, P: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
                  CO: tl.constexpr):
-    """The two shifted terms as [NB*P, P] products: acc0[(b, u), n] (out0 at (u-e, n-e)) and acc1[(b, v), n] (out1
-    at (n-e, v-CO-e)). Each plane is loaded directly as the products' operand (the compiler stages such loads in
+    """The two shifted terms as [NB*P, P] products: acc0[(b, u), n] (out0 at (u-e, n-CO-e)) and acc1[(b, v), n]
+    (out1 at (n-e, v-CO-e)). Each plane is loaded directly as the products' operand (the compiler stages such loads in
     shared memory ahead of use): once for one image (the second operand is its transpose), else twice (the second
     load an L1/L2 hit). CO: the zero columns on each side of y's rows (rows of RS = W + 2e + 2*CO elements; with
     RS == P whole rows are loaded unmasked, so a 16-byte-aligned RS gives 16-byte copies)."""
@@ -752,13 +752,13 @@ def _fwd_tc(y_ptr, mat_ptr, ident_ptr, out_ptr, R, term_stride, B,
         r, cols, b_r, ok = _grid_2d(b0, B, NB, P)
         o_c = out_ptr + (b_r * R + c).to(tl.int64) * (H * W)
         ty = out_ptr.dtype.element_ty
-        in0 = ok & (r >= E) & (r < H + E) & (cols >= E) & (cols < W + E)
-        tl.store(o_c + ((r - E) * W + (cols - E)), acc0.to(ty), mask=in0)
+        in0 = ok & (r >= E) & (r < H + E) & (cols >= CO + E) & (cols < CO + W + E)
+        tl.store(o_c + ((r - E) * W + (cols - CO - E)), acc0.to(ty), mask=in0)
         in1 = ok & (cols >= E) & (cols < H + E) & (r >= CO + E) & (r < CO + W + E)
         tl.store(o_c + term_stride + ((cols - E) * W + (r - CO - E)), acc1.to(ty), mask=in1)
-        p_b = y_ptr + (b_r * R).to(tl.int64) * (NK * HP * RS) + (r * RS + cols + CO)
+        p_b = y_ptr + (b_r * R).to(tl.int64) * (NK * HP * RS) + (r * RS + cols)
         acc2 = _identity_term(p_b, ident_ptr, c, in0, acc0.dtype, G, HP * RS)
-        tl.store(o_c + 2 * term_stride + ((r - E) * W + (cols - E)), acc2.to(ty), mask=in0)
+        tl.store(o_c + 2 * term_stride + ((r - E) * W + (cols - CO - E)), acc2.to(ty), mask=in0)
     else:
         acc0, acc1, acc2, inside = _gather_tc(y_ptr, mat_ptr, ident_ptr, b0, b, b_ok, c, R, B, u, v, NK, G, E, H, W,
                                               NB, P, F64, SPLIT, EMULATE, TWO)
@@ -785,7 +785,7 @@ def _bwd_tc(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
             NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
             P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
             TWO: tl.constexpr, CO: tl.constexpr):
-    """Gradient of the nk y planes of channel c for NB images: G0[u, n] = gout0[u-e, n-e], G1t[v, n] =
+    """Gradient of the nk y planes of channel c for NB images: G0[u, n] = gout0[u-e, n-CO-e], G1t[v, n] =
     gout1[n-e, v-CO-e] (a transposed load), G2[u, v] = gout2[u-e, v-CO-e]; plane j = G0 @ Mh_j^T + (G1t @ Mv_j^T)^T
     + hits_j * G2, hits_j = #{g: idx_identity[c, g] == c*nk + j}; the CO pad columns of each side of a row get
     zeros (Mh_j's rows are zero there). (TWO: a forward variant; "tc" and "tc2" share this kernel.)"""
@@ -793,17 +793,14 @@ def _bwd_tc(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
     RS: tl.constexpr = W + 2 * E + 2 * CO
     c, _, b, b_ok, u, v = _tc_coords(B, NB, P)
     g_c = gout_ptr + (b * R + c).to(tl.int64) * (H * W)
-    inside = b_ok & (u >= E) & (u < H + E) & (v >= E) & (v < W + E)
-    hs = tl.minimum(tl.maximum(u - E, 0), H - 1)
-    ws = tl.minimum(tl.maximum(v - E, 0), W - 1)
-    g0 = tl.load(g_c + (hs * W + ws), mask=inside, other=0.0)
+    inside = b_ok & (u >= E) & (u < H + E) & (v >= CO + E) & (v < CO + W + E)
+    off = tl.minimum(tl.maximum(u - E, 0), H - 1) * W + tl.minimum(tl.maximum(v - CO - E, 0), W - 1)
+    g0 = tl.load(g_c + off, mask=inside, other=0.0)
     # rows index (padded) columns and vice versa
     inside_t = b_ok & (u >= CO + E) & (u < CO + W + E) & (v >= E) & (v < H + E)
     g1t = tl.load(g_c + term_stride + (tl.minimum(tl.maximum(v - E, 0), H - 1) * W
                                        + tl.minimum(tl.maximum(u - CO - E, 0), W - 1)), mask=inside_t, other=0.0)
-    inside_2 = b_ok & (u >= E) & (u < H + E) & (v >= CO + E) & (v < CO + W + E)
-    ws_2 = tl.minimum(tl.maximum(v - CO - E, 0), W - 1)
-    g2 = tl.load(g_c + 2 * term_stride + (hs * W + ws_2), mask=inside_2, other=0.0)
+    g2 = tl.load(g_c + 2 * term_stride + off, mask=inside, other=0.0)
     g2 = g2.to(tl.float64 if F64 else tl.float32)
     a0 = _rows(g0, NB, P)
     a1 = _rows(g1t, NB, P)
@@ -826,13 +823,172 @@ def _bwd_tc(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
         tl.store(p_gy + j * (HP * RS), acc.to(gy_ptr.dtype.element_ty), mask=m_gy)
 
 
+# "tc3": every term on the padded grid (u, q) of y, so no transposes: out0 = Y @ Mh (Y the product's left
+# operand), out1 = Mv^T @ Y (Y the right operand: the same shared-memory tile), stored row by row like y; backward
+# gy_j = G0 @ Mh_j^T + Mv_j @ G1 + hits_j * G2 with the three gradient planes on the same grid. One or two images per
+# program (two: each matrix tile serves both).
+
+
+@triton.jit
+def _tc3_program(R, B, NB: tl.constexpr, P: tl.constexpr):
+    """Program -> channel c, first image b, whether image b + 1 exists, rows r [P, 1] and columns q [1, P]. The
+    channels of an image are adjacent: the identity planes a program reads (other channels' y planes of its image)
+    are then L2 hits, and all the channels' count matrices stay in L2 (2 * nk * P^2 per channel)."""
+    pid = tl.program_id(0)
+    c = pid % R
+    b = (pid // R) * NB
+    return c, b, b + 1 < B, tl.arange(0, P)[:, None], tl.arange(0, P)[None, :]
+
+
+@triton.jit
+def _tc3_products(y_ptr, mat_ptr, c, b, second_ok, R, r, q, NK: tl.constexpr, E: tl.constexpr, H: tl.constexpr,
+                  W: tl.constexpr, P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr,
+                  EMULATE: tl.constexpr, CO: tl.constexpr):
+    """acc0 = sum_j Y_j @ Mh_j and acc1 = sum_j Mv_j^T @ Y_j [P, P] for image b (and, NB == 2, acc0b / acc1b for
+    image b + 1): out0 and out1 at (u - e, q - CO - e)."""
+    HP: tl.constexpr = H + 2 * E
+    RS: tl.constexpr = W + 2 * E + 2 * CO
+    PLANE: tl.constexpr = HP * RS
+    if RS == P:
+        m = (r < HP) & (q < P)
+    else:
+        m = (r < HP) & (q < RS)
+    p_y = y_ptr + (b * R + c).to(tl.int64) * (NK * PLANE) + (r * RS + q)
+    p_y2 = p_y + R * (NK * PLANE)
+    m2 = m & second_ok
+    p_mat = mat_ptr + c.to(tl.int64) * (NK * 2 * P * P)
+    p_mh = p_mat + (r * P + q)            # [k, n] = Mh[k, n]
+    p_mvt = p_mat + P * P + (q * P + r)   # [n, u] = Mv[u, n]
+    acc0 = tl.zeros((P, P), dtype=tl.float64 if F64 else tl.float32)
+    acc1 = acc0
+    acc0b = acc0
+    acc1b = acc0
+    for j in range(NK):
+        mh = tl.load(p_mh + j * (2 * P * P))
+        mvt = tl.load(p_mvt + j * (2 * P * P))
+        a = tl.load(p_y + j * PLANE, mask=m, other=0.0)
+        acc0 = _dot_data(a, mh, acc0, True, F64, SPLIT, EMULATE)
+        acc1 = _dot_data(a, mvt, acc1, False, F64, SPLIT, EMULATE)
+        if NB == 2:
+            a2 = tl.load(p_y2 + j * PLANE, mask=m2, other=0.0)
+            acc0b = _dot_data(a2, mh, acc0b, True, F64, SPLIT, EMULATE)
+            acc1b = _dot_data(a2, mvt, acc1b, False, F64, SPLIT, EMULATE)
+    return acc0, acc1, acc0b, acc1b
+
+
+@triton.jit
+def _tc3_store(y_ptr, ident_ptr, out_ptr, c, b, ok, R, term_stride, r, q, acc0, acc1,
+               NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+               CO: tl.constexpr):
+    """The three terms of image b (all on y's padded grid) into the (3, B, R, H, W) output."""
+    HP: tl.constexpr = H + 2 * E
+    RS: tl.constexpr = W + 2 * E + 2 * CO
+    inside = ok & (r >= E) & (r < H + E) & (q >= CO + E) & (q < CO + W + E)
+    o = out_ptr + (b * R + c).to(tl.int64) * (H * W) + ((r - E) * W + (q - CO - E))
+    ty = out_ptr.dtype.element_ty
+    tl.store(o, acc0.to(ty), mask=inside)
+    tl.store(o + term_stride, acc1.to(ty), mask=inside)
+    p_b = y_ptr + (b * R).to(tl.int64) * (NK * HP * RS) + (r * RS + q)
+    acc2 = _identity_term(p_b, ident_ptr, c, inside, acc0.dtype, G, HP * RS)
+    tl.store(o + 2 * term_stride, acc2.to(ty), mask=inside)
+
+
+@triton.jit
+def _fwd_tc3(y_ptr, mat_ptr, ident_ptr, out_ptr, R, term_stride, B,
+             NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+             P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
+             CO: tl.constexpr):
+    c, b, second_ok, r, q = _tc3_program(R, B, NB, P)
+    acc0, acc1, acc0b, acc1b = _tc3_products(y_ptr, mat_ptr, c, b, second_ok, R, r, q, NK, E, H, W, P, NB, F64,
+                                             SPLIT, EMULATE, CO)
+    _tc3_store(y_ptr, ident_ptr, out_ptr, c, b, True, R, term_stride, r, q, acc0, acc1, NK, G, E, H, W, CO)
+    if NB == 2:
+        _tc3_store(y_ptr, ident_ptr, out_ptr, c, b + 1, second_ok, R, term_stride, r, q, acc0b, acc1b,
+                   NK, G, E, H, W, CO)
+
+
+@triton.jit
+def _tc3_eval_store(y_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, c, b, ok, R, C, r, q, acc0, acc1,
+                    NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr):
+    HP: tl.constexpr = H + 2 * E
+    WP: tl.constexpr = W + 2 * E
+    inside = ok & (r >= E) & (r < H + E) & (q >= E) & (q < W + E)
+    p_b = y_ptr + (b * R).to(tl.int64) * (NK * HP * WP) + (r * WP + q)
+    acc2 = _identity_term(p_b, ident_ptr, c, inside, acc0.dtype, G, HP * WP)
+    _eval_epilogue(acc0, acc1, acc2, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, b * R + c, R, C,
+                   tl.minimum(tl.maximum(r - E, 0), H - 1), tl.minimum(tl.maximum(q - E, 0), W - 1), inside, H, W)
+
+
+@triton.jit
+def _eval_tc3(y_ptr, mat_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, R, C, B,
+              NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+              P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
+    c, b, second_ok, r, q = _tc3_program(R, B, NB, P)
+    acc0, acc1, acc0b, acc1b = _tc3_products(y_ptr, mat_ptr, c, b, second_ok, R, r, q, NK, E, H, W, P, NB, F64,
+                                             SPLIT, EMULATE, 0)
+    _tc3_eval_store(y_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, c, b, True, R, C, r, q,
+                    acc0, acc1, NK, G, E, H, W)
+    if NB == 2:
+        _tc3_eval_store(y_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, c, b + 1, second_ok, R, C,
+                        r, q, acc0b, acc1b, NK, G, E, H, W)
+
+
+@triton.jit
+def _tc3_grad_planes(gout_ptr, c, b, ok, R, term_stride, r, q, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                     CO: tl.constexpr, F64: tl.constexpr):
+    """G0, G1, G2 [P, P] of image b on y's padded grid: Gt[u, q] = gout_t[u - e, q - CO - e] (zero outside)."""
+    inside = ok & (r >= E) & (r < H + E) & (q >= CO + E) & (q < CO + W + E)
+    g = gout_ptr + (b * R + c).to(tl.int64) * (H * W) + ((r - E) * W + (q - CO - E))
+    g0 = tl.load(g, mask=inside, other=0.0)
+    g1 = tl.load(g + term_stride, mask=inside, other=0.0)
+    g2 = tl.load(g + 2 * term_stride, mask=inside, other=0.0).to(tl.float64 if F64 else tl.float32)
+    return g0, g1, g2
+
+
+@triton.jit
+def _bwd_tc3(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
+             NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+             P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
+             CO: tl.constexpr):
+    """gy_j = G0 @ Mh_j^T + Mv_j @ G1 + hits_j * G2 for image b (and b + 1), hits_j = #{g: idx_identity[c, g] ==
+    c*nk + j}; zero in the pad columns (Mh_j's rows are zero there, the G planes too)."""
+    HP: tl.constexpr = H + 2 * E
+    RS: tl.constexpr = W + 2 * E + 2 * CO
+    c, b, second_ok, r, q = _tc3_program(R, B, NB, P)
+    g0, g1, g2 = _tc3_grad_planes(gout_ptr, c, b, True, R, term_stride, r, q, E, H, W, CO, F64)
+    if NB == 2:
+        g0b, g1b, g2b = _tc3_grad_planes(gout_ptr, c, b + 1, second_ok, R, term_stride, r, q, E, H, W, CO, F64)
+    p_mat = mat_ptr + c.to(tl.int64) * (NK * 2 * P * P)
+    p_mht = p_mat + (q * P + r)     # [n, k] = Mh[k, n]
+    p_mv = p_mat + P * P + (r * P + q)   # [u, n] = Mv[u, n]
+    p_gy = gy_ptr + ((b * R + c) * NK).to(tl.int64) * (HP * RS) + (r * RS + q)
+    if RS == P:
+        m_gy = (r < HP) & (q < P)
+    else:
+        m_gy = (r < HP) & (q < RS)
+    zero = tl.zeros((P, P), dtype=tl.float64 if F64 else tl.float32)
+    ty = gy_ptr.dtype.element_ty
+    for j in range(NK):
+        mht = tl.load(p_mht + j * (2 * P * P))
+        mv = tl.load(p_mv + j * (2 * P * P))
+        hits = 0
+        for g in tl.static_range(G):
+            hits += (tl.load(ident_ptr + c * G + g) == c * NK + j).to(tl.int32)
+        acc = _dot_data(g1, mv, _dot_data(g0, mht, zero, True, F64, SPLIT, EMULATE), False, F64, SPLIT, EMULATE)
+        tl.store(p_gy + j * (HP * RS), (acc + hits.to(acc.dtype) * g2).to(ty), mask=m_gy)
+        if NB == 2:
+            acc = _dot_data(g1b, mv, _dot_data(g0b, mht, zero, True, F64, SPLIT, EMULATE), False, F64, SPLIT, EMULATE)
+            tl.store(p_gy + R * NK * (HP * RS) + j * (HP * RS), (acc + hits.to(acc.dtype) * g2b).to(ty),
+                     mask=m_gy & second_ok)
+
+
 def count_matrices(pad_hv: torch.Tensor, nk: int, extra_pad: int, p: int, dtype: torch.dtype,
                    col_pad: int = 0, width: int | None = None) -> torch.Tensor:
     """The "tc" kernels' count matrices (R, nk, 2, P, P) for the shift table ``pad_hv`` (R*nk, 2G): entry [c, j, d,
     k, n] = #{g: n - k == pad_hv[c*nk + j, d*G + g] + extra_pad} (small integers, exact in ``dtype``). With
-    ``width`` (the rows' data columns, after ``col_pad`` zero columns), the horizontal matrices (d = 0) index the
-    padded row: entry [k, n] counts n - (k - col_pad), and rows k outside the data are zero. Built once per table
-    tensor (and again after an in-place change)."""
+    ``width`` (the rows' data columns, after ``col_pad`` pad columns), the horizontal matrices' (d = 0) rows k outside
+    the data [col_pad, col_pad + width) are zero (so the pad columns of y never count, and get zero gradient). Built
+    once per table tensor (and again after an in-place change)."""
     def build():
         g = pad_hv.shape[1] // 2
         shifts = pad_hv.reshape(-1, nk, 2, g).to(torch.int32) + extra_pad
@@ -842,9 +998,8 @@ def count_matrices(pad_hv: torch.Tensor, nk: int, extra_pad: int, p: int, dtype:
         for i in range(g):
             mats += (diff == shifts[..., i, None, None]).to(dtype)
         if width is not None:
-            horizontal = torch.zeros_like(mats[:, :, 0])
-            horizontal[..., col_pad:col_pad + width, :] = mats[:, :, 0, :width]
-            mats[:, :, 0] = horizontal
+            mats[:, :, 0, :col_pad] = 0
+            mats[:, :, 0, col_pad + width:] = 0
         return mats
 
     def build_in_capture():
@@ -880,7 +1035,7 @@ FORCE: int | None = None
 TUNE_ALL = os.environ.get("LARGEKERNEL_SHIFTADD_CANDIDATES", "all") == "all"
 GPU_VERIFIED = 1
 _TUNED: dict = {}
-N_CANDIDATES = 16
+N_CANDIDATES = 18
 
 
 def _warps(n: int, per_thread: int) -> int:
@@ -932,11 +1087,13 @@ def candidates(h: int, w: int, pad: int = 0, col_pad: int = 0) -> list[tuple[str
         cands += [("tile", strip, bw, _warps(strip * bw, 8)), ("flat", 1, chunk, _warps(chunk, 8))]
     if p <= 64:  # precomputed count matrices, NB images (128 or 256 product rows) per program
         nb = max(1, 128 // p)
-        cands += [("tc", p, nb, 4), ("tc2", p, nb, 4), ("tc2", p, nb, 8), ("tc2", p, max(1, nb // 2), 4)]
+        cands += [("tc3", p, 1, 4), ("tc2", p, nb, 4), ("tc2", p, nb, 8), ("tc2", p, max(1, nb // 2), 4),
+                  ("tc3", p, 2, 8), ("tc3", p, 1, 8)]
     else:
         cands += [("tile", bh, bw, _warps(bh * bw, 2)), ("tile+pf", bh, bw, _warps(bh * bw, 2)),
                   ("flat+pf", max(1, 256 // chunk), chunk, _warps(max(256, chunk), 2)),
-                  ("flat", max(1, 256 // chunk), chunk, _warps(max(256, chunk), 2))]
+                  ("flat", max(1, 256 // chunk), chunk, _warps(max(256, chunk), 2)),
+                  ("tile", strip, bw, _warps(strip * bw, 2)), ("tile+pf", strip, bw, _warps(strip * bw, 2))]
     assert len(cands) == N_CANDIDATES
     return cands
 
@@ -998,13 +1155,16 @@ def _run_candidate(cand: tuple, kernels: tuple, lead: tuple, plane_args: tuple, 
     ``planes // batch`` per image. ``col_pad``: y's zero columns per row side, for the "tc" kernels that take it
     (None: a pass without it)."""
     kind, a, bb, warps = cand
-    k_plane, k_tile, k_dot, k_flat, k_dotb, k_tc = kernels
+    k_plane, k_tile, k_dot, k_flat, k_dotb, k_tc, k_tc3 = kernels
     if kind.startswith("tc"):   # a = P, bb = NB images per program; the count matrices replace pad_hv
         width = None if not col_pad else w + 2 * consts["E"]
         mats = count_matrices(lead[1], consts["NK"], consts["E"], a, _matrix_dtype(dtype), col_pad or 0, width)
-        co = {} if col_pad is None else {"CO": col_pad}
-        launch(k_tc, (cdiv(batch, bb) * lead[2].shape[0],), lead[0], mats, *lead[2:], *extra, batch, H=h, W=w,
-               P=a, NB=bb, num_warps=warps, TWO=kind == "tc2", **co, **consts, **_dot_consts(dtype))
+        meta = {} if col_pad is None else {"CO": col_pad}
+        kernel = k_tc3 if kind == "tc3" else k_tc
+        if kind != "tc3":
+            meta["TWO"] = kind == "tc2"
+        launch(kernel, (cdiv(batch, bb) * lead[2].shape[0],), lead[0], mats, *lead[2:], *extra, batch, H=h, W=w,
+               P=a, NB=bb, num_warps=warps, **meta, **consts, **_dot_consts(dtype))
         return
     if kind == "dotb":   # a = P, bb = NB images per program
         launch(k_dotb, (cdiv(batch, bb) * (planes // batch),), *lead, *extra, batch, H=h, W=w, P=a, NB=bb,
@@ -1045,11 +1205,11 @@ def shift_add_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch
     out = torch.empty((3, b, r, h, w), device=y.device, dtype=y.dtype)
     consts = dict(NK=nk, G=g, E=extra_pad, F64=y.dtype == torch.float64)
     planes, ts = b * r, b * r * h * w
-    kernels = (_shift_add_fwd, _fwd_tile, _fwd_dot, _fwd_flat, _fwd_dotb, _fwd_tc)
+    kernels = (_shift_add_fwd, _fwd_tile, _fwd_dot, _fwd_flat, _fwd_dotb, _fwd_tc, _fwd_tc3)
 
     def run(cand):
         yc, co = y, col_pad
-        if col_pad and cand[0] != "tc2":
+        if col_pad and cand[0] not in ("tc2", "tc3"):
             yc, co = y[..., col_pad:col_pad + wp].contiguous(), 0
         _run_candidate(cand, kernels, (yc, pad_hv, idx_identity, out, r), (h, w, hp, wp, ts), (ts,), planes, h, w,
                        h, w, consts, y.dtype, b, co)
@@ -1068,7 +1228,7 @@ def shift_add_backward(gout: torch.Tensor, pad_hv: torch.Tensor, idx_identity: t
     gy = torch.empty((b, r * nk, hp, wp + 2 * col_pad), device=gout.device, dtype=gout.dtype)
     consts = dict(NK=nk, G=g, E=extra_pad, F64=gout.dtype == torch.float64)
     planes, ts = b * r * nk, b * r * h * w
-    kernels = (_shift_add_bwd, _bwd_tile, _bwd_dot, _bwd_flat, _bwd_dotb, _bwd_tc)
+    kernels = (_shift_add_bwd, _bwd_tile, _bwd_dot, _bwd_flat, _bwd_dotb, _bwd_tc, _bwd_tc3)
 
     def run(cand):
         if col_pad and not cand[0].startswith("tc"):
@@ -1102,7 +1262,8 @@ def shift_add_eval_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: 
     planes = b * r
 
     def run(cand):
-        _run_candidate(cand, (_shift_add_eval, _eval_tile, _eval_dot, _eval_flat, _eval_dotb, _eval_tc), (*tabs, r, c),
+        _run_candidate(cand, (_shift_add_eval, _eval_tile, _eval_dot, _eval_flat, _eval_dotb, _eval_tc, _eval_tc3),
+                       (*tabs, r, c),
                        (h, w, hp, wp), (), planes, h, w, h, w, consts, y.dtype, b)
 
     _launch(("eval", b, r, c, h, w, nk, g, extra_pad, y.dtype, x.dtype), h, w, run, y.device, extra_pad)
