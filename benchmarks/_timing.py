@@ -31,6 +31,27 @@ def cuda_time(fn: Callable[[], object], min_runs: int = 20, budget_ms: float = 3
     return statistics.median(times)
 
 
+def cuda_queued_time(fn: Callable[[], object], calls: int = 10, repeats: int = 7,
+                     sleep_cycles: int = 4_000_000) -> float:
+    """GPU time per call of ``fn`` (ms) without the CPU launch cost, for work that cannot be captured in a CUDA graph
+    (one-time tuning, caches): the GPU is kept busy (``torch.cuda._sleep``) while ``calls`` back-to-back calls are
+    queued behind it, then runs them; median over ``repeats``. ``fn`` is run twice first."""
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(sleep_cycles)
+        s.record()
+        for _ in range(calls):
+            fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / calls)
+    return statistics.median(times)
+
+
 def cuda_graph_time(fn: Callable[[], object], calls: int = 10, replays: int = 7) -> float:
     """GPU time per call of ``fn`` (ms) without the CPU launch cost: ``calls`` calls captured in one CUDA graph,
     median of ``replays`` timed replays. ``fn`` is run twice first (compilation, one-time tuning, cuDNN

@@ -35,7 +35,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _timing import cuda_time  # benchmarks/ is the script directory
+from _timing import cuda_queued_time, cuda_time  # benchmarks/ is the script directory
 
 import largekernel.ops._triton_shiftadd as kernels
 from largekernel.layers.shiftwise import ShiftwiseConv2d
@@ -81,18 +81,18 @@ def bench_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.
     row = {"C": c, "H": hw, "K": big, "k": small, "R": r, "nk": nk, "dtype": str(dtype).split(".")[-1],
            "batch": batch, "bytes_MB": moved / 1e6}
 
-    copy_ms = cuda_time(lambda: y.clone())
+    copy_ms = cuda_queued_time(lambda: y.clone())
     row["copy_GBs"] = 2 * y.numel() * esize / copy_ms / 1e6
 
     fwd = torch.ops.largekernel.shift_add
     bwd = torch.ops.largekernel.shift_add_backward
-    row["sa_fwd_ms"] = cuda_time(lambda: fwd(y_rows, pad, ident, e, cp))
-    row["sa_bwd_ms"] = cuda_time(lambda: bwd(gout, pad, ident, e, cp))
+    row["sa_fwd_ms"] = cuda_queued_time(lambda: fwd(y_rows, pad, ident, e, cp))
+    row["sa_bwd_ms"] = cuda_queued_time(lambda: bwd(gout, pad, ident, e, cp))
     # fused inference epilogue: reads y and x, writes the (B, C, H, W) output
     x = torch.randn(batch, c, hw, hw, device=device, dtype=dtype)
     scale, bias = torch.rand(3, r, device=device), torch.rand(r, device=device)
     ev = torch.ops.largekernel.shift_add_eval
-    row["eval_ms"] = cuda_time(lambda: ev(y, pad, ident, e, scale, bias, x, layer.rep_idx, layer.ghost_idx))
+    row["eval_ms"] = cuda_queued_time(lambda: ev(y, pad, ident, e, scale, bias, x, layer.rep_idx, layer.ghost_idx))
     row["eval_GBs"] = (y.numel() + 2 * x.numel()) * esize / row["eval_ms"] / 1e6
     row["eval_pct_copy"] = 100 * row["eval_GBs"] / row["copy_GBs"]
     row["ref_fwd_ms"] = cuda_time(lambda: shift_add_reference(y, pad, ident, e), min_runs=5, budget_ms=100)
@@ -177,7 +177,7 @@ def sweep_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.
                  ev_ref, (y.numel() + 2 * x.numel()) * esize),
     }
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    copy_ms = cuda_time(lambda: y.clone(), min_runs=10, budget_ms=100)
+    copy_ms = cuda_queued_time(lambda: y.clone())
     copy_gbs = 2 * y.numel() * esize / copy_ms / 1e6
     row = {"C": c, "H": hw, "K": big, "R": r, "nk": nk, "dtype": str(dtype).split(".")[-1], "batch": batch,
            "col_pad": cp, "copy_ms": copy_ms, "copy_GBs": copy_gbs, "cands": [], "tuned": {}}
@@ -195,7 +195,7 @@ def sweep_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.
                 continue
             try:
                 err = _rel(fn(), ref)
-                ms = cuda_time(fn, min_runs=10, budget_ms=60)
+                ms = cuda_queued_time(fn)
                 gbs = nbytes / ms / 1e6
                 entry[op] = {"ms": ms, "GBs": gbs, "pct_copy": 100 * gbs / copy_gbs, "rel_err": err,
                              "ok": err <= tol}
