@@ -830,13 +830,18 @@ def _bwd_tc(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
 
 
 @triton.jit
-def _tc3_program(R, B, NB: tl.constexpr, P: tl.constexpr):
-    """Program -> channel c, first image b, whether image b + 1 exists, rows r [P, 1] and columns q [1, P]. The
-    channels of an image are adjacent: the identity planes a program reads (other channels' y planes of its image)
-    are then L2 hits, and all the channels' count matrices stay in L2 (2 * nk * P^2 per channel)."""
+def _tc3_program(R, B, NB: tl.constexpr, P: tl.constexpr, IMAGE_MAJOR: tl.constexpr):
+    """Program -> channel c, first image b, whether image b + 1 exists, rows r [P, 1] and columns q [1, P].
+    IMAGE_MAJOR: the channels of an image are adjacent (all channels' count matrices in use at once, 2 * nk * P^2
+    each); else the images of a channel (its matrices shared while they run)."""
     pid = tl.program_id(0)
-    c = pid % R
-    b = (pid // R) * NB
+    if IMAGE_MAJOR:
+        c = pid % R
+        b = (pid // R) * NB
+    else:
+        n_bg = (B + NB - 1) // NB
+        c = pid // n_bg
+        b = (pid % n_bg) * NB
     return c, b, b + 1 < B, tl.arange(0, P)[:, None], tl.arange(0, P)[None, :]
 
 
@@ -897,8 +902,8 @@ def _tc3_store(y_ptr, ident_ptr, out_ptr, c, b, ok, R, term_stride, r, q, acc0, 
 def _fwd_tc3(y_ptr, mat_ptr, ident_ptr, out_ptr, R, term_stride, B,
              NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
              P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
-             CO: tl.constexpr):
-    c, b, second_ok, r, q = _tc3_program(R, B, NB, P)
+             CO: tl.constexpr, IMAGE_MAJOR: tl.constexpr):
+    c, b, second_ok, r, q = _tc3_program(R, B, NB, P, IMAGE_MAJOR)
     acc0, acc1, acc0b, acc1b = _tc3_products(y_ptr, mat_ptr, c, b, second_ok, R, r, q, NK, E, H, W, P, NB, F64,
                                              SPLIT, EMULATE, CO)
     _tc3_store(y_ptr, ident_ptr, out_ptr, c, b, True, R, term_stride, r, q, acc0, acc1, NK, G, E, H, W, CO)
@@ -922,8 +927,9 @@ def _tc3_eval_store(y_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_p
 @triton.jit
 def _eval_tc3(y_ptr, mat_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, R, C, B,
               NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-              P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
-    c, b, second_ok, r, q = _tc3_program(R, B, NB, P)
+              P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
+              IMAGE_MAJOR: tl.constexpr):
+    c, b, second_ok, r, q = _tc3_program(R, B, NB, P, IMAGE_MAJOR)
     acc0, acc1, acc0b, acc1b = _tc3_products(y_ptr, mat_ptr, c, b, second_ok, R, r, q, NK, E, H, W, P, NB, F64,
                                              SPLIT, EMULATE, 0)
     _tc3_eval_store(y_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, c, b, True, R, C, r, q,
@@ -949,12 +955,12 @@ def _tc3_grad_planes(gout_ptr, c, b, ok, R, term_stride, r, q, E: tl.constexpr, 
 def _bwd_tc3(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
              NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
              P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
-             CO: tl.constexpr):
+             CO: tl.constexpr, IMAGE_MAJOR: tl.constexpr):
     """gy_j = G0 @ Mh_j^T + Mv_j @ G1 + hits_j * G2 for image b (and b + 1), hits_j = #{g: idx_identity[c, g] ==
     c*nk + j}; zero in the pad columns (Mh_j's rows are zero there, the G planes too)."""
     HP: tl.constexpr = H + 2 * E
     RS: tl.constexpr = W + 2 * E + 2 * CO
-    c, b, second_ok, r, q = _tc3_program(R, B, NB, P)
+    c, b, second_ok, r, q = _tc3_program(R, B, NB, P, IMAGE_MAJOR)
     g0, g1, g2 = _tc3_grad_planes(gout_ptr, c, b, True, R, term_stride, r, q, E, H, W, CO, F64)
     if NB == 2:
         g0b, g1b, g2b = _tc3_grad_planes(gout_ptr, c, b + 1, second_ok, R, term_stride, r, q, E, H, W, CO, F64)
@@ -1087,8 +1093,8 @@ def candidates(h: int, w: int, pad: int = 0, col_pad: int = 0) -> list[tuple[str
         cands += [("tile", strip, bw, _warps(strip * bw, 8)), ("flat", 1, chunk, _warps(chunk, 8))]
     if p <= 64:  # precomputed count matrices, NB images (128 or 256 product rows) per program
         nb = max(1, 128 // p)
-        cands += [("tc3", p, 1, 4), ("tc2", p, nb, 4), ("tc2", p, nb, 8), ("tc2", p, max(1, nb // 2), 4),
-                  ("tc3", p, 2, 8), ("tc3", p, 1, 8)]
+        cands += [("tc3i", p, 1, 4), ("tc2", p, nb, 4), ("tc2+s4", p, max(1, nb // 2), 4),
+                  ("tc2", p, max(1, nb // 2), 4), ("tc3", p, 1, 4), ("tc3", p, 2, 8)]
     else:
         cands += [("tile", bh, bw, _warps(bh * bw, 2)), ("tile+pf", bh, bw, _warps(bh * bw, 2)),
                   ("flat+pf", max(1, 256 // chunk), chunk, _warps(max(256, chunk), 2)),
@@ -1159,10 +1165,15 @@ def _run_candidate(cand: tuple, kernels: tuple, lead: tuple, plane_args: tuple, 
     if kind.startswith("tc"):   # a = P, bb = NB images per program; the count matrices replace pad_hv
         width = None if not col_pad else w + 2 * consts["E"]
         mats = count_matrices(lead[1], consts["NK"], consts["E"], a, _matrix_dtype(dtype), col_pad or 0, width)
+        base = kind.split("+")[0]
         meta = {} if col_pad is None else {"CO": col_pad}
-        kernel = k_tc3 if kind == "tc3" else k_tc
-        if kind != "tc3":
-            meta["TWO"] = kind == "tc2"
+        if kind.endswith("+s4"):
+            meta["num_stages"] = 4
+        kernel = k_tc3 if base.startswith("tc3") else k_tc
+        if base.startswith("tc3"):
+            meta["IMAGE_MAJOR"] = base == "tc3i"
+        else:
+            meta["TWO"] = base == "tc2"
         launch(kernel, (cdiv(batch, bb) * lead[2].shape[0],), lead[0], mats, *lead[2:], *extra, batch, H=h, W=w,
                P=a, NB=bb, num_warps=warps, **meta, **consts, **_dot_consts(dtype))
         return
@@ -1209,7 +1220,7 @@ def shift_add_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch
 
     def run(cand):
         yc, co = y, col_pad
-        if col_pad and cand[0] not in ("tc2", "tc3"):
+        if col_pad and not cand[0].startswith(("tc2", "tc3")):
             yc, co = y[..., col_pad:col_pad + wp].contiguous(), 0
         _run_candidate(cand, kernels, (yc, pad_hv, idx_identity, out, r), (h, w, hp, wp, ts), (ts,), planes, h, w,
                        h, w, consts, y.dtype, b, co)
