@@ -64,6 +64,17 @@ def check_gpu_correctness(device: torch.device) -> dict:
             "fwd_rel": float((got - want).detach().norm() / want.detach().norm()),
             "bwd_rel": float((g_got - g_want).norm() / g_want.norm()),
         }
+    # the layer in training on the Triton path (y rows padded to the tensor-core tile) vs the native path
+    layer = ShiftwiseConv2d(40, 25, 3, ghost_ratio=0.23, n_rep=4).to(device).train()
+    x = torch.randn(4, 40, 30, 30, device=device, requires_grad=True)
+    grads = {}
+    for backend in ("triton", "native"):
+        with use_backend(backend):
+            got = layer(x)
+        gout = torch.randn(got.shape, device=device, generator=torch.Generator(device).manual_seed(0))
+        grads[backend] = (got, *torch.autograd.grad(got, (x, layer.LoRAs[0].weight), gout))
+    out["layer_train_fp32"] = {name: float((a - b).norm() / b.norm())
+                               for name, a, b in zip(("y", "dx", "dw"), grads["triton"], grads["native"])}
     return out
 
 
