@@ -64,8 +64,10 @@ def _compile_all(calls: list) -> int:
     for kernel, args, meta in calls:
         sig, consts = _signature(kernel, args, meta)
         # what changes the generated code's structure: argument types and the non-integer constexprs
-        # (and one image per program, which takes another branch in the shift-add's tensor-core kernels)
-        key = (kernel.fn.__name__, tuple(sig.values()), meta.get("NB") == 1,
+        # (and one image per program, or padded rows, which take other branches in the shift-add's tensor-core
+        # kernels; and the pipeline depth)
+        key = (kernel.fn.__name__, tuple(sig.values()), meta.get("NB") == 1, meta.get("CO", 0) > 0,
+               meta.get("num_stages"),
                tuple((k, v) for k, v in consts.items() if not isinstance(v, int) or isinstance(v, bool)))
         if key in seen:
             continue
@@ -115,18 +117,21 @@ def test_shift_add_and_layout_launches_compile_for_hopper(monkeypatch):
 
     calls = _record(monkeypatch)
     for dtype in (torch.float32, torch.bfloat16):
-        # large planes, and SW-tiny's first and last stages (the tensor-core kernels at P = 64 and 32)
-        for h, pad in ((56, 24), (56, 1), (7, 5)):
+        # large planes, and SW-tiny's first and last stages (the tensor-core kernels at P = 64 and 32), the first in
+        # the training layer's layout too (rows padded to the tile: col_pad)
+        for h, pad, col_pad in ((56, 24, 0), (56, 1, 0), (56, 1, 3), (7, 5, 0)):
             b, r, nk, g, c = 2, 4, 3, 2, 6
-            y = torch.randn(b, r * nk, h + 2 * pad, h + 2 * pad, dtype=dtype)
+            y = torch.randn(b, r * nk, h + 2 * pad, h + 2 * pad + 2 * col_pad, dtype=dtype)
             pad_hv = torch.zeros(r * nk, 4, dtype=torch.int32)
             idx = torch.zeros(r, g, dtype=torch.int32)
             gout = torch.randn(3, b, r, h, h, dtype=dtype)
             x = torch.randn(b, c, h, h, dtype=dtype)
             for force in range(S.N_CANDIDATES):
                 monkeypatch.setattr(S, "FORCE", force)
-                S.shift_add_forward(y, pad_hv, idx, pad)
-                S.shift_add_backward(gout, pad_hv, idx, pad)
+                S.shift_add_forward(y, pad_hv, idx, pad, col_pad)
+                S.shift_add_backward(gout, pad_hv, idx, pad, col_pad)
+                if col_pad:
+                    continue
                 S.shift_add_eval_forward(y, pad_hv, idx, pad, torch.ones(3, r), torch.zeros(r), x,
                                          torch.arange(r), torch.arange(r, c))
         _copy(torch.randn(2, 5, 7, 9, dtype=dtype), torch.channels_last)

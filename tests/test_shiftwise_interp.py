@@ -77,8 +77,9 @@ def _op_case(case, torch, with_eval=False):
     return result
 
 
-def _layer_case(torch):
-    """The layer on the Triton path vs F.conv2d with its dense kernel; gradients vs the native path."""
+def _layer_case(torch, width):
+    """The layer on the Triton path vs F.conv2d with its dense kernel; gradients vs the native path. At width 28 the
+    training path runs on y rows padded to the tensor-core tile (col_pad 1)."""
     import torch.nn.functional as F
 
     from largekernel.layers.shiftwise import ShiftwiseConv2d
@@ -93,7 +94,7 @@ def _layer_case(torch):
         for conv in layer.LoRAs:
             conv.weight.normal_()
     layer.eval()
-    x = torch.randn(2, 10, 7, 9, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 10, 7, width, dtype=torch.float64, requires_grad=True)
     out = layer(x)
     gout = torch.randn_like(out)
     grads = torch.autograd.grad(out, [x, layer.LoRAs[0].weight], gout)
@@ -126,12 +127,12 @@ def _main() -> None:
     import largekernel.ops._triton_shiftadd as kernels
 
     assert kernels.N_CANDIDATES == N_CANDIDATES, kernels.N_CANDIDATES
-    jobs = [(None, "layer")] + [(None, case) for case in OP_CASES] + [
+    jobs = [(None, "layer"), (None, "layer_padded")] + [(None, case) for case in OP_CASES] + [
         (index, case) for index in range(N_CANDIDATES) for case in CAND_CASES]
     results = {"seed": seed}
     for index, case in shard_of(jobs):
-        if case == "layer":
-            results["layer"] = _layer_case(torch)
+        if case in ("layer", "layer_padded"):
+            results[case] = _layer_case(torch, 28 if case == "layer_padded" else 9)
         elif index is None:
             results[case[0]] = _op_case(case, torch)
         else:
@@ -167,8 +168,12 @@ def test_every_tuner_candidate_matches_reference(results, index, case):
         assert r[key] <= tol, f"candidate {index} {key}: rel err {r[key]} > {tol} (seed {results['seed']})"
 
 
-def test_triton_layer_matches_dense_conv(results):
-    r = results["layer"]
+@pytest.mark.parametrize("case", ["layer", "layer_padded"])
+def test_triton_layer_matches_dense_conv(results, case):
+    from largekernel.ops.shiftadd import shift_add_col_pad
+
+    assert shift_add_col_pad(28 + 2) == 1 and shift_add_col_pad(9 + 2) == 0   # the two layouts are exercised
+    r = results[case]
     for key in ("y", "dx", "dw", "inference"):
         assert r[key] <= 1e-12, f"{key}: rel err {r[key]} (seed {results['seed']})"
     assert r["inference_f32"] <= 1e-5, r

@@ -618,13 +618,14 @@ def _bwd_dotb(gout_ptr, pad_ptr, ident_ptr, gy_ptr, R, term_stride, B,
     tl.store(gy, acc.to(gy_ptr.dtype.element_ty), mask=inside)
 
 
-# "tc": the tensor-core kernels with the count matrices built once per table on the host side
-# (:func:`count_matrices`, kept per ``pad_hv`` tensor) instead of per program, and NB images of one channel
-# stacked along the product's rows. All of a program's [NB, P, P] tiles index the padded plane (u, v), the output
-# sitting at (u - e, v - e); the matrices carry that offset: M[c, j, d][k, n] = #{g: n - k == pad_hv[c*nk+j, d*G+g]
-# + e}. Forward: out0 = Y @ Mh (rows (b, u), contracting v), out1 transposed = Y^T @ Mv (rows (b, v), contracting
-# u), so one load of each y plane feeds both directions. Backward: gy = G0 @ Mh^T + (G1^T @ Mv^T)^T, the three
-# gradient planes loaded once per program and the nk input planes written from it.
+# "tc2" / "tc3": the tensor-core kernels with the count matrices built once per table on the host side
+# (:func:`count_matrices`, kept per ``pad_hv`` tensor) instead of per program. All of a program's [P, P] tiles
+# index the padded plane (u, v) of y, the output sitting at (u - e, v - CO - e) (CO: y's pad columns per row side);
+# the matrices carry the e offset: M[c, j, d][k, n] = #{g: n - k == pad_hv[c*nk+j, d*G+g] + e}.
+# "tc2": NB images of one channel stacked along the product's rows. Forward: out0 = Y @ Mh (rows (b, u),
+# contracting v), out1 transposed = Y^T @ Mv (rows (b, v), contracting u), so one load of each y plane feeds both
+# directions. Backward: gy = G0 @ Mh^T + (G1^T @ Mv^T)^T, the three gradient planes loaded once per program and the
+# nk input planes written from it.
 
 
 @triton.jit
@@ -711,27 +712,14 @@ def _products_2d(y_ptr, mat, b0, c, R, B, NK: tl.constexpr, E: tl.constexpr, H: 
 @triton.jit
 def _gather_tc(y_ptr, mat_ptr, ident_ptr, b0, b, b_ok, c, R, B, u, v,
                NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-               NB: tl.constexpr, P: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
-               TWO: tl.constexpr):
-    """The three forward terms of channel c for the NB images b, as [NB, P, P] tiles of the padded grid.
-    TWO: the products of :func:`_products_2d`; else each plane loaded once as [NB, P, P] and permuted."""
+               NB: tl.constexpr, P: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
+    """The three forward terms of channel c for the NB images b (plain rows), as [NB, P, P] tiles of the padded
+    grid (the products of :func:`_products_2d`, the vertical one permuted)."""
     HP: tl.constexpr = H + 2 * E
     WP: tl.constexpr = W + 2 * E
     PLANE: tl.constexpr = HP * WP
     mat = _channel_mats(mat_ptr, c, NK, P, False)
-    if TWO:
-        acc0, acc1 = _products_2d(y_ptr, mat, b0, c, R, B, NK, E, H, W, NB, P, F64, SPLIT, EMULATE, 0)
-    else:
-        acc0 = tl.zeros((NB * P, P), dtype=tl.float64 if F64 else tl.float32)
-        acc1 = acc0
-        p_y = y_ptr + (b * R + c).to(tl.int64) * (NK * PLANE) + (u * WP + v)
-        m_y = b_ok & (u < HP) & (v < WP)
-        for j in range(NK):
-            yj = tl.load(p_y + j * PLANE, mask=m_y, other=0.0)
-            mh = tl.load(mat + (2 * j) * (P * P))
-            mv = tl.load(mat + (2 * j + 1) * (P * P))
-            acc0 = _dot_data(_rows(yj, NB, P), mh, acc0, True, F64, SPLIT, EMULATE)
-            acc1 = _dot_data(_rows(tl.permute(yj, (0, 2, 1)), NB, P), mv, acc1, True, F64, SPLIT, EMULATE)
+    acc0, acc1 = _products_2d(y_ptr, mat, b0, c, R, B, NK, E, H, W, NB, P, F64, SPLIT, EMULATE, 0)
     inside = b_ok & (u >= E) & (u < H + E) & (v >= E) & (v < W + E)
     p_b = y_ptr + (b * R).to(tl.int64) * (NK * PLANE) + (u * WP + v)
     acc2 = _identity_term(p_b, ident_ptr, c, inside, acc0.dtype, G, PLANE)
@@ -742,40 +730,32 @@ def _gather_tc(y_ptr, mat_ptr, ident_ptr, b0, b, b_ok, c, R, B, u, v,
 def _fwd_tc(y_ptr, mat_ptr, ident_ptr, out_ptr, R, term_stride, B,
             NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
             P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
-            TWO: tl.constexpr, CO: tl.constexpr):
-    c, b0, b, b_ok, u, v = _tc_coords(B, NB, P)
-    if TWO:  # stored straight from the [NB*P, P] products (no layout conversion)
-        HP: tl.constexpr = H + 2 * E
-        RS: tl.constexpr = W + 2 * E + 2 * CO
-        mat = _channel_mats(mat_ptr, c, NK, P, False)
-        acc0, acc1 = _products_2d(y_ptr, mat, b0, c, R, B, NK, E, H, W, NB, P, F64, SPLIT, EMULATE, CO)
-        r, cols, b_r, ok = _grid_2d(b0, B, NB, P)
-        o_c = out_ptr + (b_r * R + c).to(tl.int64) * (H * W)
-        ty = out_ptr.dtype.element_ty
-        in0 = ok & (r >= E) & (r < H + E) & (cols >= CO + E) & (cols < CO + W + E)
-        tl.store(o_c + ((r - E) * W + (cols - CO - E)), acc0.to(ty), mask=in0)
-        in1 = ok & (cols >= E) & (cols < H + E) & (r >= CO + E) & (r < CO + W + E)
-        tl.store(o_c + term_stride + ((cols - E) * W + (r - CO - E)), acc1.to(ty), mask=in1)
-        p_b = y_ptr + (b_r * R).to(tl.int64) * (NK * HP * RS) + (r * RS + cols)
-        acc2 = _identity_term(p_b, ident_ptr, c, in0, acc0.dtype, G, HP * RS)
-        tl.store(o_c + 2 * term_stride + ((r - E) * W + (cols - CO - E)), acc2.to(ty), mask=in0)
-    else:
-        acc0, acc1, acc2, inside = _gather_tc(y_ptr, mat_ptr, ident_ptr, b0, b, b_ok, c, R, B, u, v, NK, G, E, H, W,
-                                              NB, P, F64, SPLIT, EMULATE, TWO)
-        hs = tl.minimum(tl.maximum(u - E, 0), H - 1)
-        ws = tl.minimum(tl.maximum(v - E, 0), W - 1)
-        out = out_ptr + (b * R + c).to(tl.int64) * (H * W) + (hs * W + ws)
-        _store_terms(out, term_stride, acc0, acc1, acc2, inside)
+            CO: tl.constexpr):
+    """The three terms stored straight from the [NB*P, P] products (no layout conversion)."""
+    HP: tl.constexpr = H + 2 * E
+    RS: tl.constexpr = W + 2 * E + 2 * CO
+    c, b0, _, _, _, _ = _tc_coords(B, NB, P)
+    mat = _channel_mats(mat_ptr, c, NK, P, False)
+    acc0, acc1 = _products_2d(y_ptr, mat, b0, c, R, B, NK, E, H, W, NB, P, F64, SPLIT, EMULATE, CO)
+    r, cols, b_r, ok = _grid_2d(b0, B, NB, P)
+    o_c = out_ptr + (b_r * R + c).to(tl.int64) * (H * W)
+    ty = out_ptr.dtype.element_ty
+    in0 = ok & (r >= E) & (r < H + E) & (cols >= CO + E) & (cols < CO + W + E)
+    tl.store(o_c + ((r - E) * W + (cols - CO - E)), acc0.to(ty), mask=in0)
+    in1 = ok & (cols >= E) & (cols < H + E) & (r >= CO + E) & (r < CO + W + E)
+    tl.store(o_c + term_stride + ((cols - E) * W + (r - CO - E)), acc1.to(ty), mask=in1)
+    p_b = y_ptr + (b_r * R).to(tl.int64) * (NK * HP * RS) + (r * RS + cols)
+    acc2 = _identity_term(p_b, ident_ptr, c, in0, acc0.dtype, G, HP * RS)
+    tl.store(o_c + 2 * term_stride + ((r - E) * W + (cols - CO - E)), acc2.to(ty), mask=in0)
 
 
 @triton.jit
 def _eval_tc(y_ptr, mat_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, R, C, B,
              NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-             P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
-             TWO: tl.constexpr):
+             P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
     c, b0, b, b_ok, u, v = _tc_coords(B, NB, P)
     acc0, acc1, acc2, inside = _gather_tc(y_ptr, mat_ptr, ident_ptr, b0, b, b_ok, c, R, B, u, v, NK, G, E, H, W,
-                                          NB, P, F64, SPLIT, EMULATE, TWO)
+                                          NB, P, F64, SPLIT, EMULATE)
     _eval_epilogue(acc0, acc1, acc2, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, b * R + c, R, C,
                    tl.minimum(tl.maximum(u - E, 0), H - 1), tl.minimum(tl.maximum(v - E, 0), W - 1), inside, H, W)
 
@@ -784,11 +764,11 @@ def _eval_tc(y_ptr, mat_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out
 def _bwd_tc(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
             NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
             P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
-            TWO: tl.constexpr, CO: tl.constexpr):
+            CO: tl.constexpr):
     """Gradient of the nk y planes of channel c for NB images: G0[u, n] = gout0[u-e, n-CO-e], G1t[v, n] =
     gout1[n-e, v-CO-e] (a transposed load), G2[u, v] = gout2[u-e, v-CO-e]; plane j = G0 @ Mh_j^T + (G1t @ Mv_j^T)^T
     + hits_j * G2, hits_j = #{g: idx_identity[c, g] == c*nk + j}; the CO pad columns of each side of a row get
-    zeros (Mh_j's rows are zero there). (TWO: a forward variant; "tc" and "tc2" share this kernel.)"""
+    zeros (Mh_j's rows are zero there)."""
     HP: tl.constexpr = H + 2 * E
     RS: tl.constexpr = W + 2 * E + 2 * CO
     c, _, b, b_ok, u, v = _tc_coords(B, NB, P)
@@ -1026,8 +1006,9 @@ _BUILT_IN_CAPTURE: list = []
 
 # Tuner candidates (kind, a, b, num_warps) for planes of h x w; the first is the default. kind "plane": the
 # runtime-shape kernels above with a [a=BLOCK_H, b=BLOCK_W] tile; "tile": the constexpr-shape kernels with that
-# tile; "flat": a = NPL planes of b = BLOCK flattened positions per program; "dot" / "dotb" / "tc" / "tc2": the
-# tensor-core kernels, a = P (the padded plane's tile side), b = NB images per program ("dot": one). A whole plane
+# tile; "flat": a = NPL planes of b = BLOCK flattened positions per program; "dot" / "dotb" / "tc2" / "tc3": the
+# tensor-core kernels, a = P (the padded plane's tile side), b = NB images per program ("dot": one; "tc3i": "tc3" with
+# the channels of an image adjacent; "+s4": 4 pipeline stages instead of 3). A whole plane
 # per program (up to 4096 elements) fetches each plane once, its shifted re-reads hitting L1; row strips / chunks
 # trade that for less padding waste and more programs. On CUDA the fastest candidate is chosen once per (kernel,
 # shape, dtype) by timing them on the real arguments (every kernel here overwrites its whole output, so re-running
@@ -1035,8 +1016,9 @@ _BUILT_IN_CAPTURE: list = []
 TUNE = os.environ.get("LARGEKERNEL_TUNE", "1") == "1"
 FORCE: int | None = None
 # Every candidate passed the GPU check of `benchmarks/shiftadd.py --sweep` (candidates 0-9: H100, fp32, 2026-11-23;
-# 10-15: H200, bf16 and fp32, 2026-12-03/04; the four SW-tiny stage shapes) besides the interpreter tests, so the
-# CUDA tuner considers them all;
+# 10-11: H200, bf16 and fp32, 2026-12-03; 12-17 as defined for planes up to 64 wide: H200, bf16 and fp32, padded and
+# plain rows, 2026-12-04; the four SW-tiny stage shapes; 16-17 of wider planes are the checked "tile" kernels at
+# another warp count) besides the interpreter tests, so the CUDA tuner considers them all;
 # LARGEKERNEL_SHIFTADD_CANDIDATES=verified restricts it to candidate 0, the first one checked on a GPU.
 TUNE_ALL = os.environ.get("LARGEKERNEL_SHIFTADD_CANDIDATES", "all") == "all"
 GPU_VERIFIED = 1
@@ -1172,8 +1154,6 @@ def _run_candidate(cand: tuple, kernels: tuple, lead: tuple, plane_args: tuple, 
         kernel = k_tc3 if base.startswith("tc3") else k_tc
         if base.startswith("tc3"):
             meta["IMAGE_MAJOR"] = base == "tc3i"
-        else:
-            meta["TWO"] = base == "tc2"
         launch(kernel, (cdiv(batch, bb) * lead[2].shape[0],), lead[0], mats, *lead[2:], *extra, batch, H=h, W=w,
                P=a, NB=bb, num_warps=warps, **meta, **consts, **_dot_consts(dtype))
         return
