@@ -9,7 +9,9 @@ import torch
 
 def cuda_time(fn: Callable[[], object], min_runs: int = 20, budget_ms: float = 300.0, warmup: int = 3) -> float:
     """Median ms of ``fn`` over ``max(min_runs, budget_ms / estimate)`` (at most 200) CUDA-event-timed runs,
-    after ``warmup`` untimed ones (compilation, autotuning). ``budget_ms=0`` times exactly ``min_runs`` runs."""
+    after ``warmup`` untimed ones (compilation, autotuning). ``budget_ms=0`` times exactly ``min_runs`` runs. Each run
+    starts on an idle GPU, so the host's launch time is inside the window: for kernels of ~0.1 ms use
+    :func:`cuda_queued_time` (or :func:`cuda_graph_time`)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
