@@ -1137,11 +1137,11 @@ def _launch(key: tuple, h: int, w: int, run, device: torch.device, pad: int = 0,
 def _run_candidate(cand: tuple, kernels: tuple, lead: tuple, plane_args: tuple, extra: tuple, planes: int,
                    grid_h: int, grid_w: int, h: int, w: int, consts: dict, dtype: torch.dtype, batch: int,
                    col_pad: int | None = None) -> None:
-    """Launch one candidate of a shift-add pass. kernels = its (plane, tile, dot, flat, dotb, tc) kernels; every launch
-    takes ``lead`` first, the "plane" kernel then ``plane_args`` and its tile counts, the others ``extra`` then
-    their own counts; tiles cover grid_h x grid_w per plane (the output plane of that pass), ``planes`` of them,
-    ``planes // batch`` per image. ``col_pad``: y's zero columns per row side, for the "tc" kernels that take it
-    (None: a pass without it)."""
+    """Launch one candidate of a shift-add pass. kernels = its (plane, tile, dot, flat, dotb, tc2, tc3) kernels;
+    each launch takes ``lead`` first, the "plane" kernel then ``plane_args`` and its tile counts, the others
+    ``extra`` then their own counts; tiles cover grid_h x grid_w per plane (the output plane of that pass),
+    ``planes`` of them, ``planes // batch`` per image. ``col_pad``: y's pad columns per row side, for the
+    tensor-core kernels that take it (None: a pass without it)."""
     kind, a, bb, warps = cand
     k_plane, k_tile, k_dot, k_flat, k_dotb, k_tc, k_tc3 = kernels
     if kind.startswith("tc"):   # a = P, bb = NB images per program; the count matrices replace pad_hv
@@ -1186,7 +1186,7 @@ def _padded_rows(y_or_gy: torch.Tensor, col_pad: int) -> torch.Tensor:
 def shift_add_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor,
                       extra_pad: int, col_pad: int = 0) -> torch.Tensor:
     """y (B, R*nk, Hp, Wp + 2*col_pad) contiguous (rows with ``col_pad`` zero columns on each side, which the
-    "tc2" kernels load as part of the row and the others skip through a copy), int32 tables on y's device ->
+    tensor-core kernels load as part of the row and the others skip through a copy), int32 tables on y's device ->
     (3, B, R, H, W)."""
     b, rnk, hp, rs = y.shape
     r, g = idx_identity.shape
