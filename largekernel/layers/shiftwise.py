@@ -367,19 +367,18 @@ class ShiftwiseConv2d(nn.Module):
             if self.impl == "bands":
                 t = [depthwise_conv2d(rep, kernel) for kernel in self.band_kernels()]
             else:
-                # NCHW: the shift-add reads y (nk times larger than rep) as planes; converting rep is cheaper
-                if inference:  # one fused pass: three terms, BN affine, identity, ghost channels
-                    y = F.conv2d(rep.contiguous(), self.small_kernels(), None, 1, self.padding, 1,
-                                 self.rep_channels)
-                    scale, bias = self.term_affine()
-                    return shift_add_eval(y, self.pad_hv, self.idx_identity, self.extra_pad, scale, bias, x,
-                                          self.rep_idx, self.ghost_idx)
-                # the fused kernels read y's rows whole when the conv pads them to the kernels' tile (zeros there)
+                # NCHW: the shift-add reads y (nk times larger than rep) as planes; converting rep is cheaper.
+                # In training the fused kernels read y's rows whole when the conv pads them to the kernels' tile
+                # (zeros there); the fused inference pass takes plain rows.
                 col_pad = 0
-                if shift_add_path(rep) == "triton":
+                if not inference and shift_add_path(rep) == "triton":
                     col_pad = shift_add_col_pad(rep.shape[3] + 2 * self.extra_pad)
                 y = F.conv2d(rep.contiguous(), self.small_kernels(), None, 1, (self.padding, self.padding + col_pad),
                              1, self.rep_channels)
+                if inference:  # one fused pass: three terms, BN affine, identity, ghost channels
+                    scale, bias = self.term_affine()
+                    return shift_add_eval(y, self.pad_hv, self.idx_identity, self.extra_pad, scale, bias, x,
+                                          self.rep_idx, self.ghost_idx)
                 t = shift_add(y, self.pad_hv, self.idx_identity, self.extra_pad, col_pad).unbind(0)  # one grad
             if form == "folded":
                 out = sum(t[i] * self.term_scale[i].view(1, -1, 1, 1) for i in range(3))

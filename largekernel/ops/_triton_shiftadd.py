@@ -629,13 +629,19 @@ def _bwd_dotb(gout_ptr, pad_ptr, ident_ptr, gy_ptr, R, term_stride, B,
 
 
 @triton.jit
-def _tc_coords(B, NB: tl.constexpr, P: tl.constexpr):
-    """Program -> channel c, its first image b0, its NB images b [NB, 1, 1] (clamped) and their mask, padded rows
-    u [1, P, 1] and columns v [1, 1, P]. Programs of one channel are adjacent: they share its matrices in L2."""
+def _channel_major(B, NB: tl.constexpr):
+    """Program -> channel c and its first image b0, the programs of one channel adjacent (they share its count
+    matrices in L2 while they run)."""
     pid = tl.program_id(0)
     n_bg = (B + NB - 1) // NB
-    c = pid // n_bg
-    b0 = (pid % n_bg) * NB
+    return pid // n_bg, (pid % n_bg) * NB
+
+
+@triton.jit
+def _tc_coords(B, NB: tl.constexpr, P: tl.constexpr):
+    """Program -> channel c, its first image b0, its NB images b [NB, 1, 1] (clamped) and their mask, padded rows
+    u [1, P, 1] and columns v [1, 1, P] (:func:`_channel_major` order)."""
+    c, b0 = _channel_major(B, NB)
     b = b0 + tl.arange(0, NB)[:, None, None]
     b_ok = b < B
     return c, b0, tl.minimum(b, B - 1), b_ok, tl.arange(0, P)[None, :, None], tl.arange(0, P)[None, None, :]
@@ -680,7 +686,7 @@ def _products_2d(y_ptr, mat, b0, c, R, B, NK: tl.constexpr, E: tl.constexpr, H: 
     (out1 at (n-e, v-CO-e)). Each plane is loaded directly as the products' operand (the compiler stages such loads in
     shared memory ahead of use): once for one image (the second operand is its transpose), else twice (the second
     load an L1/L2 hit). CO: the zero columns on each side of y's rows (rows of RS = W + 2e + 2*CO elements; with
-    RS == P whole rows are loaded unmasked, so a 16-byte-aligned RS gives 16-byte copies)."""
+    RS == P the column mask folds away and whole rows load unmasked: a 16-byte-aligned RS gives 16-byte copies)."""
     HP: tl.constexpr = H + 2 * E
     RS: tl.constexpr = W + 2 * E + 2 * CO
     PLANE: tl.constexpr = HP * RS
@@ -688,12 +694,8 @@ def _products_2d(y_ptr, mat, b0, c, R, B, NK: tl.constexpr, E: tl.constexpr, H: 
     base = y_ptr + (b_r * R + c).to(tl.int64) * (NK * PLANE)
     p_0 = base + (r * RS + cols)
     p_1 = base + (cols * RS + r)
-    if RS == P:
-        m_0 = ok & (r < HP)
-        m_1 = ok & (cols < HP)
-    else:
-        m_0 = ok & (r < HP) & (cols < RS)
-        m_1 = ok & (r < RS) & (cols < HP)
+    m_0 = ok & (r < HP) & (cols < RS)
+    m_1 = ok & (r < RS) & (cols < HP)
     acc0 = tl.zeros((NB * P, P), dtype=tl.float64 if F64 else tl.float32)
     acc1 = acc0
     for j in range(NK):
@@ -786,10 +788,7 @@ def _bwd_tc(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
     a1 = _rows(g1t, NB, P)
     mat_t = _channel_mats(mat_ptr, c, NK, P, True)
     p_gy = gy_ptr + ((b * R + c) * NK).to(tl.int64) * (HP * RS) + (u * RS + v)
-    if RS == P:
-        m_gy = b_ok & (u < HP)
-    else:
-        m_gy = b_ok & (u < HP) & (v < RS)
+    m_gy = b_ok & (u < HP) & (v < RS)
     zero = tl.zeros((NB * P, P), dtype=tl.float64 if F64 else tl.float32)
     for j in range(NK):
         mh_t = tl.load(mat_t + (2 * j) * (P * P))
@@ -813,15 +812,13 @@ def _bwd_tc(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
 def _tc3_program(R, B, NB: tl.constexpr, P: tl.constexpr, IMAGE_MAJOR: tl.constexpr):
     """Program -> channel c, first image b, whether image b + 1 exists, rows r [P, 1] and columns q [1, P].
     IMAGE_MAJOR: the channels of an image are adjacent (all channels' count matrices in use at once, 2 * nk * P^2
-    each); else the images of a channel (its matrices shared while they run)."""
-    pid = tl.program_id(0)
+    each); else :func:`_channel_major`."""
     if IMAGE_MAJOR:
+        pid = tl.program_id(0)
         c = pid % R
         b = (pid // R) * NB
     else:
-        n_bg = (B + NB - 1) // NB
-        c = pid // n_bg
-        b = (pid % n_bg) * NB
+        c, b = _channel_major(B, NB)
     return c, b, b + 1 < B, tl.arange(0, P)[:, None], tl.arange(0, P)[None, :]
 
 
@@ -834,10 +831,7 @@ def _tc3_products(y_ptr, mat_ptr, c, b, second_ok, R, r, q, NK: tl.constexpr, E:
     HP: tl.constexpr = H + 2 * E
     RS: tl.constexpr = W + 2 * E + 2 * CO
     PLANE: tl.constexpr = HP * RS
-    if RS == P:
-        m = (r < HP) & (q < P)
-    else:
-        m = (r < HP) & (q < RS)
+    m = (r < HP) & (q < RS)
     p_y = y_ptr + (b * R + c).to(tl.int64) * (NK * PLANE) + (r * RS + q)
     p_y2 = p_y + R * (NK * PLANE)
     m2 = m & second_ok
@@ -862,19 +856,27 @@ def _tc3_products(y_ptr, mat_ptr, c, b, second_ok, R, r, q, NK: tl.constexpr, E:
 
 
 @triton.jit
+def _tc3_identity(y_ptr, ident_ptr, c, b, ok, R, r, q, dtype: tl.constexpr, NK: tl.constexpr, G: tl.constexpr,
+                  E: tl.constexpr, H: tl.constexpr, W: tl.constexpr, CO: tl.constexpr):
+    """Image b's identity term on y's padded grid and the grid's output positions (u in [e, H+e), q in [CO+e,
+    CO+W+e))."""
+    HP: tl.constexpr = H + 2 * E
+    RS: tl.constexpr = W + 2 * E + 2 * CO
+    inside = ok & (r >= E) & (r < H + E) & (q >= CO + E) & (q < CO + W + E)
+    p_b = y_ptr + (b * R).to(tl.int64) * (NK * HP * RS) + (r * RS + q)
+    return _identity_term(p_b, ident_ptr, c, inside, dtype, G, HP * RS), inside
+
+
+@triton.jit
 def _tc3_store(y_ptr, ident_ptr, out_ptr, c, b, ok, R, term_stride, r, q, acc0, acc1,
                NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                CO: tl.constexpr):
     """The three terms of image b (all on y's padded grid) into the (3, B, R, H, W) output."""
-    HP: tl.constexpr = H + 2 * E
-    RS: tl.constexpr = W + 2 * E + 2 * CO
-    inside = ok & (r >= E) & (r < H + E) & (q >= CO + E) & (q < CO + W + E)
+    acc2, inside = _tc3_identity(y_ptr, ident_ptr, c, b, ok, R, r, q, acc0.dtype, NK, G, E, H, W, CO)
     o = out_ptr + (b * R + c).to(tl.int64) * (H * W) + ((r - E) * W + (q - CO - E))
     ty = out_ptr.dtype.element_ty
     tl.store(o, acc0.to(ty), mask=inside)
     tl.store(o + term_stride, acc1.to(ty), mask=inside)
-    p_b = y_ptr + (b * R).to(tl.int64) * (NK * HP * RS) + (r * RS + q)
-    acc2 = _identity_term(p_b, ident_ptr, c, inside, acc0.dtype, G, HP * RS)
     tl.store(o + 2 * term_stride, acc2.to(ty), mask=inside)
 
 
@@ -895,11 +897,7 @@ def _fwd_tc3(y_ptr, mat_ptr, ident_ptr, out_ptr, R, term_stride, B,
 @triton.jit
 def _tc3_eval_store(y_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, c, b, ok, R, C, r, q, acc0, acc1,
                     NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr):
-    HP: tl.constexpr = H + 2 * E
-    WP: tl.constexpr = W + 2 * E
-    inside = ok & (r >= E) & (r < H + E) & (q >= E) & (q < W + E)
-    p_b = y_ptr + (b * R).to(tl.int64) * (NK * HP * WP) + (r * WP + q)
-    acc2 = _identity_term(p_b, ident_ptr, c, inside, acc0.dtype, G, HP * WP)
+    acc2, inside = _tc3_identity(y_ptr, ident_ptr, c, b, ok, R, r, q, acc0.dtype, NK, G, E, H, W, 0)
     _eval_epilogue(acc0, acc1, acc2, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, b * R + c, R, C,
                    tl.minimum(tl.maximum(r - E, 0), H - 1), tl.minimum(tl.maximum(q - E, 0), W - 1), inside, H, W)
 
@@ -948,10 +946,7 @@ def _bwd_tc3(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
     p_mht = p_mat + (q * P + r)     # [n, k] = Mh[k, n]
     p_mv = p_mat + P * P + (r * P + q)   # [u, n] = Mv[u, n]
     p_gy = gy_ptr + ((b * R + c) * NK).to(tl.int64) * (HP * RS) + (r * RS + q)
-    if RS == P:
-        m_gy = (r < HP) & (q < P)
-    else:
-        m_gy = (r < HP) & (q < RS)
+    m_gy = (r < HP) & (q < RS)
     zero = tl.zeros((P, P), dtype=tl.float64 if F64 else tl.float32)
     ty = gy_ptr.dtype.element_ty
     for j in range(NK):
@@ -1045,6 +1040,14 @@ def _flat_block(hw: int) -> int:
     return best
 
 
+def tc_tile(n: int) -> int:
+    """The tensor-core candidates' [P, P] tile side for planes n wide (padded): a power of two, at least 16."""
+    return max(16, next_pow2(n))
+
+
+TC_MAX_TILE = 64  # wider planes get no tensor-core candidates
+
+
 def candidates(h: int, w: int, pad: int = 0, col_pad: int = 0) -> list[tuple[str, int, int, int]]:
     """The N_CANDIDATES launch configurations for planes of h x w (list index = ``FORCE`` value); ``pad``: the
     forward's extra_pad (its "dot" tile covers the padded input plane); ``col_pad``: the zero columns on each
@@ -1064,8 +1067,8 @@ def candidates(h: int, w: int, pad: int = 0, col_pad: int = 0) -> list[tuple[str
         ("flat+pf", max(1, 512 // chunk), chunk, _warps(max(512, chunk), 4)),
         ("flat+pf", max(1, 1024 // whole), whole, _warps(max(1024, whole), 4)),  # whole flattened plane(s)
     ]
-    p = max(16, next_pow2(max(h, w + 2 * col_pad) + 2 * pad))
-    if p <= 64:  # shifts as tensor-core products with count matrices; [P, P] tiles, so small planes only
+    p = tc_tile(max(h, w + 2 * col_pad) + 2 * pad)
+    if p <= TC_MAX_TILE:  # shifts as tensor-core products with count matrices; [P, P] tiles, so small planes only
         cands += [("dot", p, p, 1 if p == 16 else 4), ("dot", p, p, 2 if p == 16 else 8)]
     else:
         cands += [("tile+pf", strip, bw, _warps(strip * bw, 8)), ("flat+pf", 1, chunk, _warps(chunk, 8))]
@@ -1073,7 +1076,7 @@ def candidates(h: int, w: int, pad: int = 0, col_pad: int = 0) -> list[tuple[str
         cands += [("dotb", p, 4, 4), ("dotb", p, 8, 8)]
     else:
         cands += [("tile", strip, bw, _warps(strip * bw, 8)), ("flat", 1, chunk, _warps(chunk, 8))]
-    if p <= 64:  # precomputed count matrices, NB images (128 or 256 product rows) per program
+    if p <= TC_MAX_TILE:  # precomputed count matrices, NB images (128 or 256 product rows) per program
         nb = max(1, 128 // p)
         cands += [("tc3i", p, 1, 4), ("tc2", p, nb, 4), ("tc2+s4", p, max(1, nb // 2), 4),
                   ("tc2", p, max(1, nb // 2), 4), ("tc3", p, 1, 4), ("tc3", p, 2, 8)]
@@ -1151,9 +1154,9 @@ def _run_candidate(cand: tuple, kernels: tuple, lead: tuple, plane_args: tuple, 
         meta = {} if col_pad is None else {"CO": col_pad}
         if kind.endswith("+s4"):
             meta["num_stages"] = 4
-        kernel = k_tc3 if base.startswith("tc3") else k_tc
+        kernel = k_tc
         if base.startswith("tc3"):
-            meta["IMAGE_MAJOR"] = base == "tc3i"
+            kernel, meta["IMAGE_MAJOR"] = k_tc3, base == "tc3i"
         launch(kernel, (cdiv(batch, bb) * lead[2].shape[0],), lead[0], mats, *lead[2:], *extra, batch, H=h, W=w,
                P=a, NB=bb, num_warps=warps, **meta, **consts, **_dot_consts(dtype))
         return
@@ -1178,11 +1181,6 @@ def _run_candidate(cand: tuple, kernels: tuple, lead: tuple, plane_args: tuple, 
                num_warps=warps, **consts, **pf)
 
 
-def _padded_rows(y_or_gy: torch.Tensor, col_pad: int) -> torch.Tensor:
-    """(..., Wp) -> (..., Wp + 2*col_pad) with zero columns on each side."""
-    return torch.nn.functional.pad(y_or_gy, (col_pad, col_pad))
-
-
 def shift_add_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch.Tensor,
                       extra_pad: int, col_pad: int = 0) -> torch.Tensor:
     """y (B, R*nk, Hp, Wp + 2*col_pad) contiguous (rows with ``col_pad`` zero columns on each side, which the
@@ -1200,7 +1198,7 @@ def shift_add_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch
 
     def run(cand):
         yc, co = y, col_pad
-        if col_pad and not cand[0].startswith(("tc2", "tc3")):
+        if col_pad and not cand[0].startswith("tc"):
             yc, co = y[..., col_pad:col_pad + wp].contiguous(), 0
         _run_candidate(cand, kernels, (yc, pad_hv, idx_identity, out, r), (h, w, hp, wp, ts), (ts,), planes, h, w,
                        h, w, consts, y.dtype, b, co)
@@ -1226,7 +1224,7 @@ def shift_add_backward(gout: torch.Tensor, pad_hv: torch.Tensor, idx_identity: t
             inner = torch.empty((b, r * nk, hp, wp), device=gout.device, dtype=gout.dtype)
             _run_candidate(cand, kernels, (gout, pad_hv, idx_identity, inner, r), (h, w, hp, wp, ts), (ts,), planes,
                            hp, wp, h, w, consts, gout.dtype, b, 0)
-            gy.copy_(_padded_rows(inner, col_pad))
+            gy.copy_(torch.nn.functional.pad(inner, (col_pad, col_pad)))
             return
         _run_candidate(cand, kernels, (gout, pad_hv, idx_identity, gy, r), (h, w, hp, wp, ts), (ts,), planes, hp, wp,
                        h, w, consts, gout.dtype, b, col_pad)

@@ -138,8 +138,10 @@ def shift_add_col_pad(width: int) -> int:
     """The pad columns per row side that make y's rows (``width`` = W + 2e) exactly as wide as the tensor-core
     kernels' tile (a power of two, 16..64), so those kernels load whole rows with 16-byte copies; 0 where that
     takes an odd number of columns, more than an eighth of the row, or the rows are wider than the tile."""
-    extra = max(16, 1 << (width - 1).bit_length()) - width
-    return extra // 2 if width + extra <= 64 and extra % 2 == 0 and extra <= width // 8 else 0
+    from largekernel.ops._triton_shiftadd import TC_MAX_TILE, tc_tile
+
+    extra = tc_tile(width) - width
+    return extra // 2 if width + extra <= TC_MAX_TILE and extra % 2 == 0 and extra <= width // 8 else 0
 
 
 def shift_add_path(y: torch.Tensor) -> str:
