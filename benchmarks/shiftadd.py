@@ -10,7 +10,9 @@ ratio 0.23, N_rep 4). For each:
   write the three terms (3, B, R, H, W) (backward: the reverse), y in the layer's training layout (rows padded to
   the tensor-core tile, ``shift_add_col_pad``; the pad columns' bytes are not counted); GB/s and % of the
   measured device-to-device copy bandwidth (``clone`` of y: bytes read + written) and of the 2.96 TB/s H100
-  anchor; the fused inference epilogue (``shift_add_eval``: read y and x, write the (B, C, H, W) output).
+  anchor; the write-only bandwidth (``fill_`` of y in the training layout: the backward's ceiling, which writes
+  y's bytes and reads a sixth as many); the fused inference epilogue (``shift_add_eval``: read y and x, write
+  the (B, C, H, W) output).
 * the SW layer, inference (eval, no grad): merged form with the fused shift-add pass, the ``bands``
   implementation (k x D + D x k depthwise convs built from the small kernels), and the deploy forms
   ``to_dense("square")`` (one D x D depthwise conv) and ``to_dense("cross")`` (k x D + D x k convs), all
@@ -94,6 +96,8 @@ def bench_shape(c: int, hw: int, big: int, small: int, batch: int, dtype: torch.
 
     copy_ms = cuda_queued_time(lambda: y.clone())
     row["copy_GBs"] = 2 * y.numel() * esize / copy_ms / 1e6
+    # the write-only ceiling of the backward: filling a tensor of y's training layout (no reads)
+    row["fill_GBs"] = y_rows.numel() * esize / cuda_queued_time(lambda: y_rows.fill_(0.5)) / 1e6
 
     fwd = torch.ops.largekernel.shift_add
     bwd = torch.ops.largekernel.shift_add_backward
@@ -317,11 +321,12 @@ def main() -> None:
                   + ", ".join(f"{col} {row[col + '_ms']:.3f}" for col in LAYER_COLS), flush=True)
     result["rows"] = rows
     print(f"\nshift-add op, batch {batch} (GB/s = HBM bytes / time; %copy of the measured copy bandwidth)")
-    print(f"{'dtype':9}{'C':>5}{'H':>4}{'K':>4}{'MB':>8}{'copy GB/s':>10}{'fwd ms':>8}{'fwd GB/s':>9}{'%copy':>6}"
+    print(f"{'dtype':9}{'C':>5}{'H':>4}{'K':>4}{'MB':>8}{'copy GB/s':>10}{'fill GB/s':>10}{'fwd ms':>8}{'fwd GB/s':>9}"
+          f"{'%copy':>6}"
           f"{'bwd ms':>8}{'bwd GB/s':>9}{'%copy':>6}{'eval ms':>8}{'%copy':>6}{'ref fwd ms':>11}")
     for row in rows:
         print(f"{row['dtype']:9}{row['C']:>5}{row['H']:>4}{row['K']:>4}{row['bytes_MB']:>8.1f}"
-              f"{row['copy_GBs']:>10.0f}{row['sa_fwd_ms']:>8.3f}{row['sa_fwd_GBs']:>9.0f}"
+              f"{row['copy_GBs']:>10.0f}{row['fill_GBs']:>10.0f}{row['sa_fwd_ms']:>8.3f}{row['sa_fwd_GBs']:>9.0f}"
               f"{row['sa_fwd_pct_copy']:>6.0f}{row['sa_bwd_ms']:>8.3f}{row['sa_bwd_GBs']:>9.0f}"
               f"{row['sa_bwd_pct_copy']:>6.0f}{row['eval_ms']:>8.3f}{row['eval_pct_copy']:>6.0f}"
               f"{row['ref_fwd_ms']:>11.2f}")

@@ -65,9 +65,9 @@ def _compile_all(calls: list) -> int:
         sig, consts = _signature(kernel, args, meta)
         # what changes the generated code's structure: argument types and the non-integer constexprs
         # (and one image per program, or padded rows, which take other branches in the shift-add's tensor-core
-        # kernels; and the pipeline depth)
+        # kernels; and the pipeline depth; the "tc3" stacking, and one or two stacked groups per program)
         key = (kernel.fn.__name__, tuple(sig.values()), meta.get("NB") == 1, meta.get("CO", 0) > 0,
-               meta.get("num_stages"),
+               meta.get("num_stages"), meta.get("S"), meta.get("NB") == 2 * meta.get("S", 0),
                tuple((k, v) for k, v in consts.items() if not isinstance(v, int) or isinstance(v, bool)))
         if key in seen:
             continue
@@ -118,8 +118,8 @@ def test_shift_add_and_layout_launches_compile_for_hopper(monkeypatch):
     calls = _record(monkeypatch)
     for dtype in (torch.float32, torch.bfloat16):
         # large planes, and SW-tiny's first and last stages (the tensor-core kernels at P = 64 and 32), the first in
-        # the training layer's layout too (rows padded to the tile: col_pad)
-        for h, pad, col_pad in ((56, 24, 0), (56, 1, 0), (56, 1, 3), (7, 5, 0)):
+        # the training layer's layout too (rows padded to the tile: col_pad; at 28, two planes stacked per tile)
+        for h, pad, col_pad in ((56, 24, 0), (56, 1, 0), (56, 1, 3), (28, 1, 1), (7, 5, 0)):
             b, r, nk, g, c = 2, 4, 3, 2, 6
             y = torch.randn(b, r * nk, h + 2 * pad, h + 2 * pad + 2 * col_pad, dtype=dtype)
             pad_hv = torch.zeros(r * nk, 4, dtype=torch.int32)

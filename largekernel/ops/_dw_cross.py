@@ -15,7 +15,7 @@ weights-sized (C, kh_h + kw_v, P, P) tensor) and read from L1 / L2 by every imag
 import triton
 import triton.language as tl
 
-from largekernel.ops._launch import cdiv, launch, next_pow2
+from largekernel.ops._launch import cdiv, launch, next_pow2, plane_descriptor
 
 
 @triton.jit
@@ -176,16 +176,6 @@ def _cross_tma_kernel(x_desc, q_desc, b_ptr, y_desc, N, C, ITERS, PH_H, PW_V: tl
         y_desc.store([plane, 0, 0], (acc + bias).to(y_desc.dtype).reshape(1, P, P))
 
 
-def _plane_descriptor(t, p: int):
-    """TMA descriptor over the (H, W) planes of t (N, C, H, W) or (M, H, W), rows at any 16-byte aligned stride
-    (the padded row-major copies of ``layout.padded_rows``), with (1, p, p) boxes."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    n = t.shape[0] * t.shape[1] if t.dim() == 4 else t.shape[0]
-    h, w = t.shape[-2:]
-    return TensorDescriptor(t, [n, h, w], [t.stride(-3), t.stride(-2), 1], [1, p, p])
-
-
 def launch_cross(x, wh, wv, bias, y, pads_h: tuple[int, int], pads_v: tuple[int, int], cfg: dict, precision: str,
                  interpret: bool) -> None:
     """y = cross conv of row-major x (N, C, H, W) with wh (C, kh_h, kw_h), wv (C, kh_v, kw_v) (contiguous), 'same'
@@ -205,8 +195,8 @@ def launch_cross(x, wh, wv, bias, y, pads_h: tuple[int, int], pads_v: tuple[int,
                     HOIST=cfg.get("hoist", True), num_warps=cfg.get("num_warps", 4),
                     num_stages=cfg.get("num_stages", 1))
         iters = cfg.get("ITERS", 1)
-        launch(_cross_tma_kernel, (C, cdiv(N, iters)), _plane_descriptor(x, p), _plane_descriptor(q.view(-1, p, p), p),
-               b, _plane_descriptor(y, p), N, C, iters, pads_h[0], pads_v[1], **meta)
+        launch(_cross_tma_kernel, (C, cdiv(N, iters)), plane_descriptor(x, p), plane_descriptor(q.view(-1, p, p), p),
+               b, plane_descriptor(y, p), N, C, iters, pads_h[0], pads_v[1], **meta)
         return
     nb = cfg["NB"]
     meta = dict(KH_H=kh_h, KW_V=kw_v, P=p, HAS_BIAS=bias is not None, PRECISION=precision, CAST_F32=interpret,

@@ -84,3 +84,28 @@ def cached(store: dict, t: torch.Tensor, signature: tuple, build, keep: bool = T
     if keep:
         store[key] = (weakref.ref(t, lambda _: store.pop(key, None)), signature, value)
     return value
+
+
+def plane_descriptor(t: torch.Tensor, p: int):
+    """TMA descriptor over the (H, W) planes of t (N, C, H, W) or (M, H, W), rows at any 16-byte aligned stride
+    (the padded row-major copies of ``layout.padded_rows``, the shift-add's padded y), with (1, p, p) boxes."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n = t.shape[0] * t.shape[1] if t.dim() == 4 else t.shape[0]
+    h, w = t.shape[-2:]
+    return TensorDescriptor(t, [n, h, w], [t.stride(-3), t.stride(-2), 1], [1, p, p])
+
+
+def stacked_planes_descriptor(t: torch.Tensor, s: int, p: int):
+    """TMA descriptor over the (H, W) planes of t (B, M, H, W) with (s, 1, p, p) boxes: plane m of s consecutive
+    images, stacked (rows 16-byte aligned, as for :func:`plane_descriptor`)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [s, 1, p, p])
+
+
+def tma_planes(t: torch.Tensor | None) -> bool:
+    """Whether :func:`plane_descriptor` can describe t: contiguous, its start and rows 16-byte aligned."""
+    return (t is not None and t.is_contiguous() and t.data_ptr() % 16 == 0
+            and t.shape[-1] * t.element_size() % 16 == 0)
+

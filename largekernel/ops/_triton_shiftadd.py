@@ -14,7 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
-from largekernel.ops._launch import cached, cdiv, launch, next_pow2
+from largekernel.ops._launch import (
+    cached,
+    cdiv,
+    launch,
+    next_pow2,
+    plane_descriptor,
+    stacked_planes_descriptor,
+    tma_planes,
+)
 
 
 @triton.jit
@@ -403,6 +411,24 @@ def _identity_term(p_b, ident_ptr, c, mask, dtype: tl.constexpr, G: tl.constexpr
 
 
 @triton.jit
+def _channel_idents(ident_ptr, c, G: tl.constexpr):
+    """Channel c's G identity planes (global plane numbers c*nk + r), loaded once, before a loop over its planes."""
+    ids = ()
+    for g in tl.static_range(G):
+        ids = ids + (tl.load(ident_ptr + c * G + g),)
+    return ids
+
+
+@triton.jit
+def _hits(ids, plane, G: tl.constexpr):
+    """How many of the identity planes ``ids`` are ``plane`` (int32): its weight in the identity term."""
+    hits = 0
+    for g in tl.static_range(G):
+        hits += (ids[g] == plane).to(tl.int32)
+    return hits
+
+
+@triton.jit
 def _gather_dot(y_ptr, pad_ptr, ident_ptr, bc, c, r, q,
                 NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                 F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
@@ -661,12 +687,13 @@ def _planes(t, NB: tl.constexpr, P: tl.constexpr, TRANS: tl.constexpr):
 
 
 @triton.jit
-def _channel_mats(mat_ptr, c, NK: tl.constexpr, P: tl.constexpr, TRANS: tl.constexpr):
-    """Pointers [P, P] to channel c's first count matrix (matrix i of small kernel j at offset (2j + i) * P * P);
-    TRANS: element [r, q] points at M[q, r]."""
+def _channel_mats(mat_ptr, c, NK: tl.constexpr, P: tl.constexpr):
+    """Pointers [P, P] to channel c's first count matrix, row-major (matrix i of small kernel j at offset (2j + i) *
+    P * P). A transposed operand is loaded as stored and transposed as a tile (a view of the shared-memory copy: the
+    loads stay 16-byte)."""
     k = tl.arange(0, P)[:, None]
     n = tl.arange(0, P)[None, :]
-    return mat_ptr + c.to(tl.int64) * (NK * 2 * P * P) + ((n * P + k) if TRANS else (k * P + n))
+    return mat_ptr + c.to(tl.int64) * (NK * 2 * P * P) + (k * P + n)
 
 
 @triton.jit
@@ -679,14 +706,16 @@ def _grid_2d(b0, B, NB: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
-def _products_2d(y_ptr, mat, b0, c, R, B, NK: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-                 NB: tl.constexpr, P: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
-                 CO: tl.constexpr):
+def _products_2d(y_ptr, mat, ident_ptr, b0, c, R, B, NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr,
+                 H: tl.constexpr, W: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, F64: tl.constexpr,
+                 SPLIT: tl.constexpr, EMULATE: tl.constexpr, CO: tl.constexpr):
     """The two shifted terms as [NB*P, P] products: acc0[(b, u), n] (out0 at (u-e, n-CO-e)) and acc1[(b, v), n]
-    (out1 at (n-e, v-CO-e)). Each plane is loaded directly as the products' operand (the compiler stages such loads in
-    shared memory ahead of use): once for one image (the second operand is its transpose), else twice (the second
-    load an L1/L2 hit). CO: the zero columns on each side of y's rows (rows of RS = W + 2e + 2*CO elements; with
-    RS == P the column mask folds away and whole rows load unmasked: a 16-byte-aligned RS gives 16-byte copies)."""
+    (out1 at (n-e, v-CO-e)), and the identity term acc2 on acc0's grid (each plane, weighted by its hits, as it
+    passes: no second read of the identity planes). Each plane is loaded directly as the products' operand (the
+    compiler stages such loads in shared memory ahead of use): once for one image (the second operand is its
+    transpose), else twice (the second load an L1/L2 hit). CO: the zero columns on each side of y's rows (rows of RS =
+    W + 2e + 2*CO elements; with RS == P the column mask folds away and whole rows load unmasked: a 16-byte-aligned RS
+    gives 16-byte copies)."""
     HP: tl.constexpr = H + 2 * E
     RS: tl.constexpr = W + 2 * E + 2 * CO
     PLANE: tl.constexpr = HP * RS
@@ -698,6 +727,8 @@ def _products_2d(y_ptr, mat, b0, c, R, B, NK: tl.constexpr, E: tl.constexpr, H: 
     m_1 = ok & (r < RS) & (cols < HP)
     acc0 = tl.zeros((NB * P, P), dtype=tl.float64 if F64 else tl.float32)
     acc1 = acc0
+    acc2 = acc0
+    ids = _channel_idents(ident_ptr, c, G)
     for j in range(NK):
         a0 = tl.load(p_0 + j * PLANE, mask=m_0, other=0.0)
         if NB == 1:
@@ -708,7 +739,8 @@ def _products_2d(y_ptr, mat, b0, c, R, B, NK: tl.constexpr, E: tl.constexpr, H: 
         mv = tl.load(mat + (2 * j + 1) * (P * P))
         acc0 = _dot_data(a0, mh, acc0, True, F64, SPLIT, EMULATE)
         acc1 = _dot_data(a1, mv, acc1, True, F64, SPLIT, EMULATE)
-    return acc0, acc1
+        acc2 += _hits(ids, c * NK + j, G).to(acc2.dtype) * a0.to(acc2.dtype)
+    return acc0, acc1, acc2
 
 
 @triton.jit
@@ -717,15 +749,10 @@ def _gather_tc(y_ptr, mat_ptr, ident_ptr, b0, b, b_ok, c, R, B, u, v,
                NB: tl.constexpr, P: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
     """The three forward terms of channel c for the NB images b (plain rows), as [NB, P, P] tiles of the padded
     grid (the products of :func:`_products_2d`, the vertical one permuted)."""
-    HP: tl.constexpr = H + 2 * E
-    WP: tl.constexpr = W + 2 * E
-    PLANE: tl.constexpr = HP * WP
-    mat = _channel_mats(mat_ptr, c, NK, P, False)
-    acc0, acc1 = _products_2d(y_ptr, mat, b0, c, R, B, NK, E, H, W, NB, P, F64, SPLIT, EMULATE, 0)
+    mat = _channel_mats(mat_ptr, c, NK, P)
+    acc0, acc1, acc2 = _products_2d(y_ptr, mat, ident_ptr, b0, c, R, B, NK, G, E, H, W, NB, P, F64, SPLIT, EMULATE, 0)
     inside = b_ok & (u >= E) & (u < H + E) & (v >= E) & (v < W + E)
-    p_b = y_ptr + (b * R).to(tl.int64) * (NK * PLANE) + (u * WP + v)
-    acc2 = _identity_term(p_b, ident_ptr, c, inside, acc0.dtype, G, PLANE)
-    return _planes(acc0, NB, P, False), _planes(acc1, NB, P, True), acc2, inside
+    return _planes(acc0, NB, P, False), _planes(acc1, NB, P, True), _planes(acc2, NB, P, False), inside
 
 
 @triton.jit
@@ -734,21 +761,18 @@ def _fwd_tc(y_ptr, mat_ptr, ident_ptr, out_ptr, R, term_stride, B,
             P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
             CO: tl.constexpr):
     """The three terms stored straight from the [NB*P, P] products (no layout conversion)."""
-    HP: tl.constexpr = H + 2 * E
-    RS: tl.constexpr = W + 2 * E + 2 * CO
     c, b0, _, _, _, _ = _tc_coords(B, NB, P)
-    mat = _channel_mats(mat_ptr, c, NK, P, False)
-    acc0, acc1 = _products_2d(y_ptr, mat, b0, c, R, B, NK, E, H, W, NB, P, F64, SPLIT, EMULATE, CO)
+    mat = _channel_mats(mat_ptr, c, NK, P)
+    acc0, acc1, acc2 = _products_2d(y_ptr, mat, ident_ptr, b0, c, R, B, NK, G, E, H, W, NB, P, F64, SPLIT, EMULATE,
+                                    CO)
     r, cols, b_r, ok = _grid_2d(b0, B, NB, P)
     o_c = out_ptr + (b_r * R + c).to(tl.int64) * (H * W)
     ty = out_ptr.dtype.element_ty
     in0 = ok & (r >= E) & (r < H + E) & (cols >= CO + E) & (cols < CO + W + E)
-    tl.store(o_c + ((r - E) * W + (cols - CO - E)), acc0.to(ty), mask=in0)
+    tl.store(o_c + ((r - E) * W + (cols - (CO + E))), acc0.to(ty), mask=in0)
     in1 = ok & (cols >= E) & (cols < H + E) & (r >= CO + E) & (r < CO + W + E)
-    tl.store(o_c + term_stride + ((cols - E) * W + (r - CO - E)), acc1.to(ty), mask=in1)
-    p_b = y_ptr + (b_r * R).to(tl.int64) * (NK * HP * RS) + (r * RS + cols)
-    acc2 = _identity_term(p_b, ident_ptr, c, in0, acc0.dtype, G, HP * RS)
-    tl.store(o_c + 2 * term_stride + ((r - E) * W + (cols - CO - E)), acc2.to(ty), mask=in0)
+    tl.store(o_c + term_stride + ((cols - E) * W + (r - (CO + E))), acc1.to(ty), mask=in1)
+    tl.store(o_c + 2 * term_stride + ((r - E) * W + (cols - (CO + E))), acc2.to(ty), mask=in0)
 
 
 @triton.jit
@@ -776,104 +800,131 @@ def _bwd_tc(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
     c, _, b, b_ok, u, v = _tc_coords(B, NB, P)
     g_c = gout_ptr + (b * R + c).to(tl.int64) * (H * W)
     inside = b_ok & (u >= E) & (u < H + E) & (v >= CO + E) & (v < CO + W + E)
-    off = tl.minimum(tl.maximum(u - E, 0), H - 1) * W + tl.minimum(tl.maximum(v - CO - E, 0), W - 1)
+    off = (u - E) * W + (v - (CO + E))   # (outside the plane only where masked)
     g0 = tl.load(g_c + off, mask=inside, other=0.0)
     # rows index (padded) columns and vice versa
     inside_t = b_ok & (u >= CO + E) & (u < CO + W + E) & (v >= E) & (v < H + E)
     g1t = tl.load(g_c + term_stride + (tl.minimum(tl.maximum(v - E, 0), H - 1) * W
-                                       + tl.minimum(tl.maximum(u - CO - E, 0), W - 1)), mask=inside_t, other=0.0)
+                                       + tl.minimum(tl.maximum(u - (CO + E), 0), W - 1)), mask=inside_t, other=0.0)
     g2 = tl.load(g_c + 2 * term_stride + off, mask=inside, other=0.0)
     g2 = g2.to(tl.float64 if F64 else tl.float32)
     a0 = _rows(g0, NB, P)
     a1 = _rows(g1t, NB, P)
-    mat_t = _channel_mats(mat_ptr, c, NK, P, True)
+    mat = _channel_mats(mat_ptr, c, NK, P)
     p_gy = gy_ptr + ((b * R + c) * NK).to(tl.int64) * (HP * RS) + (u * RS + v)
     m_gy = b_ok & (u < HP) & (v < RS)
     zero = tl.zeros((NB * P, P), dtype=tl.float64 if F64 else tl.float32)
+    ids = _channel_idents(ident_ptr, c, G)
     for j in range(NK):
-        mh_t = tl.load(mat_t + (2 * j) * (P * P))
-        mv_t = tl.load(mat_t + (2 * j + 1) * (P * P))
+        mh_t = tl.trans(tl.load(mat + (2 * j) * (P * P)))
+        mv_t = tl.trans(tl.load(mat + (2 * j + 1) * (P * P)))
         acc = _planes(_dot_data(a0, mh_t, zero, True, F64, SPLIT, EMULATE), NB, P, False)
         acc += _planes(_dot_data(a1, mv_t, zero, True, F64, SPLIT, EMULATE), NB, P, True)
-        hits = 0
-        for g in tl.static_range(G):
-            hits += (tl.load(ident_ptr + c * G + g) == c * NK + j).to(tl.int32)
-        acc += hits.to(acc.dtype) * g2
+        acc += _hits(ids, c * NK + j, G).to(acc.dtype) * g2
         tl.store(p_gy + j * (HP * RS), acc.to(gy_ptr.dtype.element_ty), mask=m_gy)
 
 
 # "tc3": every term on the padded grid (u, q) of y, so no transposes: out0 = Y @ Mh (Y the product's left
 # operand), out1 = Mv^T @ Y (Y the right operand: the same shared-memory tile), stored row by row like y; backward
-# gy_j = G0 @ Mh_j^T + Mv_j @ G1 + hits_j * G2 with the three gradient planes on the same grid. One or two images per
-# program (two: each matrix tile serves both).
+# gy_j = G0 @ Mh_j^T + Mv_j @ G1 + hits_j * G2 with the three gradient planes on the same grid. Planes narrower than
+# 64 are stacked: S = 64 / P images' planes one above the other in one [S*P, P] tile, so every product has 64 rows
+# (the tensor cores' warpgroup tile); the vertical shift then takes the block-diagonal BD_S(Mv) (S copies of Mv on
+# the diagonal, loaded as such: zeros off the blocks). One or two such groups per program (two: each matrix tile serves
+# both). "tc3d": y's planes (forward) and gy's (backward) moved by the tensor memory accelerator (TMA, Hopper) as [S, 1,
+# P, P] boxes straight into / out of shared memory (rows past the plane, and images past the batch, arrive as zeros /
+# are clipped); needs y's rows 16-byte aligned (the padded training layout).
 
 
 @triton.jit
-def _tc3_program(R, B, NB: tl.constexpr, P: tl.constexpr, IMAGE_MAJOR: tl.constexpr):
-    """Program -> channel c, first image b, whether image b + 1 exists, rows r [P, 1] and columns q [1, P].
-    IMAGE_MAJOR: the channels of an image are adjacent (all channels' count matrices in use at once, 2 * nk * P^2
-    each); else :func:`_channel_major`."""
-    if IMAGE_MAJOR:
-        pid = tl.program_id(0)
-        c = pid % R
-        b = (pid // R) * NB
+def _stack_grid(b, B, S: tl.constexpr, P: tl.constexpr):
+    """A stacked tile's rows (image b + r // P, its row u = r % P) as u [S*P, 1], that image (clamped) and whether
+    it exists; columns q [1, P]."""
+    rows = tl.arange(0, S * P)[:, None]
+    bi = b + rows // P
+    return rows % P, tl.arange(0, P)[None, :], tl.minimum(bi, B - 1), bi < B
+
+
+@triton.jit
+def _stacked_mats(mat_ptr, mat_desc, c, j, NK: tl.constexpr, P: tl.constexpr, S: tl.constexpr):
+    """Mh_j [P, P] and BD_S(Mv_j) [S*P, S*P] of channel c, as stored ([k, n]; a transposed operand is the loaded
+    tile's transposed view). ``mat_desc`` (not None): Mh, and Mv when S == 1, through the TMA."""
+    m = mat_ptr + (c * NK + j).to(tl.int64) * (2 * P * P)
+    k = tl.arange(0, P)[:, None]
+    n = tl.arange(0, P)[None, :]
+    if mat_desc is None:
+        mh = tl.load(m + (k * P + n))
     else:
-        c, b = _channel_major(B, NB)
-    return c, b, b + 1 < B, tl.arange(0, P)[:, None], tl.arange(0, P)[None, :]
+        mh = mat_desc.load([(c * NK + j) * 2, 0, 0]).reshape(P, P)
+    if S == 1:
+        if mat_desc is None:
+            mv = tl.load(m + P * P + (k * P + n))
+        else:
+            mv = mat_desc.load([(c * NK + j) * 2 + 1, 0, 0]).reshape(P, P)
+    else:
+        rr = tl.arange(0, S * P)[:, None]
+        cc = tl.arange(0, S * P)[None, :]
+        mv = tl.load(m + P * P + ((rr % P) * P + cc % P), mask=rr // P == cc // P, other=0.0)
+    return mh, mv
 
 
 @triton.jit
-def _tc3_products(y_ptr, mat_ptr, c, b, second_ok, R, r, q, NK: tl.constexpr, E: tl.constexpr, H: tl.constexpr,
-                  W: tl.constexpr, P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr,
-                  EMULATE: tl.constexpr, CO: tl.constexpr):
-    """acc0 = sum_j Y_j @ Mh_j and acc1 = sum_j Mv_j^T @ Y_j [P, P] for image b (and, NB == 2, acc0b / acc1b for
-    image b + 1): out0 and out1 at (u - e, q - CO - e)."""
+def _stacked_planes(y_ptr, y_desc, b, B, c, R, j, NK: tl.constexpr, HP: tl.constexpr, RS: tl.constexpr,
+                    P: tl.constexpr, S: tl.constexpr):
+    """Plane j of channel c for images b .. b+S-1, stacked [S*P, P] (zeros past the plane and the batch)."""
+    if y_desc is None:
+        u, q, bi, ok = _stack_grid(b, B, S, P)
+        p = y_ptr + ((bi * R + c) * NK + j).to(tl.int64) * (HP * RS) + (u * RS + q)
+        a = tl.load(p, mask=ok & (u < HP) & (q < RS), other=0.0)
+    else:
+        a = y_desc.load([b, c * NK + j, 0, 0]).reshape(S * P, P)
+    return a
+
+
+@triton.jit
+def _tc3_products(y_ptr, y_desc, mat_ptr, mat_desc, ident_ptr, c, b, B, R, NK: tl.constexpr, G: tl.constexpr,
+                  E: tl.constexpr, H: tl.constexpr, W: tl.constexpr, P: tl.constexpr, S: tl.constexpr, NB: tl.constexpr,
+                  F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr, CO: tl.constexpr):
+    """acc0 = sum_j Y_j @ Mh_j, acc1 = sum_j BD(Mv_j)^T @ Y_j and the identity term acc2 = sum_j hits_j * Y_j [S*P, P]
+    for the S images from b (and, NB == 2 * S, acc0b / acc1b / acc2b for the next S), all at (u - e, q - CO - e) of
+    the output."""
     HP: tl.constexpr = H + 2 * E
     RS: tl.constexpr = W + 2 * E + 2 * CO
-    PLANE: tl.constexpr = HP * RS
-    m = (r < HP) & (q < RS)
-    p_y = y_ptr + (b * R + c).to(tl.int64) * (NK * PLANE) + (r * RS + q)
-    p_y2 = p_y + R * (NK * PLANE)
-    m2 = m & second_ok
-    p_mat = mat_ptr + c.to(tl.int64) * (NK * 2 * P * P)
-    p_mh = p_mat + (r * P + q)            # [k, n] = Mh[k, n]
-    p_mvt = p_mat + P * P + (q * P + r)   # [n, u] = Mv[u, n]
-    acc0 = tl.zeros((P, P), dtype=tl.float64 if F64 else tl.float32)
+    acc0 = tl.zeros((S * P, P), dtype=tl.float64 if F64 else tl.float32)
     acc1 = acc0
+    acc2 = acc0
     acc0b = acc0
     acc1b = acc0
+    acc2b = acc0
+    ids = _channel_idents(ident_ptr, c, G)
     for j in range(NK):
-        mh = tl.load(p_mh + j * (2 * P * P))
-        mvt = tl.load(p_mvt + j * (2 * P * P))
-        a = tl.load(p_y + j * PLANE, mask=m, other=0.0)
+        mh, mv = _stacked_mats(mat_ptr, mat_desc, c, j, NK, P, S)
+        mvt = tl.trans(mv)
+        hits = _hits(ids, c * NK + j, G).to(acc0.dtype)
+        a = _stacked_planes(y_ptr, y_desc, b, B, c, R, j, NK, HP, RS, P, S)
         acc0 = _dot_data(a, mh, acc0, True, F64, SPLIT, EMULATE)
         acc1 = _dot_data(a, mvt, acc1, False, F64, SPLIT, EMULATE)
-        if NB == 2:
-            a2 = tl.load(p_y2 + j * PLANE, mask=m2, other=0.0)
+        acc2 += hits * a.to(acc2.dtype)
+        if NB == 2 * S:
+            a2 = _stacked_planes(y_ptr, y_desc, b + S, B, c, R, j, NK, HP, RS, P, S)
             acc0b = _dot_data(a2, mh, acc0b, True, F64, SPLIT, EMULATE)
             acc1b = _dot_data(a2, mvt, acc1b, False, F64, SPLIT, EMULATE)
-    return acc0, acc1, acc0b, acc1b
+            acc2b += hits * a2.to(acc2b.dtype)
+    return acc0, acc1, acc2, acc0b, acc1b, acc2b
 
 
 @triton.jit
-def _tc3_identity(y_ptr, ident_ptr, c, b, ok, R, r, q, dtype: tl.constexpr, NK: tl.constexpr, G: tl.constexpr,
-                  E: tl.constexpr, H: tl.constexpr, W: tl.constexpr, CO: tl.constexpr):
-    """Image b's identity term on y's padded grid and the grid's output positions (u in [e, H+e), q in [CO+e,
-    CO+W+e))."""
-    HP: tl.constexpr = H + 2 * E
-    RS: tl.constexpr = W + 2 * E + 2 * CO
-    inside = ok & (r >= E) & (r < H + E) & (q >= CO + E) & (q < CO + W + E)
-    p_b = y_ptr + (b * R).to(tl.int64) * (NK * HP * RS) + (r * RS + q)
-    return _identity_term(p_b, ident_ptr, c, inside, dtype, G, HP * RS), inside
+def _tc3_inside(ok, u, q, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr, CO: tl.constexpr):
+    """The output positions of y's padded grid: u in [e, H+e), q in [CO+e, CO+W+e)."""
+    return ok & (u >= E) & (u < H + E) & (q >= CO + E) & (q < CO + W + E)
 
 
 @triton.jit
-def _tc3_store(y_ptr, ident_ptr, out_ptr, c, b, ok, R, term_stride, r, q, acc0, acc1,
-               NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-               CO: tl.constexpr):
-    """The three terms of image b (all on y's padded grid) into the (3, B, R, H, W) output."""
-    acc2, inside = _tc3_identity(y_ptr, ident_ptr, c, b, ok, R, r, q, acc0.dtype, NK, G, E, H, W, CO)
-    o = out_ptr + (b * R + c).to(tl.int64) * (H * W) + ((r - E) * W + (q - CO - E))
+def _tc3_store(out_ptr, c, b, B, R, term_stride, acc0, acc1, acc2, E: tl.constexpr, H: tl.constexpr,
+               W: tl.constexpr, P: tl.constexpr, S: tl.constexpr, CO: tl.constexpr):
+    """The three terms of the S images from b (stacked tiles on y's padded grid) into the (3, B, R, H, W) output."""
+    u, q, bi, ok = _stack_grid(b, B, S, P)
+    inside = _tc3_inside(ok, u, q, E, H, W, CO)
+    o = out_ptr + (bi * R + c).to(tl.int64) * (H * W) + ((u - E) * W + (q - (CO + E)))
     ty = out_ptr.dtype.element_ty
     tl.store(o, acc0.to(ty), mask=inside)
     tl.store(o + term_stride, acc1.to(ty), mask=inside)
@@ -881,48 +932,49 @@ def _tc3_store(y_ptr, ident_ptr, out_ptr, c, b, ok, R, term_stride, r, q, acc0, 
 
 
 @triton.jit
-def _fwd_tc3(y_ptr, mat_ptr, ident_ptr, out_ptr, R, term_stride, B,
+def _fwd_tc3(y_ptr, y_desc, mat_ptr, mat_desc, ident_ptr, out_ptr, R, term_stride, B,
              NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-             P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
-             CO: tl.constexpr, IMAGE_MAJOR: tl.constexpr):
-    c, b, second_ok, r, q = _tc3_program(R, B, NB, P, IMAGE_MAJOR)
-    acc0, acc1, acc0b, acc1b = _tc3_products(y_ptr, mat_ptr, c, b, second_ok, R, r, q, NK, E, H, W, P, NB, F64,
-                                             SPLIT, EMULATE, CO)
-    _tc3_store(y_ptr, ident_ptr, out_ptr, c, b, True, R, term_stride, r, q, acc0, acc1, NK, G, E, H, W, CO)
-    if NB == 2:
-        _tc3_store(y_ptr, ident_ptr, out_ptr, c, b + 1, second_ok, R, term_stride, r, q, acc0b, acc1b,
-                   NK, G, E, H, W, CO)
+             P: tl.constexpr, S: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr,
+             EMULATE: tl.constexpr, CO: tl.constexpr):
+    c, b = _channel_major(B, NB)
+    acc0, acc1, acc2, acc0b, acc1b, acc2b = _tc3_products(y_ptr, y_desc, mat_ptr, mat_desc, ident_ptr, c, b, B, R,
+                                                          NK, G, E, H, W, P, S, NB, F64, SPLIT, EMULATE, CO)
+    _tc3_store(out_ptr, c, b, B, R, term_stride, acc0, acc1, acc2, E, H, W, P, S, CO)
+    if NB == 2 * S:
+        _tc3_store(out_ptr, c, b + S, B, R, term_stride, acc0b, acc1b, acc2b, E, H, W, P, S, CO)
 
 
 @triton.jit
-def _tc3_eval_store(y_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, c, b, ok, R, C, r, q, acc0, acc1,
-                    NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr):
-    acc2, inside = _tc3_identity(y_ptr, ident_ptr, c, b, ok, R, r, q, acc0.dtype, NK, G, E, H, W, 0)
-    _eval_epilogue(acc0, acc1, acc2, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, b * R + c, R, C,
-                   tl.minimum(tl.maximum(r - E, 0), H - 1), tl.minimum(tl.maximum(q - E, 0), W - 1), inside, H, W)
+def _tc3_eval_store(scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, c, b, B, R, C, acc0, acc1, acc2,
+                    E: tl.constexpr, H: tl.constexpr, W: tl.constexpr, P: tl.constexpr, S: tl.constexpr):
+    u, q, bi, ok = _stack_grid(b, B, S, P)
+    inside = _tc3_inside(ok, u, q, E, H, W, 0)
+    _eval_epilogue(acc0, acc1, acc2, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, bi * R + c, R, C,
+                   tl.minimum(tl.maximum(u - E, 0), H - 1), tl.minimum(tl.maximum(q - E, 0), W - 1), inside, H, W)
 
 
 @triton.jit
-def _eval_tc3(y_ptr, mat_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, R, C, B,
+def _eval_tc3(y_ptr, y_desc, mat_ptr, mat_desc, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, R, C, B,
               NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-              P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
-              IMAGE_MAJOR: tl.constexpr):
-    c, b, second_ok, r, q = _tc3_program(R, B, NB, P, IMAGE_MAJOR)
-    acc0, acc1, acc0b, acc1b = _tc3_products(y_ptr, mat_ptr, c, b, second_ok, R, r, q, NK, E, H, W, P, NB, F64,
-                                             SPLIT, EMULATE, 0)
-    _tc3_eval_store(y_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, c, b, True, R, C, r, q,
-                    acc0, acc1, NK, G, E, H, W)
-    if NB == 2:
-        _tc3_eval_store(y_ptr, ident_ptr, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, c, b + 1, second_ok, R, C,
-                        r, q, acc0b, acc1b, NK, G, E, H, W)
+              P: tl.constexpr, S: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr,
+              EMULATE: tl.constexpr):
+    c, b = _channel_major(B, NB)
+    acc0, acc1, acc2, acc0b, acc1b, acc2b = _tc3_products(y_ptr, y_desc, mat_ptr, mat_desc, ident_ptr, c, b, B, R,
+                                                          NK, G, E, H, W, P, S, NB, F64, SPLIT, EMULATE, 0)
+    _tc3_eval_store(scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, c, b, B, R, C, acc0, acc1, acc2, E, H, W, P, S)
+    if NB == 2 * S:
+        _tc3_eval_store(scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, c, b + S, B, R, C, acc0b, acc1b, acc2b,
+                        E, H, W, P, S)
 
 
 @triton.jit
-def _tc3_grad_planes(gout_ptr, c, b, ok, R, term_stride, r, q, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-                     CO: tl.constexpr, F64: tl.constexpr):
-    """G0, G1, G2 [P, P] of image b on y's padded grid: Gt[u, q] = gout_t[u - e, q - CO - e] (zero outside)."""
-    inside = ok & (r >= E) & (r < H + E) & (q >= CO + E) & (q < CO + W + E)
-    g = gout_ptr + (b * R + c).to(tl.int64) * (H * W) + ((r - E) * W + (q - CO - E))
+def _tc3_grad_planes(gout_ptr, c, b, B, R, term_stride, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                     P: tl.constexpr, S: tl.constexpr, CO: tl.constexpr, F64: tl.constexpr):
+    """G0, G1, G2 [S*P, P] of the S images from b, stacked, on y's padded grid: Gt[(s, u), q] = gout_t[b + s, c,
+    u - e, q - CO - e] (zero outside)."""
+    u, q, bi, ok = _stack_grid(b, B, S, P)
+    inside = _tc3_inside(ok, u, q, E, H, W, CO)
+    g = gout_ptr + (bi * R + c).to(tl.int64) * (H * W) + ((u - E) * W + (q - (CO + E)))
     g0 = tl.load(g, mask=inside, other=0.0)
     g1 = tl.load(g + term_stride, mask=inside, other=0.0)
     g2 = tl.load(g + 2 * term_stride, mask=inside, other=0.0).to(tl.float64 if F64 else tl.float32)
@@ -930,37 +982,41 @@ def _tc3_grad_planes(gout_ptr, c, b, ok, R, term_stride, r, q, E: tl.constexpr, 
 
 
 @triton.jit
-def _bwd_tc3(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
+def _tc3_grad_store(gy_ptr, gy_desc, acc, c, b, B, R, j, NK: tl.constexpr, HP: tl.constexpr, RS: tl.constexpr,
+                    P: tl.constexpr, S: tl.constexpr):
+    """Plane j of channel c's input gradient for the S images from b, from the stacked tile."""
+    if gy_desc is None:
+        u, q, bi, ok = _stack_grid(b, B, S, P)
+        p = gy_ptr + ((bi * R + c) * NK + j).to(tl.int64) * (HP * RS) + (u * RS + q)
+        tl.store(p, acc.to(gy_ptr.dtype.element_ty), mask=ok & (u < HP) & (q < RS))
+    else:
+        gy_desc.store([b, c * NK + j, 0, 0], acc.to(gy_desc.dtype).reshape(S, 1, P, P))
+
+
+@triton.jit
+def _bwd_tc3(gout_ptr, gy_desc, mat_ptr, mat_desc, ident_ptr, gy_ptr, R, term_stride, B,
              NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-             P: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
-             CO: tl.constexpr, IMAGE_MAJOR: tl.constexpr):
-    """gy_j = G0 @ Mh_j^T + Mv_j @ G1 + hits_j * G2 for image b (and b + 1), hits_j = #{g: idx_identity[c, g] ==
-    c*nk + j}; zero in the pad columns (Mh_j's rows are zero there, the G planes too)."""
+             P: tl.constexpr, S: tl.constexpr, NB: tl.constexpr, F64: tl.constexpr, SPLIT: tl.constexpr,
+             EMULATE: tl.constexpr, CO: tl.constexpr):
+    """gy_j = G0 @ Mh_j^T + BD(Mv_j) @ G1 + hits_j * G2 for the S images from b (and the next S), hits_j =
+    #{g: idx_identity[c, g] == c*nk + j}; zero in the pad columns (Mh_j's rows are zero there, the G planes too)."""
     HP: tl.constexpr = H + 2 * E
     RS: tl.constexpr = W + 2 * E + 2 * CO
-    c, b, second_ok, r, q = _tc3_program(R, B, NB, P, IMAGE_MAJOR)
-    g0, g1, g2 = _tc3_grad_planes(gout_ptr, c, b, True, R, term_stride, r, q, E, H, W, CO, F64)
-    if NB == 2:
-        g0b, g1b, g2b = _tc3_grad_planes(gout_ptr, c, b + 1, second_ok, R, term_stride, r, q, E, H, W, CO, F64)
-    p_mat = mat_ptr + c.to(tl.int64) * (NK * 2 * P * P)
-    p_mht = p_mat + (q * P + r)     # [n, k] = Mh[k, n]
-    p_mv = p_mat + P * P + (r * P + q)   # [u, n] = Mv[u, n]
-    p_gy = gy_ptr + ((b * R + c) * NK).to(tl.int64) * (HP * RS) + (r * RS + q)
-    m_gy = (r < HP) & (q < RS)
-    zero = tl.zeros((P, P), dtype=tl.float64 if F64 else tl.float32)
-    ty = gy_ptr.dtype.element_ty
+    c, b = _channel_major(B, NB)
+    g0, g1, g2 = _tc3_grad_planes(gout_ptr, c, b, B, R, term_stride, E, H, W, P, S, CO, F64)
+    if NB == 2 * S:
+        g0b, g1b, g2b = _tc3_grad_planes(gout_ptr, c, b + S, B, R, term_stride, E, H, W, P, S, CO, F64)
+    zero = tl.zeros((S * P, P), dtype=tl.float64 if F64 else tl.float32)
+    ids = _channel_idents(ident_ptr, c, G)
     for j in range(NK):
-        mht = tl.load(p_mht + j * (2 * P * P))
-        mv = tl.load(p_mv + j * (2 * P * P))
-        hits = 0
-        for g in tl.static_range(G):
-            hits += (tl.load(ident_ptr + c * G + g) == c * NK + j).to(tl.int32)
+        mh, mv = _stacked_mats(mat_ptr, mat_desc, c, j, NK, P, S)
+        mht = tl.trans(mh)
+        hits = _hits(ids, c * NK + j, G).to(zero.dtype)
         acc = _dot_data(g1, mv, _dot_data(g0, mht, zero, True, F64, SPLIT, EMULATE), False, F64, SPLIT, EMULATE)
-        tl.store(p_gy + j * (HP * RS), (acc + hits.to(acc.dtype) * g2).to(ty), mask=m_gy)
-        if NB == 2:
+        _tc3_grad_store(gy_ptr, gy_desc, acc + hits * g2, c, b, B, R, j, NK, HP, RS, P, S)
+        if NB == 2 * S:
             acc = _dot_data(g1b, mv, _dot_data(g0b, mht, zero, True, F64, SPLIT, EMULATE), False, F64, SPLIT, EMULATE)
-            tl.store(p_gy + R * NK * (HP * RS) + j * (HP * RS), (acc + hits.to(acc.dtype) * g2b).to(ty),
-                     mask=m_gy & second_ok)
+            _tc3_grad_store(gy_ptr, gy_desc, acc + hits * g2b, c, b + S, B, R, j, NK, HP, RS, P, S)
 
 
 def count_matrices(pad_hv: torch.Tensor, nk: int, extra_pad: int, p: int, dtype: torch.dtype,
@@ -1001,9 +1057,9 @@ _BUILT_IN_CAPTURE: list = []
 
 # Tuner candidates (kind, a, b, num_warps) for planes of h x w; the first is the default. kind "plane": the
 # runtime-shape kernels above with a [a=BLOCK_H, b=BLOCK_W] tile; "tile": the constexpr-shape kernels with that
-# tile; "flat": a = NPL planes of b = BLOCK flattened positions per program; "dot" / "dotb" / "tc2" / "tc3": the
-# tensor-core kernels, a = P (the padded plane's tile side), b = NB images per program ("dot": one; "tc3i": "tc3" with
-# the channels of an image adjacent; "+s4": 4 pipeline stages instead of 3). A whole plane
+# tile; "flat": a = NPL planes of b = BLOCK flattened positions per program; "dot" / "dotb" / "tc2" / "tc3" / "tc3d":
+# the tensor-core kernels, a = P (the padded plane's tile side), b = NB images per program ("dot": one; "tc3": S = 64 /
+# P stacked per tile, one or two such groups; "+sN": N pipeline stages instead of 3). A whole plane
 # per program (up to 4096 elements) fetches each plane once, its shifted re-reads hitting L1; row strips / chunks
 # trade that for less padding waste and more programs. On CUDA the fastest candidate is chosen once per (kernel,
 # shape, dtype) by timing them on the real arguments (every kernel here overwrites its whole output, so re-running
@@ -1012,8 +1068,8 @@ TUNE = os.environ.get("LARGEKERNEL_TUNE", "1") == "1"
 FORCE: int | None = None
 # Every candidate passed the GPU check of `benchmarks/shiftadd.py --sweep` (candidates 0-9: H100, fp32, 2026-11-23;
 # 10-11: H200, bf16 and fp32, 2026-12-03; 12-17 as defined for planes up to 64 wide: H200, bf16 and fp32, padded and
-# plain rows, 2026-12-04; the four SW-tiny stage shapes; 16-17 of wider planes are the checked "tile" kernels at
-# another warp count) besides the interpreter tests, so the CUDA tuner considers them all;
+# plain rows, the eighteenth session, 2026-12-04; the four SW-tiny stage shapes; 16-17 of wider planes are the checked
+# "tile" kernels at another warp count) besides the interpreter tests, so the CUDA tuner considers them all;
 # LARGEKERNEL_SHIFTADD_CANDIDATES=verified restricts it to candidate 0, the first one checked on a GPU.
 TUNE_ALL = os.environ.get("LARGEKERNEL_SHIFTADD_CANDIDATES", "all") == "all"
 GPU_VERIFIED = 1
@@ -1078,8 +1134,9 @@ def candidates(h: int, w: int, pad: int = 0, col_pad: int = 0) -> list[tuple[str
         cands += [("tile", strip, bw, _warps(strip * bw, 8)), ("flat", 1, chunk, _warps(chunk, 8))]
     if p <= TC_MAX_TILE:  # precomputed count matrices, NB images (128 or 256 product rows) per program
         nb = max(1, 128 // p)
-        cands += [("tc3i", p, 1, 4), ("tc2", p, nb, 4), ("tc2+s4", p, max(1, nb // 2), 4),
-                  ("tc2", p, max(1, nb // 2), 4), ("tc3", p, 1, 4), ("tc3", p, 2, 8)]
+        stack = max(1, TC_MAX_TILE // p)
+        cands += [("tc3d", p, stack, 4), ("tc2", p, nb, 4), ("tc2+s4", p, max(1, nb // 2), 4),
+                  ("tc2", p, max(1, nb // 2), 4), ("tc3d+s2", p, 2 * stack, 4), ("tc3d+s4", p, 2 * stack, 4)]
     else:
         cands += [("tile", bh, bw, _warps(bh * bw, 2)), ("tile+pf", bh, bw, _warps(bh * bw, 2)),
                   ("flat+pf", max(1, 256 // chunk), chunk, _warps(max(256, chunk), 2)),
@@ -1139,12 +1196,13 @@ def _launch(key: tuple, h: int, w: int, run, device: torch.device, pad: int = 0,
 
 def _run_candidate(cand: tuple, kernels: tuple, lead: tuple, plane_args: tuple, extra: tuple, planes: int,
                    grid_h: int, grid_w: int, h: int, w: int, consts: dict, dtype: torch.dtype, batch: int,
-                   col_pad: int | None = None) -> None:
+                   col_pad: int | None = None, y_layout: torch.Tensor | None = None) -> None:
     """Launch one candidate of a shift-add pass. kernels = its (plane, tile, dot, flat, dotb, tc2, tc3) kernels;
     each launch takes ``lead`` first, the "plane" kernel then ``plane_args`` and its tile counts, the others
     ``extra`` then their own counts; tiles cover grid_h x grid_w per plane (the output plane of that pass),
     ``planes`` of them, ``planes // batch`` per image. ``col_pad``: y's pad columns per row side, for the
-    tensor-core kernels that take it (None: a pass without it)."""
+    tensor-core kernels that take it (None: a pass without it); ``y_layout``: the pass's tensor in y's layout (the
+    forward's input, the backward's output) for the "tc3d" TMA descriptors (None: none)."""
     kind, a, bb, warps = cand
     k_plane, k_tile, k_dot, k_flat, k_dotb, k_tc, k_tc3 = kernels
     if kind.startswith("tc"):   # a = P, bb = NB images per program; the count matrices replace pad_hv
@@ -1152,13 +1210,18 @@ def _run_candidate(cand: tuple, kernels: tuple, lead: tuple, plane_args: tuple, 
         mats = count_matrices(lead[1], consts["NK"], consts["E"], a, _matrix_dtype(dtype), col_pad or 0, width)
         base = kind.split("+")[0]
         meta = {} if col_pad is None else {"CO": col_pad}
-        if kind.endswith("+s4"):
-            meta["num_stages"] = 4
-        kernel = k_tc
-        if base.startswith("tc3"):
-            kernel, meta["IMAGE_MAJOR"] = k_tc3, base == "tc3i"
-        launch(kernel, (cdiv(batch, bb) * lead[2].shape[0],), lead[0], mats, *lead[2:], *extra, batch, H=h, W=w,
-               P=a, NB=bb, num_warps=warps, **meta, **consts, **_dot_consts(dtype))
+        if "+s" in kind:   # "+sN": N pipeline stages
+            meta["num_stages"] = int(kind.split("+s")[1])
+        grid = (cdiv(batch, bb) * lead[2].shape[0],)
+        if base in ("tc3", "tc3d"):   # S planes stacked per tile; "tc3d": y / gy through TMA where its rows allow
+            stack = max(1, TC_MAX_TILE // a)
+            tma = base == "tc3d" and tma_planes(y_layout)
+            launch(k_tc3, grid, lead[0], stacked_planes_descriptor(y_layout, stack, a) if tma else None, mats,
+                   plane_descriptor(mats.view(-1, a, a), a) if tma else None, *lead[2:], *extra, batch, H=h, W=w,
+                   P=a, S=stack, NB=bb, num_warps=warps, **meta, **consts, **_dot_consts(dtype))
+            return
+        launch(k_tc, grid, lead[0], mats, *lead[2:], *extra, batch, H=h, W=w, P=a, NB=bb, num_warps=warps, **meta,
+               **consts, **_dot_consts(dtype))
         return
     if kind == "dotb":   # a = P, bb = NB images per program
         launch(k_dotb, (cdiv(batch, bb) * (planes // batch),), *lead, *extra, batch, H=h, W=w, P=a, NB=bb,
@@ -1201,7 +1264,7 @@ def shift_add_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: torch
         if col_pad and not cand[0].startswith("tc"):
             yc, co = y[..., col_pad:col_pad + wp].contiguous(), 0
         _run_candidate(cand, kernels, (yc, pad_hv, idx_identity, out, r), (h, w, hp, wp, ts), (ts,), planes, h, w,
-                       h, w, consts, y.dtype, b, co)
+                       h, w, consts, y.dtype, b, co, yc)
 
     _launch(("fwd", b, r, h, w, nk, g, extra_pad, y.dtype, col_pad), h, w, run, y.device, extra_pad, col_pad)
     return out
@@ -1227,7 +1290,7 @@ def shift_add_backward(gout: torch.Tensor, pad_hv: torch.Tensor, idx_identity: t
             gy.copy_(torch.nn.functional.pad(inner, (col_pad, col_pad)))
             return
         _run_candidate(cand, kernels, (gout, pad_hv, idx_identity, gy, r), (h, w, hp, wp, ts), (ts,), planes, hp, wp,
-                       h, w, consts, gout.dtype, b, col_pad)
+                       h, w, consts, gout.dtype, b, col_pad, gy)
 
     _launch(("bwd", b, r, h, w, nk, g, extra_pad, gout.dtype, col_pad), hp, wp, run, gout.device, 0, col_pad)
     return gy
@@ -1252,8 +1315,7 @@ def shift_add_eval_forward(y: torch.Tensor, pad_hv: torch.Tensor, idx_identity: 
 
     def run(cand):
         _run_candidate(cand, (_shift_add_eval, _eval_tile, _eval_dot, _eval_flat, _eval_dotb, _eval_tc, _eval_tc3),
-                       (*tabs, r, c),
-                       (h, w, hp, wp), (), planes, h, w, h, w, consts, y.dtype, b)
+                       (*tabs, r, c), (h, w, hp, wp), (), planes, h, w, h, w, consts, y.dtype, b)
 
     _launch(("eval", b, r, c, h, w, nk, g, extra_pad, y.dtype, x.dtype), h, w, run, y.device, extra_pad)
     if ghost_idx.numel():
