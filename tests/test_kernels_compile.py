@@ -65,9 +65,10 @@ def _compile_all(calls: list) -> int:
         sig, consts = _signature(kernel, args, meta)
         # what changes the generated code's structure: argument types and the non-integer constexprs
         # (and one image per program, or padded rows, which take other branches in the shift-add's tensor-core
-        # kernels; and the pipeline depth; the "tc3" stacking, and one or two stacked groups per program)
+        # kernels; the "tc3" stacking, and one or two stacked groups per program; not the pipeline depth: the
+        # candidates that differ only in it share their code's structure)
         key = (kernel.fn.__name__, tuple(sig.values()), meta.get("NB") == 1, meta.get("CO", 0) > 0,
-               meta.get("num_stages"), meta.get("S"), meta.get("NB") == 2 * meta.get("S", 0),
+               meta.get("S", 1) > 1, meta.get("NB") == 2 * meta.get("S", 0),
                tuple((k, v) for k, v in consts.items() if not isinstance(v, int) or isinstance(v, bool)))
         if key in seen:
             continue
