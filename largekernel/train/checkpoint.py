@@ -125,15 +125,20 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}{hint}")
 
 
+def check_model_kwargs(kwargs: dict) -> None:
+    """``ValueError`` for None-valued model arguments, which ``timm.create_model`` would drop without a word."""
+    nones = sorted(k for k, v in kwargs.items() if v is None)
+    if nones:
+        raise ValueError(f"model argument(s) {nones} = None would be silently ignored (timm.create_model drops "
+                         "None-valued arguments); leave them out or use the model's own 'off' value")
+
+
 def create_model(name: str, num_classes: int, in_chans: int = 3, drop_path_rate: float | None = None,
                  **kwargs) -> nn.Module:
     """``timm.create_model`` with one-line errors for unknown names and bad keyword arguments."""
     import timm
     check_model_name(name)
-    nones = sorted(k for k, v in kwargs.items() if v is None)
-    if nones:
-        raise ValueError(f"model argument(s) {nones} = None would be silently ignored (timm.create_model drops "
-                         "None-valued arguments); leave them out or use the model's own 'off' value")
+    check_model_kwargs(kwargs)
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
     try:

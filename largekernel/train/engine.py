@@ -428,8 +428,9 @@ def prepare(cfg: TrainConfig, device: torch.device | None = None):
     """Datasets, loaders and model for ``cfg`` (used by :func:`train`; handy for custom loops).
     Returns (model, train_loader, val_loader, meta)."""
     from largekernel.data import create_loader
-    from largekernel.train.checkpoint import check_model_name
-    check_model_name(cfg.model)
+    from largekernel.train.checkpoint import check_model_kwargs, check_model_name
+    check_model_name(cfg.model)   # (before the datasets, which may take minutes to generate)
+    check_model_kwargs(cfg.model_kwargs)
     world, rank, _ = _dist_info()
     tr, va = _datasets(cfg)
     ncls = cfg.num_classes or getattr(tr, "num_classes", None)
