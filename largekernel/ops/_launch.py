@@ -88,7 +88,7 @@ def cached(store: dict, t: torch.Tensor, signature: tuple, build, keep: bool = T
 
 def plane_descriptor(t: torch.Tensor, p: int):
     """TMA descriptor over the (H, W) planes of t (N, C, H, W) or (M, H, W), rows at any 16-byte aligned stride
-    (the padded row-major copies of ``layout.padded_rows``, the shift-add's padded y), with (1, p, p) boxes."""
+    (the padded row-major copies of ``layout.padded_rows``, the shift-add's count matrices), with (1, p, p) boxes."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     n = t.shape[0] * t.shape[1] if t.dim() == 4 else t.shape[0]
@@ -105,7 +105,7 @@ def stacked_planes_descriptor(t: torch.Tensor, s: int, p: int):
 
 
 def tma_planes(t: torch.Tensor | None) -> bool:
-    """Whether :func:`plane_descriptor` can describe t: contiguous, its start and rows 16-byte aligned."""
+    """Whether t's planes can take a TMA descriptor (:func:`plane_descriptor`, :func:`stacked_planes_descriptor`):
+    contiguous, its start and rows 16-byte aligned."""
     return (t is not None and t.is_contiguous() and t.data_ptr() % 16 == 0
             and t.shape[-1] * t.element_size() % 16 == 0)
-

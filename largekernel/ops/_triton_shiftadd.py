@@ -706,6 +706,12 @@ def _grid_2d(b0, B, NB: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
+def _inside_output(ok, u, q, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr, CO: tl.constexpr):
+    """The output positions of y's padded grid (rows u, columns q): u in [e, H+e), q in [CO+e, CO+W+e)."""
+    return ok & (u >= E) & (u < H + E) & (q >= CO + E) & (q < CO + W + E)
+
+
+@triton.jit
 def _products_2d(y_ptr, mat, ident_ptr, b0, c, R, B, NK: tl.constexpr, G: tl.constexpr, E: tl.constexpr,
                  H: tl.constexpr, W: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, F64: tl.constexpr,
                  SPLIT: tl.constexpr, EMULATE: tl.constexpr, CO: tl.constexpr):
@@ -751,7 +757,7 @@ def _gather_tc(y_ptr, mat_ptr, ident_ptr, b0, b, b_ok, c, R, B, u, v,
     grid (the products of :func:`_products_2d`, the vertical one permuted)."""
     mat = _channel_mats(mat_ptr, c, NK, P)
     acc0, acc1, acc2 = _products_2d(y_ptr, mat, ident_ptr, b0, c, R, B, NK, G, E, H, W, NB, P, F64, SPLIT, EMULATE, 0)
-    inside = b_ok & (u >= E) & (u < H + E) & (v >= E) & (v < W + E)
+    inside = _inside_output(b_ok, u, v, E, H, W, 0)
     return _planes(acc0, NB, P, False), _planes(acc1, NB, P, True), _planes(acc2, NB, P, False), inside
 
 
@@ -768,9 +774,9 @@ def _fwd_tc(y_ptr, mat_ptr, ident_ptr, out_ptr, R, term_stride, B,
     r, cols, b_r, ok = _grid_2d(b0, B, NB, P)
     o_c = out_ptr + (b_r * R + c).to(tl.int64) * (H * W)
     ty = out_ptr.dtype.element_ty
-    in0 = ok & (r >= E) & (r < H + E) & (cols >= CO + E) & (cols < CO + W + E)
+    in0 = _inside_output(ok, r, cols, E, H, W, CO)
     tl.store(o_c + ((r - E) * W + (cols - (CO + E))), acc0.to(ty), mask=in0)
-    in1 = ok & (cols >= E) & (cols < H + E) & (r >= CO + E) & (r < CO + W + E)
+    in1 = _inside_output(ok, cols, r, E, H, W, CO)
     tl.store(o_c + term_stride + ((cols - E) * W + (r - (CO + E))), acc1.to(ty), mask=in1)
     tl.store(o_c + 2 * term_stride + ((r - E) * W + (cols - (CO + E))), acc2.to(ty), mask=in0)
 
@@ -799,11 +805,11 @@ def _bwd_tc(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
     RS: tl.constexpr = W + 2 * E + 2 * CO
     c, _, b, b_ok, u, v = _tc_coords(B, NB, P)
     g_c = gout_ptr + (b * R + c).to(tl.int64) * (H * W)
-    inside = b_ok & (u >= E) & (u < H + E) & (v >= CO + E) & (v < CO + W + E)
+    inside = _inside_output(b_ok, u, v, E, H, W, CO)
     off = (u - E) * W + (v - (CO + E))   # (outside the plane only where masked)
     g0 = tl.load(g_c + off, mask=inside, other=0.0)
     # rows index (padded) columns and vice versa
-    inside_t = b_ok & (u >= CO + E) & (u < CO + W + E) & (v >= E) & (v < H + E)
+    inside_t = _inside_output(b_ok, v, u, E, H, W, CO)
     g1t = tl.load(g_c + term_stride + (tl.minimum(tl.maximum(v - E, 0), H - 1) * W
                                        + tl.minimum(tl.maximum(u - (CO + E), 0), W - 1)), mask=inside_t, other=0.0)
     g2 = tl.load(g_c + 2 * term_stride + off, mask=inside, other=0.0)
@@ -836,34 +842,24 @@ def _bwd_tc(gout_ptr, mat_ptr, ident_ptr, gy_ptr, R, term_stride, B,
 
 
 @triton.jit
-def _stack_grid(b, B, S: tl.constexpr, P: tl.constexpr):
-    """A stacked tile's rows (image b + r // P, its row u = r % P) as u [S*P, 1], that image (clamped) and whether
-    it exists; columns q [1, P]."""
-    rows = tl.arange(0, S * P)[:, None]
-    bi = b + rows // P
-    return rows % P, tl.arange(0, P)[None, :], tl.minimum(bi, B - 1), bi < B
-
-
-@triton.jit
 def _stacked_mats(mat_ptr, mat_desc, c, j, NK: tl.constexpr, P: tl.constexpr, S: tl.constexpr):
     """Mh_j [P, P] and BD_S(Mv_j) [S*P, S*P] of channel c, as stored ([k, n]; a transposed operand is the loaded
     tile's transposed view). ``mat_desc`` (not None): Mh, and Mv when S == 1, through the TMA."""
-    m = mat_ptr + (c * NK + j).to(tl.int64) * (2 * P * P)
-    k = tl.arange(0, P)[:, None]
-    n = tl.arange(0, P)[None, :]
+    p_mh = _channel_mats(mat_ptr, c, NK, P) + j * (2 * P * P)   # Mv_j: P * P further
     if mat_desc is None:
-        mh = tl.load(m + (k * P + n))
+        mh = tl.load(p_mh)
     else:
         mh = mat_desc.load([(c * NK + j) * 2, 0, 0]).reshape(P, P)
     if S == 1:
         if mat_desc is None:
-            mv = tl.load(m + P * P + (k * P + n))
+            mv = tl.load(p_mh + P * P)
         else:
             mv = mat_desc.load([(c * NK + j) * 2 + 1, 0, 0]).reshape(P, P)
     else:
         rr = tl.arange(0, S * P)[:, None]
         cc = tl.arange(0, S * P)[None, :]
-        mv = tl.load(m + P * P + ((rr % P) * P + cc % P), mask=rr // P == cc // P, other=0.0)
+        p_mv = mat_ptr + (c * NK + j).to(tl.int64) * (2 * P * P) + P * P
+        mv = tl.load(p_mv + ((rr % P) * P + cc % P), mask=rr // P == cc // P, other=0.0)
     return mh, mv
 
 
@@ -872,7 +868,7 @@ def _stacked_planes(y_ptr, y_desc, b, B, c, R, j, NK: tl.constexpr, HP: tl.const
                     P: tl.constexpr, S: tl.constexpr):
     """Plane j of channel c for images b .. b+S-1, stacked [S*P, P] (zeros past the plane and the batch)."""
     if y_desc is None:
-        u, q, bi, ok = _stack_grid(b, B, S, P)
+        u, q, bi, ok = _grid_2d(b, B, S, P)
         p = y_ptr + ((bi * R + c) * NK + j).to(tl.int64) * (HP * RS) + (u * RS + q)
         a = tl.load(p, mask=ok & (u < HP) & (q < RS), other=0.0)
     else:
@@ -913,17 +909,11 @@ def _tc3_products(y_ptr, y_desc, mat_ptr, mat_desc, ident_ptr, c, b, B, R, NK: t
 
 
 @triton.jit
-def _tc3_inside(ok, u, q, E: tl.constexpr, H: tl.constexpr, W: tl.constexpr, CO: tl.constexpr):
-    """The output positions of y's padded grid: u in [e, H+e), q in [CO+e, CO+W+e)."""
-    return ok & (u >= E) & (u < H + E) & (q >= CO + E) & (q < CO + W + E)
-
-
-@triton.jit
 def _tc3_store(out_ptr, c, b, B, R, term_stride, acc0, acc1, acc2, E: tl.constexpr, H: tl.constexpr,
                W: tl.constexpr, P: tl.constexpr, S: tl.constexpr, CO: tl.constexpr):
     """The three terms of the S images from b (stacked tiles on y's padded grid) into the (3, B, R, H, W) output."""
-    u, q, bi, ok = _stack_grid(b, B, S, P)
-    inside = _tc3_inside(ok, u, q, E, H, W, CO)
+    u, q, bi, ok = _grid_2d(b, B, S, P)
+    inside = _inside_output(ok, u, q, E, H, W, CO)
     o = out_ptr + (bi * R + c).to(tl.int64) * (H * W) + ((u - E) * W + (q - (CO + E)))
     ty = out_ptr.dtype.element_ty
     tl.store(o, acc0.to(ty), mask=inside)
@@ -947,8 +937,8 @@ def _fwd_tc3(y_ptr, y_desc, mat_ptr, mat_desc, ident_ptr, out_ptr, R, term_strid
 @triton.jit
 def _tc3_eval_store(scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, c, b, B, R, C, acc0, acc1, acc2,
                     E: tl.constexpr, H: tl.constexpr, W: tl.constexpr, P: tl.constexpr, S: tl.constexpr):
-    u, q, bi, ok = _stack_grid(b, B, S, P)
-    inside = _tc3_inside(ok, u, q, E, H, W, 0)
+    u, q, bi, ok = _grid_2d(b, B, S, P)
+    inside = _inside_output(ok, u, q, E, H, W, 0)
     _eval_epilogue(acc0, acc1, acc2, scale_ptr, bias_ptr, x_ptr, rep_ptr, out_ptr, bi * R + c, R, C,
                    tl.minimum(tl.maximum(u - E, 0), H - 1), tl.minimum(tl.maximum(q - E, 0), W - 1), inside, H, W)
 
@@ -972,8 +962,8 @@ def _tc3_grad_planes(gout_ptr, c, b, B, R, term_stride, E: tl.constexpr, H: tl.c
                      P: tl.constexpr, S: tl.constexpr, CO: tl.constexpr, F64: tl.constexpr):
     """G0, G1, G2 [S*P, P] of the S images from b, stacked, on y's padded grid: Gt[(s, u), q] = gout_t[b + s, c,
     u - e, q - CO - e] (zero outside)."""
-    u, q, bi, ok = _stack_grid(b, B, S, P)
-    inside = _tc3_inside(ok, u, q, E, H, W, CO)
+    u, q, bi, ok = _grid_2d(b, B, S, P)
+    inside = _inside_output(ok, u, q, E, H, W, CO)
     g = gout_ptr + (bi * R + c).to(tl.int64) * (H * W) + ((u - E) * W + (q - (CO + E)))
     g0 = tl.load(g, mask=inside, other=0.0)
     g1 = tl.load(g + term_stride, mask=inside, other=0.0)
@@ -986,7 +976,7 @@ def _tc3_grad_store(gy_ptr, gy_desc, acc, c, b, B, R, j, NK: tl.constexpr, HP: t
                     P: tl.constexpr, S: tl.constexpr):
     """Plane j of channel c's input gradient for the S images from b, from the stacked tile."""
     if gy_desc is None:
-        u, q, bi, ok = _stack_grid(b, B, S, P)
+        u, q, bi, ok = _grid_2d(b, B, S, P)
         p = gy_ptr + ((bi * R + c) * NK + j).to(tl.int64) * (HP * RS) + (u * RS + q)
         tl.store(p, acc.to(gy_ptr.dtype.element_ty), mask=ok & (u < HP) & (q < RS))
     else:
