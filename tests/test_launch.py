@@ -40,6 +40,7 @@ def _fresh(monkeypatch):
     monkeypatch.setattr(_launch, "FAST_LAUNCH", True)
     monkeypatch.setattr(_launch, "_COMPILED", {})
     monkeypatch.setattr(_launch, "FAST_LAUNCH_ERROR", "")
+    monkeypatch.setattr(_launch, "FAST_LAUNCH_DESCRIPTORS", True)
 
 
 def test_second_launch_with_same_specialization_is_direct():
@@ -93,3 +94,45 @@ def test_missing_constexpr_is_not_cached():
     _launch.launch(k, (4,), x, 32)            # BLOCK left to a default: no direct entry
     _launch.launch(k, (4,), x, 32)
     assert [e[0] for e in k.log] == ["triton", "triton"]
+
+
+class TensorDescriptor:   # stands in for triton.tools.tensor_descriptor.TensorDescriptor (matched by name)
+    def __init__(self, base: torch.Tensor, block_shape: list, padding: str = "zero") -> None:
+        self.base, self.shape, self.strides = base, list(base.shape), list(base.stride())
+        self.block_shape, self.padding = block_shape, padding
+
+
+def test_descriptor_launch_with_same_element_type_and_block_is_direct():
+    k = _Kernel()
+    _launch.launch(k, (4,), TensorDescriptor(torch.zeros(8, 8), [4, 8]), 32, BLOCK=16)
+    other = TensorDescriptor(torch.zeros(16, 8), [4, 8])   # another tensor and shape: launch-time values
+    _launch.launch(k, (4,), other, 32, BLOCK=16)
+    assert [e[0] for e in k.log] == ["triton", "direct"]
+    assert k.log[1][2][0] is other
+
+
+@pytest.mark.parametrize("change", ["block", "dtype", "padding"])
+def test_descriptor_with_another_block_or_type_goes_through_triton(change):
+    k = _Kernel()
+    _launch.launch(k, (4,), TensorDescriptor(torch.zeros(8, 8), [4, 8]), 32, BLOCK=16)
+    if change == "block":
+        d = TensorDescriptor(torch.zeros(8, 8), [8, 8])
+    elif change == "dtype":
+        d = TensorDescriptor(torch.zeros(8, 8, dtype=torch.bfloat16), [4, 8])
+    else:
+        d = TensorDescriptor(torch.zeros(8, 8), [4, 8], padding="nan")
+    _launch.launch(k, (4,), d, 32, BLOCK=16)
+    assert [e[0] for e in k.log] == ["triton", "triton"]
+
+
+def test_failing_descriptor_launch_turns_off_only_descriptor_launches():
+    k = _Kernel(fail=True)
+    for _ in range(3):
+        _launch.launch(k, (4,), TensorDescriptor(torch.zeros(8, 8), [4, 8]), 32, BLOCK=16)
+    assert [e[0] for e in k.log] == ["triton", "triton", "triton"]
+    assert _launch.FAST_LAUNCH_DESCRIPTORS is False and _launch.FAST_LAUNCH is True
+    plain = _Kernel()
+    x = torch.zeros(64)
+    _launch.launch(plain, (4,), x, 32, BLOCK=16)
+    _launch.launch(plain, (4,), x, 32, BLOCK=16)
+    assert [e[0] for e in plain.log] == ["triton", "direct"]

@@ -12,6 +12,7 @@ import torch
 # LARGEKERNEL_FAST_LAUNCH=0: always go through ``kernel[grid](...)`` (Triton's JITFunction.run).
 FAST_LAUNCH = os.environ.get("LARGEKERNEL_FAST_LAUNCH", "1") == "1"
 FAST_LAUNCH_ERROR = ""   # why the shortcut was turned off, if it was
+FAST_LAUNCH_DESCRIPTORS = True   # launches with host-side TMA descriptors take it too (off once one fails)
 _COMPILED: dict = {}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
@@ -34,11 +35,20 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def _is_descriptor(v: object) -> bool:
+    return type(v).__name__ == "TensorDescriptor"
+
+
 def _specialization(v: object) -> object:
     """At least as fine as what Triton specializes a runtime argument on: a tensor's dtype and 16-byte alignment;
-    an int's value 1, divisibility by 16 and int32 range; the value of anything else (constexprs, None)."""
+    a host-side TMA descriptor's element type, block shape and fill options (its base, shape and strides are
+    launch-time values: the launcher encodes them at every call); an int's value 1, divisibility by 16 and int32
+    range; the value of anything else (constexprs, None)."""
     if isinstance(v, torch.Tensor):
         return v.dtype, v.data_ptr() % 16 == 0
+    if _is_descriptor(v):
+        return ("tensordesc", v.base.dtype, tuple(v.block_shape), getattr(v, "padding", None),
+                getattr(v, "round_f32_to_tf32", None))
     if isinstance(v, bool) or not isinstance(v, int):
         return v
     return v == 1, v % 16 == 0, -2**31 <= v < 2**31
@@ -49,10 +59,11 @@ def launch(kernel, grid: tuple, *args: object, **meta: object) -> None:
     costs ~100 us of CPU per launch on the lent H100's host, more than the kernels of a 7x7 plane and enough to
     leave a training step CPU-bound; so the compiled kernel Triton returns is kept under a key at least as fine
     as Triton's own specialization, and later launches with the same key call it directly. Any failure of the
-    direct call turns the shortcut off for the process (then every launch takes Triton's path)."""
-    global FAST_LAUNCH, FAST_LAUNCH_ERROR
-    # (TMA descriptors: Triton's own path, which builds the device-side descriptor from each host-side one)
-    direct = FAST_LAUNCH and not any(type(a).__name__ == "TensorDescriptor" for a in args)
+    direct call turns the shortcut off for the process (then every launch takes Triton's path); a failure of a
+    launch with TMA descriptors turns it off for those only."""
+    global FAST_LAUNCH, FAST_LAUNCH_ERROR, FAST_LAUNCH_DESCRIPTORS
+    descriptors = any(_is_descriptor(a) for a in args)
+    direct = FAST_LAUNCH and (FAST_LAUNCH_DESCRIPTORS or not descriptors)
     if direct:
         # the device too: Triton compiles (and loads) a kernel per device, and the runner launches what it holds
         device = args[0].device if args and isinstance(args[0], torch.Tensor) else None
@@ -64,7 +75,11 @@ def launch(kernel, grid: tuple, *args: object, **meta: object) -> None:
                 compiled[grid + (1,) * (3 - len(grid))](*args, *constexprs)
                 return
             except Exception as err:  # noqa: BLE001 - an API this Triton does not have: use its own path from now on
-                FAST_LAUNCH, FAST_LAUNCH_ERROR = False, f"{type(err).__name__}: {err}"
+                FAST_LAUNCH_ERROR = f"{type(err).__name__}: {err}"
+                if descriptors:
+                    FAST_LAUNCH_DESCRIPTORS = False
+                else:
+                    FAST_LAUNCH = False
     compiled = kernel[grid](*args, **meta)
     if direct and hasattr(compiled, "packed_metadata"):
         names = getattr(kernel, "arg_names", None)
