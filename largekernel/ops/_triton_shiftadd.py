@@ -755,7 +755,11 @@ def _products_2d(y_ptr, mat, ident_ptr, b0, c, R, B, NK: tl.constexpr, G: tl.con
         mv = tl.load(mat + (2 * j + 1) * (P * P))
         acc0 = _dot_data(a0, mh, acc0, True, F64, SPLIT, EMULATE)
         acc1 = _dot_data(a1, mv, acc1, True, F64, SPLIT, EMULATE)
-        acc2 += _hits(ids, c * NK + j, G).to(acc2.dtype) * a0.to(acc2.dtype)
+        if not SPLIT:
+            acc2 += _hits(ids, c * NK + j, G).to(acc2.dtype) * a0.to(acc2.dtype)
+    if SPLIT:   # fp32: a third accumulator beside the split products spills; the G identity planes are read again
+        acc2 = _identity_term(y_ptr + (b_r * R).to(tl.int64) * (NK * PLANE) + (r * RS + cols), ident_ptr, c, m_0,
+                              acc2.dtype, G, PLANE)
     return acc0, acc1, acc2
 
 
