@@ -726,11 +726,11 @@ def _products_2d(y_ptr, mat, ident_ptr, b0, c, R, B, NK: tl.constexpr, G: tl.con
                  SPLIT: tl.constexpr, EMULATE: tl.constexpr, CO: tl.constexpr):
     """The two shifted terms as [NB*P, P] products: acc0[(b, u), n] (out0 at (u-e, n-CO-e)) and acc1[(b, v), n]
     (out1 at (n-e, v-CO-e)), and the identity term acc2 on acc0's grid (each plane, weighted by its hits, as it
-    passes: no second read of the identity planes). Each plane is loaded directly as the products' operand (the
-    compiler stages such loads in shared memory ahead of use): once for one image (the second operand is its
-    transpose), else twice (the second load an L1/L2 hit). CO: the zero columns on each side of y's rows (rows of RS =
-    W + 2e + 2*CO elements; with RS == P the column mask folds away and whole rows load unmasked: a 16-byte-aligned RS
-    gives 16-byte copies)."""
+    passes: no second read of the identity planes; fp32 data reads them after the loop instead). Each plane is
+    loaded directly as the products' operand (the compiler stages such loads in shared memory ahead of use): once
+    for one image (the second operand is its transpose), else twice (the second load an L1/L2 hit). CO: the zero
+    columns on each side of y's rows (rows of RS = W + 2e + 2*CO elements; with RS == P the column mask folds away
+    and whole rows load unmasked: a 16-byte-aligned RS gives 16-byte copies)."""
     HP: tl.constexpr = H + 2 * E
     RS: tl.constexpr = W + 2 * E + 2 * CO
     PLANE: tl.constexpr = HP * RS
